@@ -1,0 +1,9 @@
+;;;; sbmon-agent.asd -- ASDF system for the sbmon agent (lisp/sbmon-agent.lisp).
+;;;; Plain (load "lisp/sbmon-agent.lisp") works too; ASDF is only a convenience.
+
+(defsystem "sbmon-agent"
+  :description "In-image agent for sbmon: serves heap, GC, thread and runtime figures over a local socket."
+  :version "0.1.0"
+  :license "MIT"
+  :depends-on ((:require "sb-bsd-sockets"))
+  :components ((:file "sbmon-agent")))

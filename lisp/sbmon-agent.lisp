@@ -1,0 +1,1454 @@
+;;;; sbmon-agent.lisp -- the Lisp side of sbmon.
+;;;;
+;;;; This file owns the agent that runs inside a monitored SBCL image: the listener
+;;;; (Unix socket or loopback TCP + token), the framed s-expression protocol of
+;;;; docs/protocol.md (its own reader and printer: nothing is evaluated or interned),
+;;;; the operations (:ping :memory :gc :runtime :threads :backtrace :backtraces
+;;;; :subscribe), GC pause measurement (an encapsulation of SB-KERNEL::SUB-GC and
+;;;; SB-EXT:GC that records into preallocated arrays without consing) and the :gc
+;;;; event stream.
+;;;;
+;;;; Load with (load "lisp/sbmon-agent.lisp") and start with (sbmon-agent:start).
+;;;; Only SBCL contribs are used (sb-bsd-sockets).  The agent never prints to the
+;;;; host's *standard-output*, never lets a condition reach the debugger, and keeps
+;;;; bounded memory.
+
+(eval-when (:compile-toplevel :load-toplevel :execute)
+  (require :sb-bsd-sockets))
+
+(defpackage #:sbmon-agent
+  (:use #:common-lisp)
+  (:export #:start #:stop #:address #:*version*))
+
+(in-package #:sbmon-agent)
+
+(declaim (optimize (speed 1) (safety 1) (debug 1)))
+
+(defparameter *version* "0.1.0"
+  "Version of the sbmon agent (a string).")
+
+;; Functions used before their definition (quiet source LOAD, form by form).
+(declaim (ftype function send-octets close-connection secret-path ensure-secret-file exit-cleanup
+                          %start %stop))
+
+;;;; ------------------------------------------------------------------------
+;;;; Limits and constants
+
+(defconstant +protocol+ 1)
+(defconstant +max-in-frame+ 1048576)
+(defconstant +max-out-frame+ 16777215)
+(defconstant +max-connections+ 16)
+(defconstant +max-slow-calls+ 4)
+(defconstant +max-depth+ 100)
+(defconstant +max-token+ 200)
+(defconstant +hello-timeout+ 10)
+(defconstant +send-timeout-seconds+ 10)
+(defconstant +ring-size+ 64)
+(defconstant +generations+ 7)
+(defconstant +buckets+ 17)
+(defconstant +message-limit+ 2000)
+(defconstant +frame-chars+ 400)
+
+(defparameter *bucket-bounds*
+  '(1d-4 2.5d-4 5d-4 1d-3 2.5d-3 5d-3 1d-2 2.5d-2 5d-2 0.1d0 0.25d0 0.5d0 1d0 2.5d0 5d0 10d0)
+  "Upper bounds (seconds) of the pause histogram buckets; a 17th bucket holds the rest.")
+
+(defparameter *agent-thread-prefix* "sbmon-agent")
+
+;;;; ------------------------------------------------------------------------
+;;;; Optional internals, looked up by name so that the file loads everywhere
+
+(eval-when (:compile-toplevel :load-toplevel :execute)
+  (defun internal-symbol (name package)
+    (let ((p (find-package package)))
+      (and p (find-symbol name p))))
+
+  (defun internal-fbound (name package)
+    (let ((s (internal-symbol name package)))
+      (and s (fboundp s) s))))
+
+;;;; ------------------------------------------------------------------------
+;;;; Agent errors (turned into error replies with a chosen :type)
+
+(define-condition agent-error (error)
+  ((kind :initarg :kind :reader agent-error-kind)
+   (text :initarg :text :reader agent-error-text))
+  (:report (lambda (c s) (write-string (agent-error-text c) s))))
+
+(defun fail (kind fmt &rest args)
+  (error 'agent-error :kind kind
+                      :text (let ((*print-length* 20) (*print-level* 4))
+                              (apply #'format nil fmt args))))
+
+(define-condition malformed (error)
+  ((text :initarg :text :reader malformed-text))
+  (:report (lambda (c s) (write-string (malformed-text c) s))))
+
+(defun malformed (fmt &rest args)
+  (error 'malformed :text (apply #'format nil fmt args)))
+
+;;;; ------------------------------------------------------------------------
+;;;; Bounded printing of arbitrary objects
+
+(defmacro with-safe-printing (() &body body)
+  `(let ((*print-length* 5) (*print-level* 3) (*print-readably* nil)
+         (*print-pretty* nil) (*print-circle* nil) (*print-escape* t)
+         (*print-lines* nil) (*print-base* 10) (*print-radix* nil)
+         (*package* (find-package "CL-USER")))
+     (progv (let ((s (internal-symbol "*PRINT-VECTOR-LENGTH*" "SB-EXT")))
+              (and s (boundp s) (list s)))
+         '(100)
+       ,@body)))
+
+(defun one-line (string limit)
+  "STRING with newlines turned into spaces, cut to LIMIT characters."
+  (let* ((s (substitute #\Space #\Return (substitute #\Space #\Newline string))))
+    (if (> (length s) limit)
+        (concatenate 'string (subseq s 0 (max 0 (- limit 3))) "...")
+        s)))
+
+(defun safe-string (fn limit)
+  "Call FN with a string output stream under bounded printer settings; never signals."
+  (handler-case
+      (let ((text (with-safe-printing ()
+                    (with-output-to-string (s) (funcall fn s)))))
+        (if (> (length text) limit)
+            (concatenate 'string (subseq text 0 (max 0 (- limit 3))) "...")
+            text))
+    (serious-condition () "#<error while printing>")))
+
+(defun condition-message (c)
+  (safe-string (lambda (s) (princ c s)) +message-limit+))
+
+(defun condition-type-name (c)
+  (if (typep c 'agent-error)
+      (agent-error-kind c)
+      (handler-case (symbol-name (type-of c))
+        (serious-condition () "ERROR"))))
+
+;;;; ------------------------------------------------------------------------
+;;;; Payload reader (hand-written; evaluates nothing, interns nothing)
+
+(defstruct (unknown-keyword (:constructor make-unknown-keyword (name)))
+  (name "" :type string))
+
+(defun whitespace-char-p (c)
+  (member c '(#\Space #\Tab #\Newline #\Return #\Linefeed #\Page)))
+
+(defun terminator-p (c)
+  (or (whitespace-char-p c) (member c '(#\( #\) #\"))))
+
+(defun digits-p (s start end)
+  (and (< start end)
+       (loop for i from start below end always (digit-char-p (char s i)))))
+
+(defun integer-token-p (tok)
+  (let ((start (if (and (> (length tok) 0) (find (char tok 0) "+-")) 1 0)))
+    (digits-p tok start (length tok))))
+
+(defun float-token-p (tok)
+  "[+-]? (d+ [. d*] | . d+) [exp [+-]? d{1,4}], with a dot or an exponent."
+  (let* ((n (length tok))
+         (i (if (and (> n 0) (find (char tok 0) "+-")) 1 0))
+         (int-start i))
+    (loop while (and (< i n) (digit-char-p (char tok i))) do (incf i))
+    (let ((int-digits (- i int-start)) (frac-digits 0) (dot nil) (expo nil))
+      (when (and (< i n) (char= (char tok i) #\.))
+        (setf dot t)
+        (incf i)
+        (let ((fs i))
+          (loop while (and (< i n) (digit-char-p (char tok i))) do (incf i))
+          (setf frac-digits (- i fs))))
+      (when (and (< i n) (find (char tok i) "esfdlESFDL"))
+        (incf i)
+        (when (and (< i n) (find (char tok i) "+-")) (incf i))
+        (let ((es i))
+          (loop while (and (< i n) (digit-char-p (char tok i))) do (incf i))
+          (unless (<= 1 (- i es) 4) (return-from float-token-p nil))
+          (setf expo t)))
+      (and (= i n)
+           (or dot expo)
+           (or (> int-digits 0) (> frac-digits 0))
+           (or (> int-digits 0) dot)))))
+
+(defun parse-float-token (tok)
+  (handler-case
+      (let ((x (with-standard-io-syntax
+                 (let ((*read-eval* nil)
+                       (*read-default-float-format* 'double-float))
+                   (read-from-string tok)))))
+        (unless (realp x) (malformed "bad number ~a" tok))
+        (coerce x 'double-float))
+    (malformed (c) (error c))
+    (error () (malformed "bad float ~a" (one-line tok 40)))))
+
+(defun token-to-datum (tok)
+  (when (> (length tok) +max-token+)
+    (malformed "token too long (~d characters)" (length tok)))
+  (when (find-if (lambda (c) (find c "|\\#'`,;")) tok)
+    (malformed "unsupported syntax in token ~s" (one-line tok 40)))
+  (cond ((char= (char tok 0) #\:)
+         (let ((name (subseq tok 1)))
+           (when (or (zerop (length name)) (find #\: name))
+             (malformed "bad keyword ~s" (one-line tok 40)))
+           (multiple-value-bind (sym status)
+               (find-symbol (string-upcase name) "KEYWORD")
+             (if status sym (make-unknown-keyword (string-downcase name))))))
+        ((find #\: tok) (malformed "only keywords may be symbols: ~s" (one-line tok 40)))
+        ((string-equal tok "t") t)
+        ((string-equal tok "nil") nil)
+        ((integer-token-p tok) (parse-integer tok))
+        ((float-token-p tok) (parse-float-token tok))
+        ((string= tok ".") (malformed "dotted pairs are not allowed"))
+        ((or (digit-char-p (char tok 0)) (find (char tok 0) "+-."))
+         (malformed "bad number ~s" (one-line tok 40)))
+        (t (malformed "unexpected symbol or token ~s" (one-line tok 40)))))
+
+(defun parse-payload (text)
+  "Parse TEXT (one datum, surrounding whitespace allowed) or signal MALFORMED."
+  (declare (type string text))
+  (let ((pos 0) (n (length text)))
+    (labels ((peek () (and (< pos n) (char text pos)))
+             (skip-ws () (loop while (and (< pos n) (whitespace-char-p (char text pos)))
+                               do (incf pos)))
+             (read-string* ()
+               (incf pos)
+               (let ((out (make-string-output-stream)))
+                 (loop
+                   (when (>= pos n) (malformed "unterminated string"))
+                   (let ((c (char text pos)))
+                     (incf pos)
+                     (cond ((char= c #\") (return (get-output-stream-string out)))
+                           ((char= c #\\)
+                            (when (>= pos n) (malformed "unterminated string"))
+                            (let ((e (char text pos)))
+                              (unless (member e '(#\" #\\))
+                                (malformed "bad escape \\~a in string" e))
+                              (write-char e out)
+                              (incf pos)))
+                           (t (write-char c out)))))))
+             (read-token ()
+               (let ((start pos))
+                 (loop while (and (< pos n) (not (terminator-p (char text pos))))
+                       do (incf pos)
+                          (when (> (- pos start) +max-token+)
+                            (malformed "token too long")))
+                 (token-to-datum (subseq text start pos))))
+             (read-datum (depth)
+               (skip-ws)
+               (let ((c (peek)))
+                 (cond ((null c) (malformed "unexpected end of message"))
+                       ((char= c #\()
+                        (when (>= depth +max-depth+) (malformed "nesting deeper than ~d" +max-depth+))
+                        (incf pos)
+                        (let ((items '()))
+                          (loop
+                            (skip-ws)
+                            (let ((d (peek)))
+                              (cond ((null d) (malformed "unterminated list"))
+                                    ((char= d #\)) (incf pos) (return (nreverse items)))
+                                    (t (push (read-datum (1+ depth)) items)))))))
+                       ((char= c #\)) (malformed "unexpected )"))
+                       ((char= c #\") (read-string* ))
+                       (t (read-token))))))
+      (let ((datum (read-datum 0)))
+        (skip-ws)
+        (when (< pos n) (malformed "trailing characters after the message"))
+        datum))))
+
+;;;; ------------------------------------------------------------------------
+;;;; Payload printer
+
+(defun finite-double-p (x)
+  (and (typep x 'double-float)
+       (not (sb-ext:float-nan-p x))
+       (not (sb-ext:float-infinity-p x))))
+
+(defun write-payload-string (string out)
+  (write-char #\" out)
+  (loop for c across string
+        do (when (or (char= c #\") (char= c #\\)) (write-char #\\ out))
+           (write-char c out))
+  (write-char #\" out))
+
+(defun write-payload (x out &optional (depth 0))
+  (cond ((null x) (write-string "nil" out))
+        ((eq x t) (write-string "t" out))
+        ((keywordp x)
+         (write-char #\: out)
+         (write-string (string-downcase (symbol-name x)) out))
+        ((unknown-keyword-p x)
+         (write-char #\: out)
+         (write-string (unknown-keyword-name x) out))
+        ((stringp x) (write-payload-string x out))
+        ((integerp x)
+         (let ((*print-base* 10) (*print-radix* nil)) (princ x out)))
+        ((realp x)
+         (let ((d (handler-case (coerce x 'double-float) (error () nil))))
+           (if (and d (finite-double-p d))
+               (let ((*read-default-float-format* 'single-float))
+                 (prin1 d out))
+               (write-string "nil" out))))
+        ((consp x)
+         (if (>= depth +max-depth+)
+             (write-payload-string "..." out)
+             (progn
+               (write-char #\( out)
+               (loop for tail = x then (cdr tail)
+                     for i from 0
+                     while (consp tail)
+                     do (when (> i 0) (write-char #\Space out))
+                        (if (>= i 100000)
+                            (progn (write-payload-string "..." out) (return))
+                            (write-payload (car tail) out (1+ depth)))
+                     finally (when tail
+                               (write-char #\Space out)
+                               (write-payload-string
+                                (safe-string (lambda (s) (princ tail s)) +message-limit+) out)))
+               (write-char #\) out))))
+        (t (write-payload-string (safe-string (lambda (s) (princ x s)) +message-limit+) out))))
+
+(defun payload-string (x)
+  (with-output-to-string (out) (write-payload x out)))
+
+;;;; ------------------------------------------------------------------------
+;;;; Small libc helpers
+
+(defun chmod (path mode)
+  (sb-alien:alien-funcall
+   (sb-alien:extern-alien "chmod" (function sb-alien:int sb-alien:c-string sb-alien:unsigned-int))
+   path mode))
+
+(defun fd-shutdown (fd)
+  (ignore-errors
+   (sb-alien:alien-funcall
+    (sb-alien:extern-alien "shutdown" (function sb-alien:int sb-alien:int sb-alien:int))
+    fd 2)))
+
+(defun set-send-timeout (fd seconds)
+  (ignore-errors
+   (sb-alien:with-alien ((tv (array sb-alien:long 2)))
+     (setf (sb-alien:deref tv 0) seconds
+           (sb-alien:deref tv 1) 0)
+     ;; SOL_SOCKET = 1, SO_SNDTIMEO = 21 on Linux
+     (sb-alien:alien-funcall
+      (sb-alien:extern-alien "setsockopt"
+                             (function sb-alien:int sb-alien:int sb-alien:int sb-alien:int
+                                       sb-sys:system-area-pointer sb-alien:unsigned-int))
+      fd 1 21 (sb-alien:alien-sap tv) 16))))
+
+(defun send-all (fd octets)
+  "Write all of OCTETS to FD; return T, or NIL when the peer is gone or too slow."
+  (declare (type (simple-array (unsigned-byte 8) (*)) octets))
+  (let ((off 0) (n (length octets))
+        (send (sb-alien:extern-alien "send" (function sb-alien:long sb-alien:int
+                                                      sb-sys:system-area-pointer
+                                                      sb-alien:unsigned-long sb-alien:int))))
+    (loop while (< off n)
+          do (let ((r (sb-sys:with-pinned-objects (octets)
+                        ;; MSG_NOSIGNAL = #x4000
+                        (sb-alien:alien-funcall send fd
+                                                (sb-sys:sap+ (sb-sys:vector-sap octets) off)
+                                                (- n off) #x4000))))
+               (cond ((> r 0) (incf off r))
+                     ((and (< r 0) (= (sb-alien:get-errno) sb-unix:eintr)))
+                     (t (return-from send-all nil)))))
+    t))
+
+(defun file-kind (path)
+  "Return :directory, :socket, :other or NIL (absent), and the owner uid."
+  (multiple-value-bind (ok dev ino mode nlink uid) (sb-unix:unix-lstat path)
+    (declare (ignore dev ino nlink))
+    (if (not ok)
+        nil
+        (values (case (logand mode #o170000)
+                  (#o040000 :directory)
+                  (#o140000 :socket)
+                  (t :other))
+                uid))))
+
+(defun getenv-nonempty (name)
+  (let ((v (sb-ext:posix-getenv name)))
+    (and v (plusp (length v)) v)))
+
+;;;; ------------------------------------------------------------------------
+;;;; GC pause recording: preallocated arrays, seqlock, no consing on the GC path
+
+(deftype ring-fixnums () `(simple-array fixnum (,+ring-size+)))
+
+;; **stats** slots
+(defconstant +s-seq+ 0)          ; seqlock counter: odd while a writer is active
+(defconstant +s-count+ 1)        ; pauses recorded since agent start
+(defconstant +s-sum-ns+ 2)
+(defconstant +s-max-ns+ 3)
+(defconstant +s-last-ns+ 4)
+(defconstant +s-freed+ 5)
+(defconstant +s-dropped+ 6)
+(defconstant +s-size+ 8)
+
+(sb-ext:defglobal **stats** (make-array +s-size+ :element-type 'fixnum :initial-element 0))
+(sb-ext:defglobal **last-time** (make-array 1 :element-type 'double-float :initial-element 0d0))
+(sb-ext:defglobal **writer-lock** (make-array 1 :initial-element nil))
+(sb-ext:defglobal **r-seq** (make-array +ring-size+ :element-type 'fixnum :initial-element 0))
+(sb-ext:defglobal **r-gen** (make-array +ring-size+ :element-type 'fixnum :initial-element 0))
+(sb-ext:defglobal **r-wall-ns** (make-array +ring-size+ :element-type 'fixnum :initial-element 0))
+(sb-ext:defglobal **r-cpu-us** (make-array +ring-size+ :element-type 'fixnum :initial-element 0))
+(sb-ext:defglobal **r-before** (make-array +ring-size+ :element-type 'fixnum :initial-element 0))
+(sb-ext:defglobal **r-after** (make-array +ring-size+ :element-type 'fixnum :initial-element 0))
+(sb-ext:defglobal **r-time** (make-array +ring-size+ :element-type 'double-float :initial-element 0d0))
+(sb-ext:defglobal **h-counts** (make-array (* +generations+ +buckets+) :element-type 'fixnum
+                                                                      :initial-element 0))
+(sb-ext:defglobal **h-count** (make-array +generations+ :element-type 'fixnum :initial-element 0))
+(sb-ext:defglobal **h-sum-ns** (make-array +generations+ :element-type 'fixnum :initial-element 0))
+(sb-ext:defglobal **bucket-ns**
+    (make-array 16 :element-type 'fixnum
+                   :initial-contents '(100000 250000 500000 1000000 2500000 5000000
+                                       10000000 25000000 50000000 100000000 250000000
+                                       500000000 1000000000 2500000000 5000000000
+                                       10000000000)))
+(sb-ext:defglobal **recording-enabled** nil)
+(sb-ext:defglobal **n-gcs-reader** nil)
+(sb-ext:defglobal **gc-epoch-symbol** (internal-symbol "*GC-EPOCH*" "SB-KERNEL"))
+
+(declaim (type (simple-array fixnum (*)) **stats** **h-counts** **h-count** **h-sum-ns** **bucket-ns**)
+         (type (simple-array fixnum (64)) **r-seq** **r-gen** **r-wall-ns** **r-cpu-us**
+               **r-before** **r-after**)
+         (type (simple-array double-float (64)) **r-time**)
+         (type (simple-array double-float (1)) **last-time**)
+         (type simple-vector **writer-lock**))
+
+(defvar *in-recorded-gc* nil
+  "Bound to T (per thread) inside an outermost wrapped GC call, so nested calls pass through.")
+
+;; n_gcs, read through a function compiled only when the C symbol exists
+(when (ignore-errors (sb-sys:find-foreign-symbol-address "n_gcs"))
+  (setf **n-gcs-reader**
+        (handler-bind ((warning #'muffle-warning))
+          (ignore-errors
+           (let ((*error-output* (make-broadcast-stream)))
+             (compile nil '(lambda ()
+                            (sb-alien:extern-alien "n_gcs" sb-alien:int))))))))
+
+(declaim (inline n-gcs mono-ns))
+(defun n-gcs ()
+  (let ((f **n-gcs-reader**))
+    (if f (the (values fixnum &optional) (funcall (the function f))) -1)))
+
+(defun mono-ns ()
+  (multiple-value-bind (sec nsec) (sb-unix::clock-gettime 1)
+    (declare (type (unsigned-byte 32) sec) (type (unsigned-byte 30) nsec))
+    (the fixnum (+ (* sec 1000000000) nsec))))
+
+(defun current-gc-epoch ()
+  (let ((s **gc-epoch-symbol**))
+    (if (and s (boundp s)) (symbol-value s) nil)))
+
+(defun reset-gc-stats ()
+  (fill **stats** 0)
+  (fill **last-time** 0d0)
+  (setf (svref **writer-lock** 0) nil)
+  (dolist (a (list **r-seq** **r-gen** **r-wall-ns** **r-cpu-us** **r-before** **r-after**))
+    (fill a 0))
+  (fill **r-time** 0d0)
+  (fill **h-counts** 0)
+  (fill **h-count** 0)
+  (fill **h-sum-ns** 0))
+
+(defun record-pause (gen wall-ns cpu-us heap-before heap-after)
+  "Record one GC pause.  Conses nothing; never blocks (a contended writer spin is bounded)."
+  (declare (optimize (speed 3) (safety 0) (debug 0))
+           (type fixnum gen wall-ns cpu-us heap-before heap-after))
+  (sb-sys:without-interrupts
+    (let ((lockv **writer-lock**))
+      (unless (loop repeat 1000000
+                    thereis (null (sb-ext:compare-and-swap (svref lockv 0) nil t)))
+        (incf (aref **stats** +s-dropped+))
+        (return-from record-pause nil))
+      (unwind-protect
+           (let* ((stats **stats**)
+                  (gen (max 0 (min (1- +generations+) gen)))
+                  (wall-ns (max 0 wall-ns))
+                  (cpu-us (max 0 cpu-us))
+                  (seq (1+ (aref stats +s-count+)))
+                  (slot (logand (1- seq) (1- +ring-size+)))
+                  (bucket (let ((b **bucket-ns**))
+                            (loop for i of-type fixnum from 0 below 16
+                                  when (<= wall-ns (aref b i)) return i
+                                  finally (return 16)))))
+             (declare (type fixnum seq slot bucket gen wall-ns cpu-us))
+             (multiple-value-bind (sec usec) (sb-ext:get-time-of-day)
+               (declare (type (unsigned-byte 40) sec) (type (unsigned-byte 32) usec))
+               (let ((now (+ (coerce sec 'double-float)
+                             (* (coerce usec 'double-float) 1d-6))))
+                 (declare (type double-float now))
+                 ;; seqlock: odd while writing
+                 (setf (aref stats +s-seq+) (logand (1+ (aref stats +s-seq+)) most-positive-fixnum))
+                 (sb-thread:barrier (:write))
+                 (setf (aref **r-seq** slot) seq
+                       (aref **r-gen** slot) gen
+                       (aref **r-wall-ns** slot) wall-ns
+                       (aref **r-cpu-us** slot) cpu-us
+                       (aref **r-before** slot) heap-before
+                       (aref **r-after** slot) heap-after
+                       (aref **r-time** slot) now)
+                 (setf (aref stats +s-count+) seq)
+                 (setf (aref stats +s-sum-ns+) (+ (aref stats +s-sum-ns+) wall-ns))
+                 (when (> wall-ns (aref stats +s-max-ns+))
+                   (setf (aref stats +s-max-ns+) wall-ns))
+                 (setf (aref stats +s-last-ns+) wall-ns)
+                 (when (> heap-before heap-after)
+                   (setf (aref stats +s-freed+) (+ (aref stats +s-freed+) (- heap-before heap-after))))
+                 (setf (aref **last-time** 0) now)
+                 (let ((hi (+ (* gen +buckets+) bucket)))
+                   (setf (aref **h-counts** hi) (1+ (aref **h-counts** hi))))
+                 (setf (aref **h-count** gen) (1+ (aref **h-count** gen)))
+                 (setf (aref **h-sum-ns** gen) (+ (aref **h-sum-ns** gen) wall-ns))
+                 (sb-thread:barrier (:write))
+                 (setf (aref stats +s-seq+) (logand (1+ (aref stats +s-seq+)) most-positive-fixnum)))))
+        (setf (svref lockv 0) nil))))
+  nil)
+
+(defun call-timed-gc (fn args requested-gen sub-gc-p)
+  "Call FN on ARGS (a GC entry point), timing it and recording one pause if this call
+collected.  For SUB-GC the return value tells (T: this call collected; 0 or NIL: another
+thread collected or GC is inhibited); for SB-EXT:GC, whose value says nothing, a change
+of n_gcs (or of *gc-epoch*) does."
+  (declare (optimize (speed 2) (safety 0) (debug 0))
+           (type function fn) (type list args) (type fixnum requested-gen))
+  (let ((before (make-array +generations+ :element-type 'fixnum :initial-element 0)))
+    (declare (dynamic-extent before))
+    (dotimes (g +generations+)
+      (setf (aref before g) (sb-ext:generation-number-of-gcs g)))
+    (let ((n0 (n-gcs))
+          (epoch0 (current-gc-epoch))
+          (cpu0 sb-ext:*gc-run-time*)
+          (heap0 (the fixnum (sb-kernel:dynamic-usage)))
+          (t0 (mono-ns)))
+      (declare (type fixnum n0 t0 heap0) (type unsigned-byte cpu0))
+      (let ((result (apply fn args)))
+        (let ((t1 (mono-ns))
+              (heap1 (the fixnum (sb-kernel:dynamic-usage)))
+              (cpu1 sb-ext:*gc-run-time*)
+              (n1 (n-gcs)))
+          (declare (type fixnum t1 n1))
+          (when (and **recording-enabled**
+                     (cond ((and sub-gc-p (eq result t)) t)
+                           ((and sub-gc-p (or (null result) (eql result 0))) nil)
+                           ((>= n0 0) (/= n0 n1))
+                           (t (or (null epoch0) (not (eq epoch0 (current-gc-epoch)))))))
+            (let ((gen requested-gen))
+              (declare (type fixnum gen))
+              (dotimes (g +generations+)
+                (when (and (> g gen)
+                           (/= (aref before g) (the fixnum (sb-ext:generation-number-of-gcs g))))
+                  (setf gen g)))
+              (record-pause gen (- t1 t0)
+                            (- (the fixnum cpu1) (the fixnum cpu0))
+                            heap0 heap1))))
+        result))))
+
+(defun sub-gc-wrapper (fn &rest args)
+  (declare (dynamic-extent args) (type function fn))
+  (if *in-recorded-gc*
+      (apply fn args)
+      (let ((*in-recorded-gc* t))
+        (call-timed-gc fn args (let ((g (first args))) (if (typep g 'fixnum) g 0)) t))))
+
+(defun gc-wrapper (fn &rest args)
+  (declare (dynamic-extent args) (type function fn))
+  (if *in-recorded-gc*
+      (apply fn args)
+      (let ((*in-recorded-gc* t))
+        (call-timed-gc fn args
+                       (cond ((getf args :full) (1- +generations+))
+                             ((typep (getf args :gen) 'fixnum) (getf args :gen))
+                             (t 0))
+                       nil))))
+
+(defparameter *gc-encapsulations* '()
+  "The (function-name . encapsulation-name) pairs currently installed.")
+
+(defun pause-timing-available-p ()
+  (and (internal-fbound "SUB-GC" "SB-KERNEL")
+       (internal-fbound "ENCAPSULATE" "SB-INT")
+       (internal-fbound "UNENCAPSULATE" "SB-INT")
+       t))
+
+(defun remove-gc-wrappers ()
+  (setf **recording-enabled** nil)
+  (let ((unencapsulate (internal-symbol "UNENCAPSULATE" "SB-INT")))
+    (dolist (e *gc-encapsulations*)
+      (ignore-errors (funcall unencapsulate (car e) (cdr e)))))
+  (setf *gc-encapsulations* '()))
+
+(defun install-gc-wrappers ()
+  (when (and (null *gc-encapsulations*) (pause-timing-available-p))
+    (let ((encapsulate (internal-symbol "ENCAPSULATE" "SB-INT")))
+      (handler-case
+          (progn
+            (funcall encapsulate (internal-symbol "SUB-GC" "SB-KERNEL") 'sbmon-pause #'sub-gc-wrapper)
+            (push (cons (internal-symbol "SUB-GC" "SB-KERNEL") 'sbmon-pause) *gc-encapsulations*)
+            (funcall encapsulate 'sb-ext:gc 'sbmon-pause #'gc-wrapper)
+            (push (cons 'sb-ext:gc 'sbmon-pause) *gc-encapsulations*))
+        (serious-condition ()
+          (remove-gc-wrappers)))))
+  (setf **recording-enabled** (and *gc-encapsulations* t)))
+
+(defun pause-timing-p () (and *gc-encapsulations* t))
+
+(defstruct gc-snapshot
+  count sum-ns max-ns last-ns freed last-time
+  records              ; list of plists, oldest first
+  hist-counts hist-count hist-sum-ns)
+
+(defun read-gc-snapshot (&key (records t) (histograms t))
+  "Copy the recorder's state consistently (seqlock read with a few retries)."
+  (let ((stats **stats**) (snap nil))
+    (dotimes (attempt 20 snap)
+      (let ((s1 (aref stats +s-seq+)))
+        (cond
+          ((oddp s1) (sb-thread:thread-yield))
+          (t
+           (sb-thread:barrier (:read))
+           (let* ((count (aref stats +s-count+))
+                  (new (make-gc-snapshot
+                        :count count
+                        :sum-ns (aref stats +s-sum-ns+)
+                        :max-ns (aref stats +s-max-ns+)
+                        :last-ns (aref stats +s-last-ns+)
+                        :freed (aref stats +s-freed+)
+                        :last-time (aref **last-time** 0)
+                        :records (when records
+                                   (loop for seq from (max 1 (- count (1- +ring-size+))) to count
+                                         for slot = (logand (1- seq) (1- +ring-size+))
+                                         collect (list :seq (aref **r-seq** slot)
+                                                       :generation (aref **r-gen** slot)
+                                                       :wall-seconds (/ (aref **r-wall-ns** slot) 1d9)
+                                                       :cpu-seconds (/ (aref **r-cpu-us** slot) 1d6)
+                                                       :heap-before (aref **r-before** slot)
+                                                       :heap-after (aref **r-after** slot)
+                                                       :time (aref **r-time** slot))))
+                        :hist-counts (when histograms (copy-seq **h-counts**))
+                        :hist-count (when histograms (copy-seq **h-count**))
+                        :hist-sum-ns (when histograms (copy-seq **h-sum-ns**)))))
+             (sb-thread:barrier (:read))
+             (setf snap new)
+             (when (= s1 (aref stats +s-seq+))
+               (return snap)))))))))
+
+;;;; ------------------------------------------------------------------------
+;;;; Agent state
+
+(defstruct (conn (:constructor %make-conn))
+  (id 0)
+  socket stream (fd -1)
+  (tcp nil)
+  (write-lock (sb-thread:make-mutex :name "sbmon-agent conn write"))
+  (lock (sb-thread:make-mutex :name "sbmon-agent conn"))
+  thread
+  (workers '())
+  (slow 0 :type fixnum)
+  (subscribed nil)
+  (last-seq 0)
+  (alive t))
+
+(defvar *state-lock* (sb-thread:make-mutex :name "sbmon-agent state"))
+(defvar *start-stop-lock* (sb-thread:make-mutex :name "sbmon-agent start/stop")
+  "Serializes START and STOP.")
+(defvar *running* nil)
+(defvar *address* nil)
+(defvar *socket-path* nil)
+(defvar *listener* nil)
+(defvar *listener-thread* nil)
+(defvar *event-thread* nil)
+(defvar *connections* '())
+(defvar *conn-counter* 0)
+(defvar *tcp-token* nil)
+(defvar *tcp-mode* nil)
+(defvar *start-time* 0d0)
+(defvar *pending-backtraces*
+  (make-hash-table :test 'eq :weakness :key :synchronized t)
+  "thread -> backtrace box whose interrupt has not run yet (waiter gave up).")
+
+(defun address ()
+  "Return the address the agent listens on (a socket path or \"127.0.0.1:PORT\"), or NIL."
+  *address*)
+
+(defun now-epoch ()
+  (multiple-value-bind (sec usec) (sb-ext:get-time-of-day)
+    (+ (coerce sec 'double-float) (/ usec 1d6))))
+
+(defun agent-thread-name-p (name)
+  (and (stringp name)
+       (>= (length name) (length *agent-thread-prefix*))
+       (string= *agent-thread-prefix* name :end2 (length *agent-thread-prefix*))))
+
+(defun call-quietly (fn)
+  "Run FN as the body of an agent thread: no output to the host, no debugger, ever."
+  (catch 'agent-thread-abort
+    (let ((*standard-output* (make-broadcast-stream))
+          (*error-output* (make-broadcast-stream))
+          (*trace-output* (make-broadcast-stream))
+          (*debugger-hook* (lambda (c h) (declare (ignore c h)) (throw 'agent-thread-abort nil)))
+          (sb-ext:*invoke-debugger-hook*
+            (lambda (c h) (declare (ignore c h)) (throw 'agent-thread-abort nil))))
+      (handler-bind ((warning #'muffle-warning))
+        (handler-case (funcall fn)
+          (serious-condition () nil))))))
+
+(defun spawn (name fn)
+  (sb-thread:make-thread (lambda () (call-quietly fn)) :name name))
+
+;;;; ------------------------------------------------------------------------
+;;;; Framing
+
+(defun send-frame (conn message)
+  "Print MESSAGE and send it as one frame on CONN.  Returns T on success."
+  (let* ((text (payload-string message))
+         (octets (sb-ext:string-to-octets text :external-format '(:utf-8 :replacement #\?))))
+    (when (> (length octets) +max-out-frame+)
+      (return-from send-frame nil))
+    (send-octets conn octets)))
+
+(defun send-octets (conn octets)
+  (let ((header (sb-ext:string-to-octets (format nil "~(~6,'0x~)" (length octets))
+                                         :external-format :latin-1))
+        (ok nil))
+    (sb-thread:with-mutex ((conn-write-lock conn))
+      (when (conn-alive conn)
+        (setf ok (and (send-all (conn-fd conn) header)
+                      (send-all (conn-fd conn) (coerce octets '(simple-array (unsigned-byte 8) (*))))))
+        (unless ok (setf (conn-alive conn) nil))))
+    ok))
+
+(defun send-reply (conn id result)
+  "RESULT is (:ok VALUE) or (:error ...).  Replaces a too large reply by an error."
+  (let* ((message (list :return id result))
+         (text (handler-case (payload-string message)
+                 (serious-condition (c)
+                   (payload-string (list :return id (list :error :type (condition-type-name c)
+                                                              :message (condition-message c)))))))
+         (octets (sb-ext:string-to-octets text :external-format '(:utf-8 :replacement #\?))))
+    (when (> (length octets) +max-out-frame+)
+      (setf octets (sb-ext:string-to-octets
+                    (payload-string
+                     (list :return id
+                           (list :error :type "TOO-LARGE"
+                                        :message (format nil "reply of ~d bytes exceeds the frame limit of ~d bytes"
+                                                         (length octets) +max-out-frame+))))
+                    :external-format :utf-8)))
+    (send-octets conn octets)))
+
+(defun send-bye (conn reason)
+  (ignore-errors (send-frame conn (list :bye :reason reason))))
+
+(define-condition frame-error (error)
+  ((text :initarg :text :reader frame-error-text))
+  (:report (lambda (c s) (write-string (frame-error-text c) s))))
+
+(defun read-exactly (stream buffer)
+  "Fill BUFFER from STREAM; return NIL on end of file (or a short read)."
+  (= (read-sequence buffer stream) (length buffer)))
+
+(defun hex-header-length (header)
+  (let ((n 0))
+    (loop for b across header
+          for d = (cond ((<= 48 b 57) (- b 48))
+                        ((<= 97 b 102) (- b 87))
+                        ((<= 65 b 70) (- b 55)))
+          do (unless d
+               (error 'frame-error
+                      :text (format nil "bad frame header ~s (expected 6 hex digits)"
+                                    (map 'string (lambda (b) (if (<= 32 b 126) (code-char b) #\?))
+                                         header))))
+             (setf n (+ (* n 16) d)))
+    n))
+
+(defun read-frame (stream)
+  "Read one frame; return its payload string, or NIL at end of file."
+  (let ((header (make-array 6 :element-type '(unsigned-byte 8))))
+    (unless (read-exactly stream header) (return-from read-frame nil))
+    (let ((len (hex-header-length header)))
+      (when (> len +max-in-frame+)
+        (error 'frame-error
+               :text (format nil "frame too large: ~d bytes (limit ~d)" len +max-in-frame+)))
+      (let ((payload (make-array len :element-type '(unsigned-byte 8))))
+        (unless (read-exactly stream payload) (return-from read-frame nil))
+        (handler-case (sb-ext:octets-to-string payload :external-format :utf-8)
+          (error () (error 'malformed :text "payload is not valid UTF-8")))))))
+
+;;;; ------------------------------------------------------------------------
+;;;; Argument helpers
+
+(defun check-plist (args allowed op)
+  (unless (and (listp args) (handler-case (evenp (length args)) (error () nil)))
+    (fail "BAD-ARGUMENT" "arguments of ~(~s~) must be a plist, got ~a" op
+          (safe-string (lambda (s) (write-payload args s)) 200)))
+  (loop for (k) on args by #'cddr
+        do (unless (member k allowed)
+             (fail "BAD-ARGUMENT" "unknown argument ~a for ~(~s~); accepted: ~:[none~;~:*~{~(~s~)~^ ~}~]"
+                   (safe-string (lambda (s) (write-payload k s)) 100) op allowed)))
+  args)
+
+(defun int-arg (args key op &key default (min 1) (max most-positive-fixnum) required)
+  (let ((v (getf args key :absent)))
+    (cond ((eq v :absent)
+           (if required
+               (fail "BAD-ARGUMENT" "~(~s~) requires ~(~s~)" op key)
+               default))
+          ((and (integerp v) (<= min v max)) v)
+          (t (fail "BAD-ARGUMENT" "~(~s~) must be an integer in ~d..~d for ~(~s~), got ~a"
+                   key min max op (safe-string (lambda (s) (write-payload v s)) 100))))))
+
+;;;; ------------------------------------------------------------------------
+;;;; Operations: memory, gc, runtime
+
+(defun op-memory (args)
+  (check-plist args '() :memory)
+  (list :heap-used (sb-kernel:dynamic-usage)
+        :heap-limit (sb-ext:dynamic-space-size)
+        :bytes-consed (sb-ext:get-bytes-consed)
+        :nursery-size (sb-ext:bytes-consed-between-gcs)
+        :generations
+        (loop for g from 0 below +generations+
+              collect (list :generation g
+                            :bytes (sb-ext:generation-bytes-allocated g)
+                            :gc-count (sb-ext:generation-number-of-gcs g)
+                            :bytes-consed-between-gcs (sb-ext:generation-bytes-consed-between-gcs g)
+                            :number-of-gcs-before-promotion
+                            (sb-ext:generation-number-of-gcs-before-promotion g)
+                            :minimum-age-before-gc
+                            (coerce (sb-ext:generation-minimum-age-before-gc g) 'double-float)
+                            :average-age (coerce (sb-ext:generation-average-age g) 'double-float)))))
+
+(defun op-gc (args)
+  (check-plist args '() :gc)
+  (let* ((snap (read-gc-snapshot))
+         (n (n-gcs))
+         (timing (pause-timing-p)))
+    (list :gc-count (if (>= n 0) n (gc-snapshot-count snap))
+          :gc-count-source (if (>= n 0) "n_gcs" "agent")
+          :gc-cpu-seconds (/ sb-ext:*gc-run-time* (coerce internal-time-units-per-second 'double-float))
+          :agent-start-time *start-time*
+          :pause-timing timing
+          :measured-by (list :count (if (>= n 0) "C global n_gcs" "GCs seen by the agent since it started")
+                             :cpu "sb-ext:*gc-run-time*"
+                             :pause (if timing
+                                        "wall time around sb-kernel::sub-gc and sb-ext:gc, CLOCK_MONOTONIC"
+                                        "not measured (sb-kernel::sub-gc could not be wrapped)"))
+          :pauses (list :count (gc-snapshot-count snap)
+                        :sum-seconds (/ (gc-snapshot-sum-ns snap) 1d9)
+                        :max-seconds (/ (gc-snapshot-max-ns snap) 1d9)
+                        :last-seconds (/ (gc-snapshot-last-ns snap) 1d9)
+                        :last-time (gc-snapshot-last-time snap)
+                        :bytes-freed (gc-snapshot-freed snap))
+          :buckets *bucket-bounds*
+          :histograms
+          (loop for g from 0 below +generations+
+                for c = (aref (gc-snapshot-hist-count snap) g)
+                when (plusp c)
+                  collect (list :generation g
+                                :count c
+                                :sum-seconds (/ (aref (gc-snapshot-hist-sum-ns snap) g) 1d9)
+                                :counts (loop for b from 0 below +buckets+
+                                              collect (aref (gc-snapshot-hist-counts snap)
+                                                            (+ (* g +buckets+) b)))))
+          :recent (gc-snapshot-records snap))))
+
+(defun op-runtime (args)
+  (check-plist args '() :runtime)
+  (let ((features (loop for f in *features*
+                        for i from 0 below 200
+                        collect (if (symbolp f) (symbol-name f) (safe-string (lambda (s) (princ f s)) 100)))))
+    (list :pid (sb-unix:unix-getpid)
+          :lisp-implementation (lisp-implementation-type)
+          :lisp-version (lisp-implementation-version)
+          :agent-version *version*
+          :machine-type (machine-type)
+          :software-version (software-version)
+          :features-count (length *features*)
+          :features features
+          :package-count (length (list-all-packages))
+          :thread-count (length (sb-thread:list-all-threads))
+          :internal-time-units-per-second internal-time-units-per-second)))
+
+(defun op-ping (args)
+  (check-plist args '() :ping)
+  (list :pong t))
+
+;;;; ------------------------------------------------------------------------
+;;;; Threads
+
+(defun thread-tid (thread)
+  (let ((f (internal-fbound "THREAD-OS-TID" "SB-THREAD")))
+    (and f
+         (let ((tid (ignore-errors (funcall f thread))))
+           (and (integerp tid) (plusp tid) tid)))))
+
+(defun main-thread-p (thread)
+  (let ((f (internal-fbound "MAIN-THREAD" "SB-THREAD"))
+        (v (internal-symbol "*INITIAL-THREAD*" "SB-THREAD")))
+    (cond (f (eq thread (ignore-errors (funcall f))))
+          ((and v (boundp v)) (eq thread (symbol-value v)))
+          (t nil))))
+
+(defun thread-daemon-p (thread)
+  (let ((f (internal-fbound "THREAD-EPHEMERAL-P" "SB-THREAD")))
+    (and f (ignore-errors (funcall f thread)) t)))
+
+(defun object-name-string (name)
+  (cond ((null name) "")
+        ((stringp name) name)
+        (t (safe-string (lambda (s) (princ name s)) 200))))
+
+(defun waiting-for (thread)
+  "Return (values name type) for what THREAD waits on, or NIL."
+  (let ((f (internal-fbound "THREAD-WAITING-FOR" "SB-THREAD")))
+    (when f
+      (let ((w (ignore-errors (funcall f thread))))
+        (when (consp w) (setf w (cdr w)))   ; (timeout . object) in some versions
+        (cond ((null w) nil)
+              ((typep w 'sb-thread:mutex)
+               (values (object-name-string (sb-thread:mutex-name w)) "mutex"))
+              ((typep w 'sb-thread:waitqueue)
+               (values (object-name-string
+                        (let ((nf (internal-fbound "WAITQUEUE-NAME" "SB-THREAD")))
+                          (and nf (ignore-errors (funcall nf w)))))
+                       "waitqueue"))
+              ((typep w 'sb-thread:semaphore)
+               (values (object-name-string (sb-thread:semaphore-name w)) "semaphore"))
+              (t (values (safe-string (lambda (s) (princ w s)) 200)
+                         (safe-string (lambda (s) (princ (type-of w) s)) 100))))))))
+
+(defun thread-plist (thread)
+  (let ((name (sb-thread:thread-name thread)))
+    (multiple-value-bind (wname wtype) (waiting-for thread)
+      (list :tid (thread-tid thread)
+            :name name
+            :alive (and (sb-thread:thread-alive-p thread) t)
+            :main (and (main-thread-p thread) t)
+            :agent (and (agent-thread-name-p name) t)
+            :daemon (thread-daemon-p thread)
+            :waiting-for wname
+            :waiting-for-type wtype))))
+
+(defun op-threads (args)
+  (check-plist args '() :threads)
+  (mapcar #'thread-plist (sb-thread:list-all-threads)))
+
+;;;; ------------------------------------------------------------------------
+;;;; Backtraces
+
+(defun print-frame (frame)
+  (one-line (safe-string (lambda (s) (prin1 frame s)) (* 2 +frame-chars+)) +frame-chars+))
+
+(defun capture-frames (max-frames from)
+  "List of printed frames of the current thread (at most MAX-FRAMES) and a truncated flag."
+  (let* ((raw (sb-debug:list-backtrace :count (+ max-frames 3) :from from))
+         (printed (mapcar #'print-frame raw)))
+    ;; the signal context leaves a bogus frame on top of an interrupted stack
+    (loop while (and printed (search "bogus stack frame" (first printed)))
+          do (pop printed))
+    (values (subseq printed 0 (min max-frames (length printed)))
+            (> (length printed) max-frames))))
+
+;; a box: #(state frames truncated semaphore)  state :pending :done :abandoned
+(defun make-bt-box ()
+  (vector :pending nil nil (sb-thread:make-semaphore :name "sbmon-agent backtrace")))
+
+(defun queue-backtrace (thread max-frames)
+  "Interrupt THREAD to capture its frames.  Return a box, or NIL if it cannot be interrupted."
+  (let ((old (gethash thread *pending-backtraces*)))
+    (when (and old (eq (svref old 0) :abandoned))
+      ;; a previous interrupt never ran: don't queue another one, wait for that one
+      (setf (svref old 0) :pending)
+      (return-from queue-backtrace old)))
+  (let ((box (make-bt-box)))
+    (flet ((capture ()
+             (handler-case
+                 (let ((*print-pretty* nil))
+                   (multiple-value-bind (frames truncated) (capture-frames max-frames :interrupted-frame)
+                     (setf (svref box 1) frames
+                           (svref box 2) truncated)))
+               (serious-condition () nil))
+             (setf (svref box 0) :done)
+             (when (eq (gethash thread *pending-backtraces*) box)
+               (remhash thread *pending-backtraces*))
+             (sb-thread:signal-semaphore (svref box 3) 1)))
+      (handler-case
+          (progn
+            (setf (gethash thread *pending-backtraces*) box)
+            (sb-thread:interrupt-thread thread #'capture)
+            box)
+        (serious-condition ()
+          (remhash thread *pending-backtraces*)
+          nil)))))
+
+(defun await-backtrace (box deadline-ns)
+  "Wait for BOX until DEADLINE-NS (monotonic).  Returns T if answered."
+  (when box
+    (let ((remaining (/ (max 0 (- deadline-ns (mono-ns))) 1d9)))
+      (or (eq (svref box 0) :done)
+          (and (sb-thread:wait-on-semaphore (svref box 3) :timeout (max remaining 0.000001d0))
+               t)
+          (eq (svref box 0) :done)
+          (progn (setf (svref box 0) :abandoned) nil)))))
+
+(defun backtrace-result (thread answered frames truncated)
+  (list :tid (thread-tid thread) :name (sb-thread:thread-name thread)
+        :answered (and answered t) :frames (and answered frames) :truncated (and answered truncated)))
+
+(defun own-backtrace (max-frames)
+  (multiple-value-bind (frames truncated) (capture-frames max-frames :debugger-frame)
+    (values frames truncated)))
+
+(defun find-thread-by-tid (tid)
+  (find tid (sb-thread:list-all-threads) :key #'thread-tid))
+
+(defun backtraces-of (threads max-frames timeout-ms)
+  (let* ((deadline (+ (mono-ns) (* timeout-ms 1000000)))
+         (self sb-thread:*current-thread*)
+         (boxes (mapcar (lambda (th)
+                          (cond ((eq th self) :self)
+                                ((not (sb-thread:thread-alive-p th)) nil)
+                                (t (queue-backtrace th max-frames))))
+                        threads)))
+    (loop for th in threads
+          for box in boxes
+          collect (if (eq box :self)
+                      (multiple-value-bind (frames truncated) (own-backtrace max-frames)
+                        (backtrace-result th t frames truncated))
+                      (let ((ok (await-backtrace box deadline)))
+                        (backtrace-result th ok
+                                          (and ok (svref box 1))
+                                          (and ok (svref box 2))))))))
+
+(defun op-backtrace (args)
+  (check-plist args '(:tid :max-frames :timeout-ms) :backtrace)
+  (let* ((tid (int-arg args :tid :backtrace :required t))
+         (max-frames (int-arg args :max-frames :backtrace :default 40 :max 1000))
+         (timeout-ms (int-arg args :timeout-ms :backtrace :default 1000 :max 60000))
+         (thread (find-thread-by-tid tid)))
+    (unless thread
+      (fail "UNKNOWN-THREAD" "no Lisp thread with tid ~d" tid))
+    (first (backtraces-of (list thread) max-frames timeout-ms))))
+
+(defun op-backtraces (args)
+  (check-plist args '(:max-frames :timeout-ms) :backtraces)
+  (let* ((max-frames (int-arg args :max-frames :backtraces :default 40 :max 1000))
+         (timeout-ms (int-arg args :timeout-ms :backtraces :default 1000 :max 60000)))
+    (backtraces-of (remove-if-not #'sb-thread:thread-alive-p (sb-thread:list-all-threads))
+                   max-frames timeout-ms)))
+
+;;;; ------------------------------------------------------------------------
+;;;; Subscribe
+
+(defun op-subscribe (conn args)
+  (check-plist args '(:events) :subscribe)
+  (let ((events (getf args :events)))
+    (unless (and (listp events) (every (lambda (e) (eq e :gc)) events))
+      (fail "BAD-ARGUMENT" "~(:events~) must be a list of event kinds; known kinds: (:gc)"))
+    (sb-thread:with-mutex ((conn-lock conn))
+      (setf (conn-last-seq conn) (aref **stats** +s-count+)
+            (conn-subscribed conn) (and (member :gc events) t)))
+    (list :subscribed (if (member :gc events) (list :gc) nil))))
+
+;;;; ------------------------------------------------------------------------
+;;;; Dispatch
+
+(defparameter *operations*
+  ;; op  function  slow-p  needs-conn
+  '((:ping op-ping nil nil)
+    (:memory op-memory nil nil)
+    (:gc op-gc nil nil)
+    (:runtime op-runtime nil nil)
+    (:threads op-threads nil nil)
+    (:backtrace op-backtrace t nil)
+    (:backtraces op-backtraces t nil)
+    (:subscribe op-subscribe nil t)))
+
+(defun capabilities ()
+  (append (mapcar #'first *operations*)
+          (when (pause-timing-p) (list :pause-timing))))
+
+(defun run-operation (conn entry args)
+  "Run one operation; always returns (:ok VALUE) or (:error ...)."
+  (destructuring-bind (op fn slow needs-conn) entry
+    (declare (ignore op slow))
+    (handler-case
+        (handler-bind ((warning #'muffle-warning))
+          (list :ok (if needs-conn (funcall fn conn args) (funcall fn args))))
+      (serious-condition (c)
+        (list :error :type (condition-type-name c) :message (condition-message c))))))
+
+(defun unknown-operation-error (op)
+  (list :error :type "UNKNOWN-OPERATION"
+               :message (format nil "unknown operation ~a; valid operations: ~{~(~s~)~^ ~}"
+                                (safe-string (lambda (s) (write-payload op s)) 100)
+                                (mapcar #'first *operations*))))
+
+(defun start-slow-call (conn id entry args)
+  (let ((accepted nil))
+    (sb-thread:with-mutex ((conn-lock conn))
+      (when (< (conn-slow conn) +max-slow-calls+)
+        (incf (conn-slow conn))
+        (setf accepted t)))
+    (if (not accepted)
+        (send-reply conn id (list :error :type "BUSY"
+                                         :message (format nil "~d slow calls already in flight on this connection"
+                                                          +max-slow-calls+)))
+        (handler-case
+            (let ((thread
+                    (spawn (format nil "sbmon-agent worker ~d/~d" (conn-id conn) id)
+                           (lambda ()
+                             (let ((released nil) (result nil))
+                               (flet ((release ()
+                                        (unless released
+                                          (setf released t)
+                                          (sb-thread:with-mutex ((conn-lock conn))
+                                            (decf (conn-slow conn))
+                                            (setf (conn-workers conn)
+                                                  (remove sb-thread:*current-thread*
+                                                          (conn-workers conn)))))))
+                                 (unwind-protect
+                                      (progn
+                                        (setf result (run-operation conn entry args))
+                                        ;; the call is no longer in flight once its reply is ready
+                                        (release)
+                                        (send-reply conn id result))
+                                   (release))))))))
+              (sb-thread:with-mutex ((conn-lock conn))
+                (when (sb-thread:thread-alive-p thread)
+                  (push thread (conn-workers conn)))))
+          (serious-condition (c)
+            (sb-thread:with-mutex ((conn-lock conn)) (decf (conn-slow conn)))
+            (send-reply conn id (list :error :type (condition-type-name c)
+                                             :message (condition-message c))))))))
+
+(defun handle-message (conn msg)
+  "Handle one message after the handshake.  Returns NIL when the connection must close."
+  (let ((id (and (consp msg) (eq (first msg) :call) (consp (rest msg))
+                 (let ((id (second msg))) (and (integerp id) (plusp id) id)))))
+    (cond
+      ((null id)
+       (send-bye conn (if (and (consp msg) (eq (first msg) :call))
+                          "malformed message: (:call ID OP ARGS) needs a positive integer ID"
+                          "malformed message: expected (:call ID OP ARGS)"))
+       nil)
+      ((not (and (handler-case (= (length msg) 4) (error () nil))))
+       (send-reply conn id (list :error :type "BAD-ARGUMENT"
+                                        :message "malformed call: expected (:call ID OP ARGS)"))
+       t)
+      (t
+       (destructuring-bind (op args) (cddr msg)
+         (let ((entry (and (keywordp op) (assoc op *operations*))))
+           (cond ((null entry) (send-reply conn id (unknown-operation-error op)))
+                 ((third entry) (start-slow-call conn id entry args))
+                 (t (send-reply conn id (run-operation conn entry args))))))
+       t))))
+
+;;;; ------------------------------------------------------------------------
+;;;; Connections
+
+(defun read-secret-token ()
+  (let ((path (secret-path)))
+    (ensure-secret-file path)
+    (with-open-file (in path :direction :input :external-format :utf-8)
+      (let ((line (read-line in nil "")))
+        (string-trim '(#\Space #\Tab #\Newline #\Return) line)))))
+
+(defun secret-path ()
+  (let ((home (getenv-nonempty "HOME")))
+    (if home
+        (concatenate 'string (string-right-trim "/" home) "/.sbmon-secret")
+        (namestring (merge-pathnames ".sbmon-secret" (user-homedir-pathname))))))
+
+(defun random-hex (nbytes)
+  (let ((bytes (make-array nbytes :element-type '(unsigned-byte 8))))
+    (with-open-file (in "/dev/urandom" :element-type '(unsigned-byte 8))
+      (read-sequence bytes in))
+    (format nil "~(~{~2,'0x~}~)" (coerce bytes 'list))))
+
+(defun ensure-secret-file (path)
+  (unless (file-kind path)
+    (with-open-file (out path :direction :output :if-exists nil :if-does-not-exist :create
+                              :external-format :latin-1)
+      (when out
+        (chmod path #o600)
+        (write-line (random-hex 16) out)))))
+
+(defun tokens-equal-p (a b)
+  "Compare two strings in time that depends only on their lengths."
+  (let ((diff (logxor (length a) (length b))))
+    (dotimes (i (max (length a) (length b)))
+      (setf diff (logior diff (logxor (if (< i (length a)) (char-code (char a i)) 0)
+                                      (if (< i (length b)) (char-code (char b i)) 0)))))
+    (zerop diff)))
+
+(defun handshake (conn)
+  "Read the hello within the timeout.  Returns T if the welcome was sent."
+  (let ((payload (handler-case
+                     (sb-sys:with-deadline (:seconds +hello-timeout+)
+                       (read-frame (conn-stream conn)))
+                   (sb-sys:deadline-timeout ()
+                     (send-bye conn "timeout waiting for hello")
+                     (return-from handshake nil)))))
+    (unless payload (return-from handshake nil))
+    (let ((msg (parse-payload payload)))
+      (unless (and (consp msg) (eq (first msg) :hello)
+                   (handler-case (evenp (length (rest msg))) (error () nil)))
+        (send-bye conn "first message must be (:hello :protocol 1 ...)")
+        (return-from handshake nil))
+      (let ((plist (rest msg)))
+        (unless (eql (getf plist :protocol) +protocol+)
+          (send-bye conn (format nil "unsupported protocol ~a (this agent speaks ~d)"
+                                 (safe-string (lambda (s) (write-payload (getf plist :protocol) s)) 50)
+                                 +protocol+))
+          (return-from handshake nil))
+        (when (conn-tcp conn)
+          (let ((token (getf plist :token)))
+            (unless (and (stringp token) *tcp-token* (tokens-equal-p token *tcp-token*))
+              (send-bye conn "bad or missing token")
+              (return-from handshake nil))))
+        (send-frame conn (list :welcome :protocol +protocol+
+                                        :agent-version *version*
+                                        :pid (sb-unix:unix-getpid)
+                                        :lisp-version (lisp-implementation-version)
+                                        :capabilities (capabilities)))))))
+
+(defun connection-loop (conn)
+  (unwind-protect
+       (handler-case
+           (when (handshake conn)
+             (loop
+               (let ((payload (read-frame (conn-stream conn))))
+                 (unless (and payload (conn-alive conn)) (return))
+                 (unless (handle-message conn (parse-payload payload))
+                   (return)))))
+         (frame-error (c) (send-bye conn (frame-error-text c)))
+         (malformed (c) (send-bye conn (format nil "malformed message: ~a" (malformed-text c))))
+         (serious-condition () nil))
+    (close-connection conn)))
+
+(defun close-connection (conn)
+  (sb-thread:with-mutex ((conn-write-lock conn))
+    (setf (conn-alive conn) nil))
+  (fd-shutdown (conn-fd conn))
+  (ignore-errors (close (conn-stream conn) :abort t))
+  (ignore-errors (sb-bsd-sockets:socket-close (conn-socket conn)))
+  (sb-thread:with-mutex (*state-lock*)
+    (setf *connections* (remove conn *connections*))))
+
+(defun accept-connection (client)
+  (setf (sb-bsd-sockets:non-blocking-mode client) nil)
+  (let* ((fd (sb-bsd-sockets:socket-file-descriptor client))
+         (conn (%make-conn :socket client :fd fd :tcp *tcp-mode*
+                           :stream (sb-bsd-sockets:socket-make-stream
+                                    client :input t :output nil
+                                           :element-type '(unsigned-byte 8)
+                                           :buffering :full))))
+    (set-send-timeout fd +send-timeout-seconds+)
+    (let ((full nil))
+      (sb-thread:with-mutex (*state-lock*)
+        (if (>= (length *connections*) +max-connections+)
+            (setf full t)
+            (progn (setf (conn-id conn) (incf *conn-counter*))
+                   (push conn *connections*))))
+      (cond (full
+             (set-send-timeout fd 1)
+             (send-bye conn (format nil "too many connections (limit ~d)" +max-connections+))
+             (close-connection conn))
+            (t
+             (handler-case
+                 (setf (conn-thread conn)
+                       (spawn (format nil "sbmon-agent conn ~d" (conn-id conn))
+                              (lambda () (connection-loop conn))))
+               (serious-condition () (close-connection conn))))))))
+
+(defun listener-loop (socket)
+  (let ((fd (sb-bsd-sockets:socket-file-descriptor socket)))
+    (loop while *running*
+          do (handler-case
+                 (when (sb-sys:wait-until-fd-usable fd :input 0.2d0 nil)
+                   (let ((client (sb-bsd-sockets:socket-accept socket)))
+                     (when client
+                       (if *running*
+                           (accept-connection client)
+                           (ignore-errors (sb-bsd-sockets:socket-close client))))))
+               (serious-condition () (sleep 0.05))))))
+
+;;;; ------------------------------------------------------------------------
+;;;; Events
+
+(defun event-loop ()
+  (let ((seen (aref **stats** +s-count+)))
+    (loop while *running*
+          do (sleep 0.025)
+             (let ((count (aref **stats** +s-count+)))
+               (when (/= count seen)
+                 (setf seen count)
+                 (let ((subscribers (sb-thread:with-mutex (*state-lock*)
+                                      (remove-if-not #'conn-subscribed *connections*))))
+                   (when subscribers
+                     (let ((records (gc-snapshot-records (read-gc-snapshot :histograms nil))))
+                       (dolist (conn subscribers)
+                         (handler-case
+                             (let ((last (conn-last-seq conn)))
+                               (dolist (r records)
+                                 (when (> (getf r :seq) last)
+                                   (unless (send-frame conn (list :event :gc r)) (return))
+                                   (setf last (getf r :seq))))
+                               (setf (conn-last-seq conn) last))
+                           (serious-condition () nil)))))))))))
+
+;;;; ------------------------------------------------------------------------
+;;;; Start / stop
+
+(defun default-socket-path ()
+  (let* ((uid (sb-unix:unix-getuid))
+         (xdg (getenv-nonempty "XDG_RUNTIME_DIR"))
+         (dir (if xdg
+                  (concatenate 'string (string-right-trim "/" xdg) "/sbmon")
+                  (format nil "/tmp/sbmon-~d" uid))))
+    (multiple-value-bind (kind owner) (file-kind dir)
+      (case kind
+        ((nil)
+         (multiple-value-bind (ok errno) (sb-unix:unix-mkdir dir #o700)
+           (unless (or ok (file-kind dir))
+             (error "cannot create ~a: ~a" dir (sb-int:strerror errno))))
+         (chmod dir #o700))
+        (:directory
+         (unless (eql owner uid)
+           (error "~a is not owned by uid ~d; refusing to use it" dir uid))
+         (chmod dir #o700))
+        (t (error "~a exists and is not a directory" dir))))
+    (format nil "~a/~d.sock" dir (sb-unix:unix-getpid))))
+
+(defun socket-live-p (path)
+  (let ((s (make-instance 'sb-bsd-sockets:local-socket :type :stream)))
+    (unwind-protect
+         (handler-case (progn (sb-bsd-sockets:socket-connect s path) t)
+           (serious-condition () nil))
+      (ignore-errors (sb-bsd-sockets:socket-close s)))))
+
+(defun open-unix-listener (path)
+  (case (file-kind path)
+    ((nil))
+    (:socket
+     (when (socket-live-p path)
+       (error "another process is listening on ~a" path))
+     (sb-unix:unix-unlink path))
+    (t (error "~a exists and is not a socket" path)))
+  (let ((s (make-instance 'sb-bsd-sockets:local-socket :type :stream)))
+    (handler-case
+        (progn
+          (sb-bsd-sockets:socket-bind s path)
+          (chmod path #o600)
+          (sb-bsd-sockets:socket-listen s 16)
+          s)
+      (serious-condition (c)
+        (ignore-errors (sb-bsd-sockets:socket-close s))
+        (error c)))))
+
+(defun open-tcp-listener (port)
+  (let ((s (make-instance 'sb-bsd-sockets:inet-socket :type :stream :protocol :tcp)))
+    (handler-case
+        (progn
+          (setf (sb-bsd-sockets:sockopt-reuse-address s) t)
+          (sb-bsd-sockets:socket-bind s #(127 0 0 1) port)
+          (sb-bsd-sockets:socket-listen s 16)
+          (values s (nth-value 1 (sb-bsd-sockets:socket-name s))))
+      (serious-condition (c)
+        (ignore-errors (sb-bsd-sockets:socket-close s))
+        (error c)))))
+
+(defun start (&key socket port)
+  "Start the agent and return its address: the Unix socket path, or \"127.0.0.1:PORT\".
+With no argument, listen on <dir>/<pid>.sock (<dir> = $XDG_RUNTIME_DIR/sbmon or
+/tmp/sbmon-<uid>, mode 0700; socket 0600).  :SOCKET PATH listens on that path.  :PORT N
+listens on 127.0.0.1:N and requires the token from ~/.sbmon-secret (created if absent).
+Calling START while running returns the current address."
+  (sb-thread:with-recursive-lock (*start-stop-lock*)
+    (%start socket port)))
+
+(defun %start (socket port)
+  (when *running*
+    (return-from %start *address*))
+  (when (and socket port)
+    (error "give either :socket or :port, not both"))
+  (when port
+    (check-type port (integer 0 65535)))
+  (let ((token (and port (read-secret-token)))
+        (path (and (not port) (or (and socket (namestring socket)) (default-socket-path))))
+        (listener nil) (addr nil))
+    (when (and port (zerop (length token)))
+      (error "~a is empty" (secret-path)))
+    (if port
+        (multiple-value-bind (s actual-port) (open-tcp-listener port)
+          (setf listener s addr (format nil "127.0.0.1:~d" actual-port)))
+        (setf listener (open-unix-listener path) addr path))
+    (sb-thread:with-mutex (*state-lock*)
+      (reset-gc-stats)
+      (setf *start-time* (now-epoch)
+            *tcp-mode* (and port t)
+            *tcp-token* token
+            *socket-path* (and (not port) path)
+            *listener* listener
+            *address* addr
+            *connections* '()
+            *running* t))
+    (pushnew 'exit-cleanup sb-ext:*exit-hooks*)
+    (install-gc-wrappers)
+    (setf *event-thread* (spawn "sbmon-agent events" #'event-loop))
+    (setf *listener-thread* (spawn "sbmon-agent listener" (lambda () (listener-loop listener))))
+    addr))
+
+(defun exit-cleanup ()
+  "Exit hook: remove the agent's socket file when the image exits without STOP."
+  (ignore-errors
+   (let ((path *socket-path*))
+     (when (and path (eq (file-kind path) :socket))
+       (sb-unix:unix-unlink path)))))
+
+(defun finish-thread (thread &optional (timeout 2))
+  (when (and thread (not (eq thread sb-thread:*current-thread*)))
+    (when (eq :timeout (sb-thread:join-thread thread :default :timeout :timeout timeout))
+      (ignore-errors (sb-thread:terminate-thread thread))
+      (sb-thread:join-thread thread :default nil :timeout timeout))))
+
+(defun stop ()
+  "Stop the agent: close every connection, stop its threads, remove the socket file and the
+GC wrappers.  Returns T if the agent was running."
+  (sb-thread:with-recursive-lock (*start-stop-lock*)
+    (%stop)))
+
+(defun %stop ()
+  (let (listener listener-thread event-thread conns path)
+    (sb-thread:with-mutex (*state-lock*)
+      (unless *running* (return-from %stop nil))
+      (setf *running* nil
+            listener *listener* listener-thread *listener-thread*
+            event-thread *event-thread* conns (copy-list *connections*)
+            path *socket-path*))
+    (remove-gc-wrappers)
+    (finish-thread listener-thread)
+    (ignore-errors (sb-bsd-sockets:socket-close listener))
+    (when path (ignore-errors (when (eq (file-kind path) :socket) (sb-unix:unix-unlink path))))
+    (dolist (c conns)
+      (sb-thread:with-mutex ((conn-write-lock c)) (setf (conn-alive c) nil))
+      (fd-shutdown (conn-fd c)))
+    (dolist (c conns)
+      (finish-thread (conn-thread c))
+      (dolist (w (sb-thread:with-mutex ((conn-lock c)) (copy-list (conn-workers c))))
+        (finish-thread w))
+      (close-connection c))
+    (finish-thread event-thread)
+    ;; any worker still around (e.g. one that was starting during stop)
+    (dolist (th (sb-thread:list-all-threads))
+      (when (and (agent-thread-name-p (sb-thread:thread-name th))
+                 (not (eq th sb-thread:*current-thread*)))
+        (finish-thread th)))
+    (sb-thread:with-mutex (*state-lock*)
+      (setf *listener* nil *listener-thread* nil *event-thread* nil
+            *connections* '() *address* nil *socket-path* nil *tcp-token* nil))
+    t))
