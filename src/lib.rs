@@ -2,4 +2,13 @@
 //! local socket; this crate talks to it, adds what `/proc` knows, and exposes one catalog of
 //! tools to the front ends.
 
+pub mod agent;
+pub mod cli;
+pub mod config;
+pub mod demo;
+pub mod launch;
+pub mod logging;
+pub mod process;
+pub mod targets;
+pub mod tools;
 pub mod wire;

@@ -1,0 +1,237 @@
+//! The client side of the agent protocol. `AgentClient` is a long-lived handle to one agent:
+//! it connects on first use, reconnects after the agent comes back, and offers typed calls.
+
+pub mod address;
+pub mod connection;
+pub mod error;
+pub mod reply;
+
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+
+use serde::de::DeserializeOwned;
+
+pub use address::Address;
+pub use connection::Connection;
+pub use error::AgentError;
+
+use crate::wire::{Sexp, from_sexp};
+
+#[derive(Debug, Clone)]
+pub struct ClientOptions {
+    /// Default time a call may take; slow operations pass their own.
+    pub call_timeout: Duration,
+    pub connect_timeout: Duration,
+    /// Token for TCP agents; when `None`, read from `token_file` at connect time.
+    pub token: Option<String>,
+    pub token_file: Option<PathBuf>,
+}
+
+impl Default for ClientOptions {
+    fn default() -> Self {
+        ClientOptions {
+            call_timeout: Duration::from_secs(5),
+            connect_timeout: Duration::from_secs(3),
+            token: None,
+            token_file: None,
+        }
+    }
+}
+
+/// `~/.sbmon-secret`, where the agent keeps the TCP token.
+pub fn default_token_file() -> Option<PathBuf> {
+    std::env::var_os("HOME").map(|home| PathBuf::from(home).join(".sbmon-secret"))
+}
+
+/// The agent runs at most this many slow operations per connection and answers BUSY beyond
+/// (docs/protocol.md); callers past it queue here instead.
+const SLOW_IN_FLIGHT: usize = 4;
+
+pub struct AgentClient {
+    address: Address,
+    options: ClientOptions,
+    current: tokio::sync::Mutex<Option<Arc<Connection>>>,
+    slow: tokio::sync::Semaphore,
+}
+
+impl AgentClient {
+    pub fn new(address: Address, options: ClientOptions) -> Self {
+        AgentClient {
+            address,
+            options,
+            current: tokio::sync::Mutex::new(None),
+            slow: tokio::sync::Semaphore::new(SLOW_IN_FLIGHT),
+        }
+    }
+
+    pub fn address(&self) -> &Address {
+        &self.address
+    }
+
+    pub fn options(&self) -> &ClientOptions {
+        &self.options
+    }
+
+    /// The live connection, opening a new one if there is none or the last one died.
+    pub async fn connection(&self) -> Result<Arc<Connection>, AgentError> {
+        let mut current = self.current.lock().await;
+        if let Some(conn) = current.as_ref().filter(|c| !c.is_closed()) {
+            return Ok(conn.clone());
+        }
+        *current = None;
+        let conn = Arc::new(self.connect().await?);
+        *current = Some(conn.clone());
+        Ok(conn)
+    }
+
+    async fn connect(&self) -> Result<Connection, AgentError> {
+        let failed = |reason: String| AgentError::Connect {
+            address: self.address.to_string(),
+            reason,
+        };
+        let timeout = self.options.connect_timeout;
+        match &self.address {
+            Address::Unix(path) => {
+                let stream = tokio::time::timeout(timeout, tokio::net::UnixStream::connect(path))
+                    .await
+                    .map_err(|_| failed(format!("no answer within {timeout:?}")))?
+                    .map_err(|e| failed(e.to_string()))?;
+                Connection::establish(stream, None, timeout).await
+            }
+            Address::Tcp { host, port } => {
+                let token = self.token().map_err(failed)?;
+                let stream = tokio::time::timeout(
+                    timeout,
+                    tokio::net::TcpStream::connect((host.as_str(), *port)),
+                )
+                .await
+                .map_err(|_| failed(format!("no answer within {timeout:?}")))?
+                .map_err(|e| failed(e.to_string()))?;
+                stream
+                    .set_nodelay(true)
+                    .map_err(|e| failed(e.to_string()))?;
+                Connection::establish(stream, Some(&token), timeout).await
+            }
+        }
+    }
+
+    fn token(&self) -> Result<String, String> {
+        if let Some(token) = &self.options.token {
+            return Ok(token.clone());
+        }
+        let path = self
+            .options
+            .token_file
+            .clone()
+            .or_else(default_token_file)
+            .ok_or("no token file: set HOME or pass --token-file")?;
+        std::fs::read_to_string(&path)
+            .map(|s| s.trim().to_string())
+            .map_err(|e| {
+                format!(
+                    "cannot read the token from {}: {e} (a TCP agent needs it)",
+                    path.display()
+                )
+            })
+    }
+
+    /// Call `op` with `args` and return the raw value.
+    pub async fn call_raw(
+        &self,
+        op: &str,
+        args: Sexp,
+        timeout: Option<Duration>,
+    ) -> Result<Sexp, AgentError> {
+        let timeout = timeout.unwrap_or(self.options.call_timeout);
+        let conn = tokio::time::timeout(timeout, self.connection())
+            .await
+            .map_err(|_| AgentError::Timeout {
+                op: op.to_string(),
+                timeout,
+            })??;
+        conn.call(op, args, timeout).await
+    }
+
+    /// Call `op` and decode its value into `T`.
+    pub async fn call<T: DeserializeOwned>(
+        &self,
+        op: &str,
+        args: Sexp,
+        timeout: Option<Duration>,
+    ) -> Result<T, AgentError> {
+        let value = self.call_raw(op, args, timeout).await?;
+        Ok(from_sexp(&value)?)
+    }
+
+    pub async fn welcome(&self) -> Result<reply::Welcome, AgentError> {
+        Ok(self.connection().await?.welcome().clone())
+    }
+
+    pub async fn memory(&self) -> Result<reply::Memory, AgentError> {
+        self.call("memory", Sexp::Nil, None).await
+    }
+
+    pub async fn gc(&self) -> Result<reply::Gc, AgentError> {
+        self.call("gc", Sexp::Nil, None).await
+    }
+
+    pub async fn runtime(&self) -> Result<reply::Runtime, AgentError> {
+        self.call("runtime", Sexp::Nil, None).await
+    }
+
+    pub async fn threads(&self) -> Result<Vec<reply::LispThread>, AgentError> {
+        self.call("threads", Sexp::Nil, None).await
+    }
+
+    /// Round trip of a `:ping`.
+    pub async fn ping(&self) -> Result<Duration, AgentError> {
+        let start = std::time::Instant::now();
+        self.call_raw("ping", Sexp::Nil, None).await?;
+        Ok(start.elapsed())
+    }
+
+    /// One thread's backtrace; the call waits a little longer than the agent's own timeout.
+    pub async fn backtrace(
+        &self,
+        tid: i32,
+        max_frames: u32,
+        timeout_ms: u64,
+    ) -> Result<reply::Backtrace, AgentError> {
+        let args = Sexp::plist([
+            ("tid", Sexp::Int(tid.into())),
+            ("max-frames", Sexp::Int(max_frames.into())),
+            ("timeout-ms", Sexp::Int(timeout_ms as i64)),
+        ]);
+        self.slow_call("backtrace", args, timeout_ms).await
+    }
+
+    pub async fn backtraces(
+        &self,
+        max_frames: u32,
+        timeout_ms: u64,
+    ) -> Result<Vec<reply::Backtrace>, AgentError> {
+        let args = Sexp::plist([
+            ("max-frames", Sexp::Int(max_frames.into())),
+            ("timeout-ms", Sexp::Int(timeout_ms as i64)),
+        ]);
+        self.slow_call("backtraces", args, timeout_ms).await
+    }
+
+    /// A call the agent runs on a worker thread and bounds by `timeout_ms`; the client waits
+    /// that long plus a margin for transfer and scheduling, after its turn comes.
+    async fn slow_call<T: DeserializeOwned>(
+        &self,
+        op: &str,
+        args: Sexp,
+        timeout_ms: u64,
+    ) -> Result<T, AgentError> {
+        let _permit = self
+            .slow
+            .acquire()
+            .await
+            .map_err(|_| AgentError::Lost("client closed".into()))?;
+        let timeout = Duration::from_millis(timeout_ms) + Duration::from_secs(2);
+        self.call(op, args, Some(timeout)).await
+    }
+}

@@ -1,0 +1,137 @@
+//! Typed values of the agent's operations (docs/protocol.md, "Operations and their values").
+//! Parts that tools return as they are also derive `Serialize` and `JsonSchema`.
+
+use schemars::JsonSchema;
+use serde::{Deserialize, Serialize};
+
+#[derive(Debug, Clone, Deserialize, Serialize, JsonSchema)]
+pub struct Welcome {
+    pub protocol: i64,
+    pub agent_version: String,
+    pub pid: i32,
+    pub lisp_version: String,
+    #[serde(default)]
+    pub capabilities: Vec<String>,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+pub struct Memory {
+    pub heap_used: u64,
+    pub heap_limit: u64,
+    pub bytes_consed: u64,
+    pub nursery_size: u64,
+    #[serde(default)]
+    pub generations: Vec<Generation>,
+}
+
+/// One GC generation as the agent sees it.
+#[derive(Debug, Clone, Deserialize, Serialize, JsonSchema)]
+pub struct Generation {
+    pub generation: u8,
+    /// Bytes allocated in this generation (sb-ext:generation-bytes-allocated).
+    pub bytes: u64,
+    /// GCs of this generation since it was last promoted (sb-ext:generation-number-of-gcs).
+    pub gc_count: u64,
+    pub bytes_consed_between_gcs: u64,
+    pub number_of_gcs_before_promotion: u64,
+    pub minimum_age_before_gc: f64,
+    pub average_age: f64,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+pub struct Gc {
+    pub gc_count: Option<u64>,
+    pub gc_count_source: String,
+    pub gc_cpu_seconds: f64,
+    pub agent_start_time: f64,
+    #[serde(default)]
+    pub pause_timing: bool,
+    pub measured_by: MeasuredBy,
+    pub pauses: PauseTotals,
+    #[serde(default)]
+    pub buckets: Vec<f64>,
+    #[serde(default)]
+    pub histograms: Vec<PauseHistogram>,
+    #[serde(default)]
+    pub recent: Vec<PauseRecord>,
+}
+
+/// How each GC figure was obtained inside the image.
+#[derive(Debug, Clone, Deserialize, Serialize, JsonSchema)]
+pub struct MeasuredBy {
+    pub count: String,
+    pub cpu: String,
+    pub pause: String,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+pub struct PauseTotals {
+    pub count: u64,
+    pub sum_seconds: f64,
+    pub max_seconds: f64,
+    pub last_seconds: f64,
+    pub last_time: Option<f64>,
+    pub bytes_freed: Option<i64>,
+}
+
+/// Pause counts per bucket (not cumulative) for one generation; one more count than bounds.
+#[derive(Debug, Clone, Deserialize)]
+pub struct PauseHistogram {
+    pub generation: u8,
+    pub count: u64,
+    pub sum_seconds: f64,
+    pub counts: Vec<u64>,
+}
+
+/// One measured collection.
+#[derive(Debug, Clone, Deserialize, Serialize, JsonSchema)]
+pub struct PauseRecord {
+    pub seq: u64,
+    pub generation: u8,
+    pub wall_seconds: f64,
+    pub cpu_seconds: f64,
+    pub heap_before: u64,
+    pub heap_after: u64,
+    /// Unix time (seconds) when the collection ended.
+    pub time: f64,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+pub struct Runtime {
+    pub pid: i32,
+    pub lisp_implementation: String,
+    pub lisp_version: String,
+    pub agent_version: String,
+    pub machine_type: Option<String>,
+    pub software_version: Option<String>,
+    pub features_count: u64,
+    #[serde(default)]
+    pub features: Vec<String>,
+    pub package_count: u64,
+    pub thread_count: u64,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+pub struct LispThread {
+    pub tid: Option<i32>,
+    pub name: Option<String>,
+    pub alive: bool,
+    pub main: bool,
+    #[serde(default)]
+    pub agent: bool,
+    #[serde(default)]
+    pub daemon: bool,
+    pub waiting_for: Option<String>,
+    pub waiting_for_type: Option<String>,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+pub struct Backtrace {
+    pub tid: Option<i32>,
+    pub name: Option<String>,
+    pub answered: bool,
+    #[serde(default)]
+    pub frames: Vec<String>,
+    #[serde(default)]
+    pub truncated: bool,
+}
