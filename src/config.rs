@@ -1,0 +1,165 @@
+//! The config file (`--config FILE`, TOML): health thresholds. Every key is optional; what
+//! is absent keeps the defaults of DESIGN.md. Unknown keys are an error, so a typo never
+//! silently leaves a default in force.
+//!
+//! ```toml
+//! [health.memory]
+//! heap = { warning = 0.70, critical = 0.90 }   # heap used / dynamic-space-size
+//! rss = { warning = 0.80, critical = 0.95 }    # RSS / memory limit
+//! [health.gc]
+//! time = { warning = 0.05, critical = 0.20 }   # GC CPU seconds / wall seconds, last minute
+//! [health.threads]
+//! count = { warning = 100, critical = 500 }    # Lisp threads
+//! [health.resources]
+//! fds = { warning = 0.80, critical = 0.95 }    # open fds / soft limit
+//! [health.availability]
+//! agent = { warning = 1.0 }                    # ping round trip, seconds; unreachable is critical
+//! errors = { warning = 0.01, critical = 0.10 } # failed tool calls / calls, last minute
+//! ```
+
+use std::path::Path;
+
+use serde::{Deserialize, Serialize};
+
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Config {
+    #[serde(default)]
+    pub health: HealthConfig,
+}
+
+/// A check's limits: at or above `warning` it is degraded, at or above `critical` critical.
+#[derive(Debug, Clone, Copy, PartialEq, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct Threshold {
+    pub warning: f64,
+    /// `None`: no value is critical by itself (the agent check: only unreachable is).
+    #[serde(default)]
+    pub critical: Option<f64>,
+}
+
+const fn limits(warning: f64, critical: f64) -> Threshold {
+    Threshold {
+        warning,
+        critical: Some(critical),
+    }
+}
+
+macro_rules! threshold_group {
+    ($name:ident { $($field:ident: $default:expr),* $(,)? }) => {
+        #[derive(Debug, Clone, Deserialize)]
+        #[serde(deny_unknown_fields, default)]
+        pub struct $name { $(pub $field: Threshold),* }
+        impl Default for $name {
+            fn default() -> Self { $name { $($field: $default),* } }
+        }
+    };
+}
+
+threshold_group!(MemoryThresholds {
+    heap: limits(0.70, 0.90),
+    rss: limits(0.80, 0.95),
+});
+threshold_group!(GcThresholds {
+    time: limits(0.05, 0.20)
+});
+threshold_group!(ThreadThresholds {
+    count: limits(100.0, 500.0)
+});
+threshold_group!(ResourceThresholds {
+    fds: limits(0.80, 0.95)
+});
+threshold_group!(AvailabilityThresholds {
+    agent: Threshold {
+        warning: 1.0,
+        critical: None
+    },
+    errors: limits(0.01, 0.10),
+});
+
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct HealthConfig {
+    pub memory: MemoryThresholds,
+    pub gc: GcThresholds,
+    pub threads: ThreadThresholds,
+    pub resources: ResourceThresholds,
+    pub availability: AvailabilityThresholds,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("cannot read config file {path}: {source}")]
+    Read {
+        path: String,
+        source: std::io::Error,
+    },
+    #[error("invalid config file {path}: {message}")]
+    Invalid { path: String, message: String },
+}
+
+impl Config {
+    pub fn load(path: &Path) -> Result<Config, ConfigError> {
+        let display = path.display().to_string();
+        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+            path: display.clone(),
+            source,
+        })?;
+        Config::parse(&text).map_err(|message| ConfigError::Invalid {
+            path: display,
+            message,
+        })
+    }
+
+    pub fn parse(text: &str) -> Result<Config, String> {
+        let config: Config = toml::from_str(text).map_err(|e| e.to_string())?;
+        config.validate()?;
+        Ok(config)
+    }
+
+    fn validate(&self) -> Result<(), String> {
+        let h = &self.health;
+        let all = [
+            ("memory.heap", h.memory.heap),
+            ("memory.rss", h.memory.rss),
+            ("gc.time", h.gc.time),
+            ("threads.count", h.threads.count),
+            ("resources.fds", h.resources.fds),
+            ("availability.agent", h.availability.agent),
+            ("availability.errors", h.availability.errors),
+        ];
+        for (name, t) in all {
+            if !(t.warning.is_finite() && t.warning >= 0.0) {
+                return Err(format!("{name}: warning must be a number >= 0"));
+            }
+            if let Some(c) = t.critical
+                && !(c.is_finite() && c >= t.warning)
+            {
+                return Err(format!("{name}: critical must be a number >= warning"));
+            }
+        }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn partial_files_keep_defaults() {
+        let c =
+            Config::parse("[health.memory]\nheap = { warning = 0.1, critical = 0.2 }\n").unwrap();
+        assert_eq!(c.health.memory.heap, limits(0.1, 0.2));
+        assert_eq!(c.health.memory.rss, limits(0.80, 0.95));
+        assert_eq!(c.health.threads.count, limits(100.0, 500.0));
+        assert_eq!(c.health.availability.agent.critical, None);
+    }
+
+    #[test]
+    fn refuses_typos_and_inverted_limits() {
+        assert!(Config::parse("[health.memory]\nheapp = { warning = 0.1 }").is_err());
+        assert!(Config::parse("[health.gc]\ntime = { warning = 0.5, critical = 0.1 }").is_err());
+        assert!(Config::parse("[healt]").is_err());
+    }
+}

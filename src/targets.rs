@@ -1,0 +1,193 @@
+//! The SBCL images sbmon watches: each target is a named agent client plus the short history
+//! that rate-based health checks need (GC CPU seconds sampled over the last minutes).
+
+use std::collections::VecDeque;
+use std::sync::{Arc, Mutex, RwLock};
+use std::time::{Duration, Instant};
+
+use crate::agent::{Address, AgentClient, AgentError, ClientOptions};
+
+/// Samples older than this are dropped; rates look back one minute.
+const HISTORY_SPAN: Duration = Duration::from_secs(300);
+const HISTORY_MAX: usize = 512;
+pub const RATE_WINDOW: Duration = Duration::from_secs(60);
+
+pub struct Target {
+    pub name: String,
+    pub client: AgentClient,
+    gc_samples: Mutex<VecDeque<(Instant, f64)>>,
+}
+
+/// GC CPU seconds per wall second between an earlier sample and now.
+#[derive(Debug, Clone, Copy)]
+pub struct Rate {
+    pub ratio: f64,
+    pub window_seconds: f64,
+}
+
+impl Target {
+    pub fn new(name: impl Into<String>, address: Address, options: ClientOptions) -> Self {
+        Target {
+            name: name.into(),
+            client: AgentClient::new(address, options),
+            gc_samples: Mutex::new(VecDeque::new()),
+        }
+    }
+
+    /// The pid of the image, as the agent reported it in its welcome.
+    pub async fn pid(&self) -> Result<i32, AgentError> {
+        Ok(self.client.welcome().await?.pid)
+    }
+
+    /// Remember a reading of the cumulative GC CPU time, and return the GC share of wall time
+    /// since the oldest reading within the last minute (None without an older reading).
+    pub fn gc_rate(&self, gc_cpu_seconds: f64) -> Option<Rate> {
+        let now = Instant::now();
+        let mut samples = self
+            .gc_samples
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner());
+        while samples
+            .front()
+            .is_some_and(|(t, _)| now.duration_since(*t) > HISTORY_SPAN)
+            || samples.len() >= HISTORY_MAX
+        {
+            samples.pop_front();
+        }
+        let base = samples
+            .iter()
+            .find(|(t, _)| now.duration_since(*t) <= RATE_WINDOW)
+            .copied();
+        samples.push_back((now, gc_cpu_seconds));
+        let (then, earlier) = base?;
+        let window = now.duration_since(then).as_secs_f64();
+        // Below a tenth of a second the ratio is noise; a restarted image resets the counter.
+        (window >= 0.1 && gc_cpu_seconds >= earlier).then(|| Rate {
+            ratio: (gc_cpu_seconds - earlier) / window,
+            window_seconds: window,
+        })
+    }
+}
+
+/// A name for a target given without one: `pid-N` for `<dir>/N.sock`, else the address.
+pub fn default_name(address: &Address) -> String {
+    if let Address::Unix(path) = address
+        && let Some(pid) = path
+            .file_name()
+            .and_then(|n| n.to_str())
+            .and_then(|n| n.strip_suffix(".sock"))
+            .filter(|n| n.parse::<i32>().is_ok())
+    {
+        return format!("pid-{pid}");
+    }
+    address.to_string()
+}
+
+#[derive(Debug, Clone, thiserror::Error)]
+pub enum TargetError {
+    #[error(
+        "no target: no live agent was found in {0}; start one with (sbmon-agent:start) or pass --target"
+    )]
+    None(String),
+    #[error("several targets are watched ({0}); pass \"target\" with one of their names")]
+    Ambiguous(String),
+    #[error("unknown target {name:?}; known targets: {known}")]
+    Unknown { name: String, known: String },
+}
+
+/// The set of watched targets.
+#[derive(Default)]
+pub struct Targets {
+    list: RwLock<Vec<Arc<Target>>>,
+}
+
+impl Targets {
+    pub fn new(targets: Vec<Target>) -> Self {
+        Targets {
+            list: RwLock::new(targets.into_iter().map(Arc::new).collect()),
+        }
+    }
+
+    pub fn all(&self) -> Vec<Arc<Target>> {
+        self.list
+            .read()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
+            .clone()
+    }
+
+    fn names(list: &[Arc<Target>]) -> String {
+        list.iter()
+            .map(|t| t.name.as_str())
+            .collect::<Vec<_>>()
+            .join(", ")
+    }
+
+    /// The target called `name`, or the only one when no name is given.
+    pub fn resolve(&self, name: Option<&str>) -> Result<Arc<Target>, TargetError> {
+        let list = self.all();
+        match name {
+            Some(name) => list
+                .iter()
+                .find(|t| t.name == name)
+                .cloned()
+                .ok_or_else(|| TargetError::Unknown {
+                    name: name.to_string(),
+                    known: Self::names(&list),
+                }),
+            None => match list.as_slice() {
+                [only] => Ok(only.clone()),
+                [] => Err(TargetError::None(
+                    crate::agent::address::runtime_dir().display().to_string(),
+                )),
+                _ => Err(TargetError::Ambiguous(Self::names(&list))),
+            },
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn names_targets_by_pid() {
+        let a: Address = "unix:/tmp/sbmon-0/123.sock".parse().unwrap();
+        assert_eq!(default_name(&a), "pid-123");
+        let b: Address = "unix:/tmp/app.sock".parse().unwrap();
+        assert_eq!(default_name(&b), "unix:/tmp/app.sock");
+    }
+
+    #[test]
+    fn gc_rate_needs_an_earlier_sample() {
+        let t = Target::new(
+            "x",
+            "unix:/nonexistent".parse().unwrap(),
+            ClientOptions::default(),
+        );
+        assert!(t.gc_rate(1.0).is_none());
+        std::thread::sleep(Duration::from_millis(150));
+        let rate = t.gc_rate(1.03).unwrap();
+        assert!(rate.window_seconds >= 0.15);
+        assert!(
+            rate.ratio > 0.0 && rate.ratio <= 0.03 / 0.15 + 1e-9,
+            "{rate:?}"
+        );
+        // A counter that went backwards (image restarted) gives no rate.
+        std::thread::sleep(Duration::from_millis(150));
+        assert!(t.gc_rate(0.5).is_none());
+    }
+
+    #[test]
+    fn resolves_names() {
+        let ts = Targets::new(vec![]);
+        assert!(matches!(ts.resolve(None), Err(TargetError::None(_))));
+        let mk = |n: &str| Target::new(n, "unix:/x".parse().unwrap(), ClientOptions::default());
+        let ts = Targets::new(vec![mk("a"), mk("b")]);
+        assert!(matches!(ts.resolve(None), Err(TargetError::Ambiguous(_))));
+        assert_eq!(ts.resolve(Some("b")).unwrap().name, "b");
+        assert!(matches!(
+            ts.resolve(Some("c")),
+            Err(TargetError::Unknown { .. })
+        ));
+    }
+}

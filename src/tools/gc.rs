@@ -1,0 +1,204 @@
+//! `gc_stats`: collections, GC CPU time and the pauses the agent measured around each one.
+
+use schemars::JsonSchema;
+use serde::{Deserialize, Serialize};
+
+use super::{Context, ToolError, ratio};
+use crate::agent::reply::{Gc, MeasuredBy, PauseRecord};
+use crate::process;
+
+#[derive(Debug, Default, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct Args {
+    /// Which image, when sbmon watches several (see `sbmon targets`).
+    pub target: Option<String>,
+}
+
+#[derive(Debug, Serialize, JsonSchema)]
+pub struct GcStats {
+    pub target: String,
+    pub pid: i32,
+    /// Collections since the image started (C global n_gcs), or since the agent started when
+    /// `gc_count_source` is "agent".
+    pub gc_count: u64,
+    pub gc_count_source: String,
+    /// CPU seconds spent in GC since the image started (sb-ext:*gc-run-time*).
+    pub gc_cpu_seconds: f64,
+    /// GC CPU seconds per wall second since the process started.
+    pub gc_time_ratio: f64,
+    /// GC CPU seconds per wall second over the last minute, when an earlier reading exists.
+    pub gc_time_ratio_last_minute: Option<f64>,
+    /// GC CPU seconds as a share of the process's CPU seconds (user + system).
+    pub gc_cpu_share: f64,
+    pub pauses: Pauses,
+    /// Pauses measured per generation collected, since the agent started.
+    pub collections_by_generation: Vec<GenerationPauses>,
+    /// The most recent collections, oldest first (at most 64).
+    pub recent: Vec<PauseRecord>,
+    /// Bytes freed by the recent collections listed above (heap before minus after).
+    pub bytes_freed_recent: i64,
+    /// Unix time of the last measured collection.
+    pub last_gc_time: Option<f64>,
+    pub measured_by: MeasuredBy,
+}
+
+#[derive(Debug, Serialize, JsonSchema)]
+pub struct Pauses {
+    /// Pauses measured since the agent started.
+    pub count: u64,
+    pub sum_seconds: f64,
+    pub max_seconds: f64,
+    pub last_seconds: f64,
+    pub mean_seconds: f64,
+    pub p50_seconds: Option<f64>,
+    pub p95_seconds: Option<f64>,
+    pub p99_seconds: Option<f64>,
+    /// How the percentiles were derived.
+    pub percentile_method: String,
+    /// How each pause was measured.
+    pub measured_by: String,
+    /// Whether pauses are measured at all (false when the SBCL lacks the internals used).
+    pub measured: bool,
+    pub histogram: Histogram,
+}
+
+#[derive(Debug, Serialize, JsonSchema)]
+pub struct Histogram {
+    /// Upper bounds of the buckets, seconds.
+    pub bounds_seconds: Vec<f64>,
+    /// Pauses per bucket (not cumulative); the last count is above the last bound.
+    pub counts: Vec<u64>,
+}
+
+#[derive(Debug, Serialize, JsonSchema)]
+pub struct GenerationPauses {
+    pub generation: u8,
+    pub count: u64,
+    pub sum_seconds: f64,
+}
+
+pub async fn gc_stats(ctx: &Context, args: Args) -> Result<GcStats, ToolError> {
+    let target = ctx.target(args.target.as_deref())?;
+    let pid = target.pid().await?;
+    let gc = target.client.gc().await?;
+    let proc = process::snapshot(pid)?;
+    let recent_rate = target.gc_rate(gc.gc_cpu_seconds);
+    Ok(summarize(
+        target.name.clone(),
+        pid,
+        gc,
+        &proc,
+        recent_rate.map(|r| r.ratio),
+    ))
+}
+
+fn summarize(
+    target: String,
+    pid: i32,
+    gc: Gc,
+    proc: &process::ProcessSnapshot,
+    last_minute: Option<f64>,
+) -> GcStats {
+    let mut counts = vec![0u64; gc.buckets.len() + 1];
+    for h in &gc.histograms {
+        for (total, n) in counts.iter_mut().zip(&h.counts) {
+            *total += n;
+        }
+    }
+    let q = |p| quantile(&gc.buckets, &counts, p, gc.pauses.max_seconds);
+    let pauses = Pauses {
+        count: gc.pauses.count,
+        sum_seconds: gc.pauses.sum_seconds,
+        max_seconds: gc.pauses.max_seconds,
+        last_seconds: gc.pauses.last_seconds,
+        mean_seconds: ratio(gc.pauses.sum_seconds, gc.pauses.count as f64),
+        p50_seconds: q(0.50),
+        p95_seconds: q(0.95),
+        p99_seconds: q(0.99),
+        percentile_method: "estimated from the pause histogram (linear within a bucket, \
+                            capped at the measured maximum), all pauses since the agent started"
+            .into(),
+        measured_by: gc.measured_by.pause.clone(),
+        measured: gc.pause_timing,
+        histogram: Histogram {
+            bounds_seconds: gc.buckets.clone(),
+            counts,
+        },
+    };
+    let bytes_freed_recent = gc
+        .recent
+        .iter()
+        .map(|r| r.heap_before as i64 - r.heap_after as i64)
+        .sum();
+    let cpu = proc.cpu_user_seconds + proc.cpu_system_seconds;
+    GcStats {
+        target,
+        pid,
+        gc_count: gc.gc_count.unwrap_or(gc.pauses.count),
+        gc_count_source: gc.gc_count_source,
+        gc_cpu_seconds: gc.gc_cpu_seconds,
+        gc_time_ratio: ratio(gc.gc_cpu_seconds, proc.uptime_seconds),
+        gc_time_ratio_last_minute: last_minute,
+        gc_cpu_share: ratio(gc.gc_cpu_seconds, cpu).min(1.0),
+        pauses,
+        collections_by_generation: gc
+            .histograms
+            .iter()
+            .map(|h| GenerationPauses {
+                generation: h.generation,
+                count: h.count,
+                sum_seconds: h.sum_seconds,
+            })
+            .collect(),
+        bytes_freed_recent,
+        last_gc_time: gc.pauses.last_time,
+        recent: gc.recent,
+        measured_by: gc.measured_by,
+    }
+}
+
+/// The `q` quantile of a histogram (`counts` has one more entry than `bounds`, for values
+/// above the last bound), interpolating linearly inside the bucket and never exceeding `max`.
+pub fn quantile(bounds: &[f64], counts: &[u64], q: f64, max: f64) -> Option<f64> {
+    let total: u64 = counts.iter().sum();
+    if total == 0 {
+        return None;
+    }
+    let rank = q * total as f64;
+    let mut seen = 0u64;
+    for (i, &n) in counts.iter().enumerate() {
+        if n == 0 {
+            continue;
+        }
+        if (seen + n) as f64 >= rank {
+            let lower = if i == 0 { 0.0 } else { bounds[i - 1] };
+            let Some(&upper) = bounds.get(i) else {
+                return Some(max);
+            };
+            let within = ((rank - seen as f64) / n as f64).clamp(0.0, 1.0);
+            return Some((lower + (upper - lower) * within).min(max));
+        }
+        seen += n;
+    }
+    Some(max)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::quantile;
+
+    #[test]
+    fn quantiles_interpolate_within_buckets() {
+        let bounds = [0.001, 0.01, 0.1];
+        // 10 pauses in (0, 1ms], 10 in (1ms, 10ms].
+        let counts = [10, 10, 0, 0];
+        assert_eq!(quantile(&bounds, &counts, 0.5, 1.0), Some(0.001));
+        let p75 = quantile(&bounds, &counts, 0.75, 1.0).unwrap();
+        assert!((p75 - 0.0055).abs() < 1e-12, "{p75}");
+        // Capped at the measured maximum.
+        assert_eq!(quantile(&bounds, &counts, 0.99, 0.004), Some(0.004));
+        // Values above the last bound report the maximum.
+        assert_eq!(quantile(&bounds, &[0, 0, 0, 3], 0.5, 7.0), Some(7.0));
+        assert_eq!(quantile(&bounds, &[0, 0, 0, 0], 0.5, 0.0), None);
+    }
+}

@@ -1,0 +1,282 @@
+//! `health_check`: the health dimensions of the SBCL monitoring guide (memory, GC, threads,
+//! resources, availability), each graded against warning and critical thresholds.
+
+use schemars::JsonSchema;
+use serde::{Deserialize, Serialize};
+
+use super::{Context, ToolError, ratio, unix_now};
+use crate::config::Threshold;
+use crate::process;
+use crate::targets::Target;
+
+#[derive(Debug, Default, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct Args {
+    /// Which image, when sbmon watches several (see `sbmon targets`).
+    pub target: Option<String>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Serialize, JsonSchema)]
+#[serde(rename_all = "lowercase")]
+pub enum Status {
+    /// Could not be observed (only when something else already explains why).
+    Unknown,
+    Healthy,
+    Degraded,
+    Critical,
+}
+
+#[derive(Debug, Serialize, JsonSchema)]
+pub struct Check {
+    /// e.g. memory.heap
+    pub name: String,
+    pub status: Status,
+    /// The observed value the thresholds apply to (null when it could not be read).
+    pub observed: Option<f64>,
+    pub warning: f64,
+    /// Null when no value is critical by itself.
+    pub critical: Option<f64>,
+    /// One line saying what was seen.
+    pub reason: String,
+}
+
+#[derive(Debug, Serialize, JsonSchema)]
+pub struct HealthReport {
+    pub target: String,
+    /// The worst status of all checks.
+    pub status: Status,
+    pub checks: Vec<Check>,
+    /// Unix time of the check.
+    pub time: f64,
+}
+
+fn grade(observed: f64, t: &Threshold) -> Status {
+    if t.critical.is_some_and(|c| observed >= c) {
+        Status::Critical
+    } else if observed >= t.warning {
+        Status::Degraded
+    } else {
+        Status::Healthy
+    }
+}
+
+fn check(name: &str, observed: f64, t: &Threshold, reason: String) -> Check {
+    Check {
+        name: name.into(),
+        status: grade(observed, t),
+        observed: Some(observed),
+        warning: t.warning,
+        critical: t.critical,
+        reason,
+    }
+}
+
+fn unknown(name: &str, t: &Threshold, reason: String) -> Check {
+    Check {
+        name: name.into(),
+        status: Status::Unknown,
+        observed: None,
+        warning: t.warning,
+        critical: t.critical,
+        reason,
+    }
+}
+
+fn mib(bytes: u64) -> String {
+    format!("{:.1} MiB", bytes as f64 / 1048576.0)
+}
+
+fn percent(x: f64) -> String {
+    format!("{:.1}%", x * 100.0)
+}
+
+pub async fn health_check(ctx: &Context, args: Args) -> Result<HealthReport, ToolError> {
+    let target = ctx.target(args.target.as_deref())?;
+    Ok(evaluate(ctx, &target).await)
+}
+
+/// Grade every check for one target. An unreachable agent is itself the critical finding,
+/// so this never fails.
+pub async fn evaluate(ctx: &Context, target: &Target) -> HealthReport {
+    let h = &ctx.config.health;
+    let mut checks = Vec::new();
+    let ping = target.client.ping().await;
+    let agent_check = match &ping {
+        Ok(rtt) => check(
+            "availability.agent",
+            rtt.as_secs_f64(),
+            &h.availability.agent,
+            format!("agent answered a ping in {:.3} ms", rtt.as_secs_f64() * 1e3),
+        ),
+        Err(e) => Check {
+            status: Status::Critical,
+            reason: format!("agent unreachable: {e}"),
+            ..unknown("availability.agent", &h.availability.agent, String::new())
+        },
+    };
+    checks.push(agent_check);
+
+    if ping.is_ok() {
+        observe_image(ctx, target, &mut checks).await;
+    } else {
+        for (name, t) in [
+            ("memory.heap", &h.memory.heap),
+            ("memory.rss", &h.memory.rss),
+            ("gc.time", &h.gc.time),
+            ("threads.count", &h.threads.count),
+            ("resources.fds", &h.resources.fds),
+        ] {
+            checks.push(unknown(
+                name,
+                t,
+                "not observed: the agent is unreachable".into(),
+            ));
+        }
+    }
+
+    let (failed, total) = ctx.calls.last_minute();
+    let error_ratio = ratio(failed as f64, total as f64);
+    checks.push(check(
+        "availability.errors",
+        error_ratio,
+        &h.availability.errors,
+        if total == 0 {
+            "no tool calls in the last minute".into()
+        } else {
+            format!("{failed} of {total} tool calls failed in the last minute")
+        },
+    ));
+
+    HealthReport {
+        target: target.name.clone(),
+        status: checks
+            .iter()
+            .map(|c| c.status)
+            .max()
+            .unwrap_or(Status::Unknown)
+            .max(Status::Healthy),
+        checks,
+        time: unix_now(),
+    }
+}
+
+async fn observe_image(ctx: &Context, target: &Target, checks: &mut Vec<Check>) {
+    let h = &ctx.config.health;
+    let c = &target.client;
+    let gather = async {
+        let pid = target.pid().await?;
+        let (mem, gc, threads) = tokio::try_join!(c.memory(), c.gc(), c.threads())?;
+        Ok::<_, ToolError>((pid, mem, gc, threads))
+    };
+    let (pid, mem, gc, threads) = match gather.await {
+        Ok(readings) => readings,
+        Err(e) => {
+            for (name, t) in [
+                ("memory.heap", &h.memory.heap),
+                ("gc.time", &h.gc.time),
+                ("threads.count", &h.threads.count),
+            ] {
+                checks.push(unknown(name, t, format!("could not be read: {e}")));
+            }
+            return;
+        }
+    };
+    let heap = ratio(mem.heap_used as f64, mem.heap_limit as f64);
+    checks.push(check(
+        "memory.heap",
+        heap,
+        &h.memory.heap,
+        format!(
+            "heap {} of {} ({})",
+            mib(mem.heap_used),
+            mib(mem.heap_limit),
+            percent(heap)
+        ),
+    ));
+
+    let proc = process::snapshot(pid);
+    match &proc {
+        Ok(p) => {
+            let rss = ratio(p.rss_bytes as f64, p.memory_limit.bytes as f64);
+            checks.push(check(
+                "memory.rss",
+                rss,
+                &h.memory.rss,
+                format!(
+                    "RSS {} of {} limit ({}, {})",
+                    mib(p.rss_bytes),
+                    mib(p.memory_limit.bytes),
+                    percent(rss),
+                    p.memory_limit.source
+                ),
+            ));
+        }
+        Err(e) => checks.push(unknown("memory.rss", &h.memory.rss, e.to_string())),
+    }
+
+    checks.push(match target.gc_rate(gc.gc_cpu_seconds) {
+        Some(rate) => check(
+            "gc.time",
+            rate.ratio,
+            &h.gc.time,
+            format!(
+                "GC used {} of wall time over the last {:.0} s",
+                percent(rate.ratio),
+                rate.window_seconds
+            ),
+        ),
+        // No earlier reading (first call): the lifetime share is the best true figure.
+        None => match &proc {
+            Ok(p) => {
+                let lifetime = ratio(gc.gc_cpu_seconds, p.uptime_seconds);
+                check(
+                    "gc.time",
+                    lifetime,
+                    &h.gc.time,
+                    format!(
+                        "GC used {} of wall time since the image started {:.0} s ago \
+                         (no reading from a minute ago yet)",
+                        percent(lifetime),
+                        p.uptime_seconds
+                    ),
+                )
+            }
+            Err(e) => unknown("gc.time", &h.gc.time, e.to_string()),
+        },
+    });
+
+    let count = threads.len();
+    let blocked = threads.iter().filter(|t| t.waiting_for.is_some()).count();
+    checks.push(check(
+        "threads.count",
+        count as f64,
+        &h.threads.count,
+        format!("{count} Lisp threads, {blocked} waiting on a lock or condition"),
+    ));
+
+    checks.push(match &proc {
+        Ok(p) => match p.max_fds {
+            Some(max) => {
+                let fds = ratio(p.open_fds as f64, max as f64);
+                check(
+                    "resources.fds",
+                    fds,
+                    &h.resources.fds,
+                    format!(
+                        "{} of {} file descriptors open ({})",
+                        p.open_fds,
+                        max,
+                        percent(fds)
+                    ),
+                )
+            }
+            None => check(
+                "resources.fds",
+                0.0,
+                &h.resources.fds,
+                format!("{} file descriptors open, no limit", p.open_fds),
+            ),
+        },
+        Err(e) => unknown("resources.fds", &h.resources.fds, e.to_string()),
+    });
+}

@@ -1,0 +1,64 @@
+//! `memory_stats`: the heap as the image sees it, and the process as /proc sees it.
+
+use schemars::JsonSchema;
+use serde::{Deserialize, Serialize};
+
+use super::{Context, ToolError, ratio};
+use crate::agent::reply::Generation;
+use crate::process;
+
+#[derive(Debug, Default, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct Args {
+    /// Which image, when sbmon watches several (see `sbmon targets`).
+    pub target: Option<String>,
+}
+
+#[derive(Debug, Serialize, JsonSchema)]
+pub struct MemoryStats {
+    pub target: String,
+    pub pid: i32,
+    /// Bytes in use in the dynamic space (sb-kernel:dynamic-usage).
+    pub heap_used_bytes: u64,
+    /// Size of the dynamic space (sb-ext:dynamic-space-size, set by --dynamic-space-size).
+    pub heap_limit_bytes: u64,
+    pub heap_used_ratio: f64,
+    /// Generations 0..6 (6 is pseudo-static) with their GC parameters.
+    pub generations: Vec<Generation>,
+    /// Bytes allocated since the image started (sb-ext:get-bytes-consed).
+    pub bytes_consed_total: u64,
+    /// Bytes allocated between nursery collections (sb-ext:bytes-consed-between-gcs).
+    pub nursery_size_bytes: u64,
+    /// Resident set size (VmRSS).
+    pub rss_bytes: u64,
+    /// Peak resident set size (VmHWM).
+    pub rss_peak_bytes: u64,
+    pub virtual_bytes: u64,
+    /// The memory limit that applies to the process: its cgroup limit, else physical memory.
+    pub memory_limit_bytes: u64,
+    pub memory_limit_source: String,
+    pub rss_limit_ratio: f64,
+}
+
+pub async fn memory_stats(ctx: &Context, args: Args) -> Result<MemoryStats, ToolError> {
+    let target = ctx.target(args.target.as_deref())?;
+    let pid = target.pid().await?;
+    let mem = target.client.memory().await?;
+    let proc = process::snapshot(pid)?;
+    Ok(MemoryStats {
+        target: target.name.clone(),
+        pid,
+        heap_used_bytes: mem.heap_used,
+        heap_limit_bytes: mem.heap_limit,
+        heap_used_ratio: ratio(mem.heap_used as f64, mem.heap_limit as f64),
+        generations: mem.generations,
+        bytes_consed_total: mem.bytes_consed,
+        nursery_size_bytes: mem.nursery_size,
+        rss_bytes: proc.rss_bytes,
+        rss_peak_bytes: proc.rss_peak_bytes,
+        virtual_bytes: proc.virtual_bytes,
+        memory_limit_bytes: proc.memory_limit.bytes,
+        memory_limit_source: proc.memory_limit.source,
+        rss_limit_ratio: ratio(proc.rss_bytes as f64, proc.memory_limit.bytes as f64),
+    })
+}

@@ -1,0 +1,74 @@
+//! `runtime_stats`: what the image is (versions, features, packages) and what the process
+//! uses (CPU, threads, file descriptors, sockets).
+
+use schemars::JsonSchema;
+use serde::{Deserialize, Serialize};
+
+use super::{Context, ToolError, ratio};
+use crate::process;
+
+#[derive(Debug, Default, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct Args {
+    /// Which image, when sbmon watches several (see `sbmon targets`).
+    pub target: Option<String>,
+}
+
+#[derive(Debug, Serialize, JsonSchema)]
+pub struct RuntimeStats {
+    pub target: String,
+    pub pid: i32,
+    pub uptime_seconds: f64,
+    /// Unix time the process started (from /proc).
+    pub start_time_unix: f64,
+    pub lisp_implementation: String,
+    pub lisp_version: String,
+    pub agent_version: String,
+    pub machine_type: Option<String>,
+    pub software_version: Option<String>,
+    pub features_count: u64,
+    /// *features* (at most 200 names).
+    pub features: Vec<String>,
+    pub package_count: u64,
+    /// Threads Lisp knows about.
+    pub thread_count: u64,
+    /// Tasks of the process as the kernel counts them (Lisp threads plus runtime threads).
+    pub os_thread_count: u64,
+    pub cpu_user_seconds: f64,
+    pub cpu_system_seconds: f64,
+    /// GC CPU seconds per wall second since the process started.
+    pub gc_time_ratio: f64,
+    pub open_fds: u64,
+    /// Soft limit on open files; null when unlimited.
+    pub max_fds: Option<u64>,
+    pub socket_count: u64,
+}
+
+pub async fn runtime_stats(ctx: &Context, args: Args) -> Result<RuntimeStats, ToolError> {
+    let target = ctx.target(args.target.as_deref())?;
+    let pid = target.pid().await?;
+    let (rt, gc) = tokio::try_join!(target.client.runtime(), target.client.gc())?;
+    let proc = process::snapshot(pid)?;
+    Ok(RuntimeStats {
+        target: target.name.clone(),
+        pid,
+        uptime_seconds: proc.uptime_seconds,
+        start_time_unix: proc.start_time_unix,
+        lisp_implementation: rt.lisp_implementation,
+        lisp_version: rt.lisp_version,
+        agent_version: rt.agent_version,
+        machine_type: rt.machine_type,
+        software_version: rt.software_version,
+        features_count: rt.features_count,
+        features: rt.features,
+        package_count: rt.package_count,
+        thread_count: rt.thread_count,
+        os_thread_count: proc.num_threads,
+        cpu_user_seconds: proc.cpu_user_seconds,
+        cpu_system_seconds: proc.cpu_system_seconds,
+        gc_time_ratio: ratio(gc.gc_cpu_seconds, proc.uptime_seconds),
+        open_fds: proc.open_fds,
+        max_fds: proc.max_fds,
+        socket_count: proc.socket_count,
+    })
+}

@@ -1,0 +1,279 @@
+//! `thread_list`, `thread_inspect`, `thread_dump_all`: Lisp threads joined with their kernel
+//! tasks by OS tid, and backtraces bounded in frames and time.
+
+use std::collections::HashMap;
+
+use schemars::JsonSchema;
+use serde::{Deserialize, Serialize};
+
+use super::{Context, ToolError};
+use crate::agent::reply::{Backtrace, LispThread};
+use crate::process::{self, TaskInfo};
+
+const MAX_FRAMES_LIMIT: u32 = 1000;
+const TIMEOUT_MS_LIMIT: u64 = 60_000;
+
+#[derive(Debug, Default, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct ListArgs {
+    /// Which image, when sbmon watches several (see `sbmon targets`).
+    pub target: Option<String>,
+}
+
+/// A thread named by its OS tid (number) or its name (string).
+#[derive(Debug, Clone, Deserialize, JsonSchema)]
+#[serde(untagged)]
+pub enum ThreadId {
+    Tid(i64),
+    Name(String),
+}
+
+#[derive(Debug, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct InspectArgs {
+    /// The thread: its OS tid (as in thread_list) or its name.
+    #[serde(alias = "thread-id")]
+    pub thread_id: ThreadId,
+    /// Most frames to return (1..1000, default 40).
+    #[serde(default, alias = "max-frames")]
+    pub max_frames: Option<u32>,
+    /// How long to wait for the thread to answer, ms (1..60000, default 1000).
+    #[serde(default, alias = "timeout-ms")]
+    pub timeout_ms: Option<u64>,
+    /// Which image, when sbmon watches several (see `sbmon targets`).
+    pub target: Option<String>,
+}
+
+#[derive(Debug, Default, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct DumpArgs {
+    /// Most frames per thread (1..1000, default 40).
+    #[serde(default, alias = "max-frames")]
+    pub max_frames: Option<u32>,
+    /// How long the whole dump may wait for threads to answer, ms (1..60000, default 1000).
+    #[serde(default, alias = "timeout-ms")]
+    pub timeout_ms: Option<u64>,
+    /// Which image, when sbmon watches several (see `sbmon targets`).
+    pub target: Option<String>,
+}
+
+#[derive(Debug, Clone, Serialize, JsonSchema)]
+pub struct ThreadInfo {
+    /// OS thread id (matches /proc/PID/task/TID); the main thread's tid is the pid.
+    pub tid: Option<i32>,
+    pub name: Option<String>,
+    pub main: bool,
+    pub alive: bool,
+    /// One of the agent's own threads.
+    pub agent: bool,
+    /// Kernel state: running, sleeping, disk wait, stopped, zombie, ...
+    pub os_state: Option<String>,
+    /// What the thread waits for in Lisp (mutex name), or null.
+    pub lisp_wait: Option<String>,
+    /// Kind of object waited for: mutex, waitqueue, semaphore, ...
+    pub lisp_wait_type: Option<String>,
+    /// User + system CPU seconds of this thread.
+    pub cpu_seconds: Option<f64>,
+}
+
+#[derive(Debug, Serialize, JsonSchema)]
+pub struct ThreadList {
+    pub target: String,
+    pub pid: i32,
+    pub count: usize,
+    pub threads: Vec<ThreadInfo>,
+    /// Tasks of the process that Lisp does not list (e.g. the finalizer thread).
+    pub os_only_threads: Vec<TaskInfo>,
+}
+
+#[derive(Debug, Serialize, JsonSchema)]
+pub struct ThreadDetail {
+    pub target: String,
+    #[serde(flatten)]
+    pub thread: ThreadInfo,
+    /// Kernel function the thread sleeps in (/proc/PID/task/TID/wchan).
+    pub wchan: Option<String>,
+    /// False when the thread did not answer the backtrace request in time (e.g. it runs
+    /// without interrupts).
+    pub answered: bool,
+    pub frames: Vec<String>,
+    /// True when more frames existed than were returned.
+    pub truncated: bool,
+}
+
+#[derive(Debug, Serialize, JsonSchema)]
+pub struct DumpedThread {
+    pub tid: Option<i32>,
+    pub name: Option<String>,
+    pub answered: bool,
+    pub frames: Vec<String>,
+    pub truncated: bool,
+}
+
+#[derive(Debug, Serialize, JsonSchema)]
+pub struct ThreadDump {
+    pub target: String,
+    pub pid: i32,
+    pub threads: Vec<DumpedThread>,
+    /// How many threads did not answer in time.
+    pub unanswered: usize,
+}
+
+fn join(thread: &LispThread, task: Option<&TaskInfo>) -> ThreadInfo {
+    ThreadInfo {
+        tid: thread.tid,
+        name: thread.name.clone(),
+        main: thread.main,
+        alive: thread.alive,
+        agent: thread.agent,
+        os_state: task.map(|t| t.state.clone()),
+        lisp_wait: thread.waiting_for.clone(),
+        lisp_wait_type: thread.waiting_for_type.clone(),
+        cpu_seconds: task.map(|t| t.cpu_seconds),
+    }
+}
+
+pub async fn thread_list(ctx: &Context, args: ListArgs) -> Result<ThreadList, ToolError> {
+    let target = ctx.target(args.target.as_deref())?;
+    let pid = target.pid().await?;
+    let lisp = target.client.threads().await?;
+    let tasks = process::tasks(pid)?;
+    let by_tid: HashMap<i32, &TaskInfo> = tasks.iter().map(|t| (t.tid, t)).collect();
+    let threads: Vec<ThreadInfo> = lisp
+        .iter()
+        .map(|t| join(t, t.tid.and_then(|tid| by_tid.get(&tid).copied())))
+        .collect();
+    let os_only_threads = tasks
+        .iter()
+        .filter(|task| !lisp.iter().any(|t| t.tid == Some(task.tid)))
+        .cloned()
+        .collect();
+    Ok(ThreadList {
+        target: target.name.clone(),
+        pid,
+        count: threads.len(),
+        threads,
+        os_only_threads,
+    })
+}
+
+/// Find one Lisp thread by tid or by name; a name held by several threads is an error.
+fn find_thread<'a>(threads: &'a [LispThread], id: &ThreadId) -> Result<&'a LispThread, ToolError> {
+    let known = || {
+        threads
+            .iter()
+            .map(|t| {
+                format!(
+                    "{} ({})",
+                    t.tid.map_or("?".into(), |x| x.to_string()),
+                    t.name.as_deref().unwrap_or("unnamed")
+                )
+            })
+            .collect::<Vec<_>>()
+            .join(", ")
+    };
+    match id {
+        ThreadId::Tid(tid) => threads
+            .iter()
+            .find(|t| t.tid.map(i64::from) == Some(*tid))
+            .ok_or_else(|| ToolError::UnknownThread {
+                query: format!("with tid {tid}"),
+                known: known(),
+            }),
+        ThreadId::Name(name) => {
+            let matches: Vec<&LispThread> = threads
+                .iter()
+                .filter(|t| t.name.as_deref() == Some(name.as_str()))
+                .collect();
+            match matches.as_slice() {
+                [one] => Ok(one),
+                [] => match name.trim().parse::<i64>() {
+                    // "1234" from a shell or a model: a tid written as a string.
+                    Ok(tid) => find_thread(threads, &ThreadId::Tid(tid)),
+                    Err(_) => Err(ToolError::UnknownThread {
+                        query: format!("named {name:?}"),
+                        known: known(),
+                    }),
+                },
+                several => Err(ToolError::AmbiguousThread {
+                    name: name.clone(),
+                    matches: several
+                        .iter()
+                        .filter_map(|t| t.tid.map(|x| x.to_string()))
+                        .collect::<Vec<_>>()
+                        .join(", "),
+                }),
+            }
+        }
+    }
+}
+
+fn bounds(
+    tool: &str,
+    max_frames: Option<u32>,
+    timeout_ms: Option<u64>,
+) -> Result<(u32, u64), ToolError> {
+    let max_frames = max_frames.unwrap_or(40);
+    let timeout_ms = timeout_ms.unwrap_or(1000);
+    if !(1..=MAX_FRAMES_LIMIT).contains(&max_frames) {
+        return Err(ToolError::invalid(
+            tool,
+            format!("max_frames must be 1..{MAX_FRAMES_LIMIT}"),
+        ));
+    }
+    if !(1..=TIMEOUT_MS_LIMIT).contains(&timeout_ms) {
+        return Err(ToolError::invalid(
+            tool,
+            format!("timeout_ms must be 1..{TIMEOUT_MS_LIMIT}"),
+        ));
+    }
+    Ok((max_frames, timeout_ms))
+}
+
+pub async fn thread_inspect(ctx: &Context, args: InspectArgs) -> Result<ThreadDetail, ToolError> {
+    let (max_frames, timeout_ms) = bounds("thread_inspect", args.max_frames, args.timeout_ms)?;
+    let target = ctx.target(args.target.as_deref())?;
+    let pid = target.pid().await?;
+    let lisp = target.client.threads().await?;
+    let thread = find_thread(&lisp, &args.thread_id)?;
+    let tid = thread.tid.ok_or_else(|| {
+        ToolError::invalid(
+            "thread_inspect",
+            "that thread has no OS tid (it has not started or has exited)",
+        )
+    })?;
+    let bt: Backtrace = target.client.backtrace(tid, max_frames, timeout_ms).await?;
+    // The task may have exited between the two readings; report what is known.
+    let task = process::task(pid, tid).ok();
+    Ok(ThreadDetail {
+        target: target.name.clone(),
+        thread: join(thread, task.as_ref()),
+        wchan: task.and_then(|t| t.wchan),
+        answered: bt.answered,
+        frames: bt.frames,
+        truncated: bt.truncated,
+    })
+}
+
+pub async fn thread_dump_all(ctx: &Context, args: DumpArgs) -> Result<ThreadDump, ToolError> {
+    let (max_frames, timeout_ms) = bounds("thread_dump_all", args.max_frames, args.timeout_ms)?;
+    let target = ctx.target(args.target.as_deref())?;
+    let pid = target.pid().await?;
+    let dump = target.client.backtraces(max_frames, timeout_ms).await?;
+    let threads: Vec<DumpedThread> = dump
+        .into_iter()
+        .map(|b| DumpedThread {
+            tid: b.tid,
+            name: b.name,
+            answered: b.answered,
+            frames: b.frames,
+            truncated: b.truncated,
+        })
+        .collect();
+    Ok(ThreadDump {
+        target: target.name.clone(),
+        pid,
+        unanswered: threads.iter().filter(|t| !t.answered).count(),
+        threads,
+    })
+}
