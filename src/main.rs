@@ -1,3 +1,8 @@
-fn main() {
-    println!("Hello, world!");
+//! The `sbmon` binary: parse the command line, hand it to the library.
+
+use clap::Parser;
+
+fn main() -> std::process::ExitCode {
+    sbmon::logging::init();
+    sbmon::cli::run(sbmon::cli::Cli::parse())
 }

@@ -148,7 +148,10 @@ impl<'de> MapAccess<'de> for Plist<'de> {
         seed.deserialize(snake(key).into_deserializer()).map(Some)
     }
 
-    fn next_value_seed<V: DeserializeSeed<'de>>(&mut self, seed: V) -> Result<V::Value, DecodeError> {
+    fn next_value_seed<V: DeserializeSeed<'de>>(
+        &mut self,
+        seed: V,
+    ) -> Result<V::Value, DecodeError> {
         let value = self
             .value
             .take()

@@ -230,7 +230,9 @@ impl Reader<'_> {
         }
         parse_number(token).ok_or_else(|| ParseError {
             offset: start,
-            reason: format!("unsupported token {token:?} (only keywords, strings, numbers, t, nil)"),
+            reason: format!(
+                "unsupported token {token:?} (only keywords, strings, numbers, t, nil)"
+            ),
         })
     }
 }

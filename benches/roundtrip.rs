@@ -1,0 +1,179 @@
+//! Round-trip latency of the figures behind `memory_stats`, measured against a real SBCL:
+//! - `agent :ping`        the bare protocol round trip;
+//! - `agent :memory`      the heap figures through the agent client;
+//! - `tool memory_stats`  the whole tool (agent call + /proc reading + JSON result);
+//! - `swank eval`         the same heap figures fetched through SLIME's Swank server in the
+//!   same image (when Debian's cl-swank is installed), the usual way to ask a live image.
+//!
+//! Run: `cargo bench --bench roundtrip` (ITERATIONS=N to change the sample size).
+
+use std::time::{Duration, Instant};
+
+use sbmon::agent::{Address, AgentClient, ClientOptions};
+use sbmon::cli::single_target_catalog;
+use sbmon::config::Config;
+use sbmon::launch::{LaunchOptions, Sbcl};
+use sbmon::wire::Sexp;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+const SWANK_LOADER: &str = "/usr/share/common-lisp/source/slime/swank-loader.lisp";
+/// The figures `:memory` returns, as one Lisp expression for Swank to evaluate.
+const HEAP_FORM: &str = "(list (sb-kernel:dynamic-usage) (sb-ext:dynamic-space-size) \
+    (sb-ext:get-bytes-consed) (sb-ext:bytes-consed-between-gcs) \
+    (loop for g below 7 collect (list (sb-ext:generation-bytes-allocated g) \
+    (sb-ext:generation-number-of-gcs g) (sb-ext:generation-average-age g))))";
+
+struct Stats {
+    name: &'static str,
+    samples: Vec<Duration>,
+}
+
+impl Stats {
+    fn print(&mut self) {
+        self.samples.sort();
+        let n = self.samples.len();
+        let pct = |p: f64| self.samples[((n as f64 * p) as usize).min(n - 1)];
+        let total: Duration = self.samples.iter().sum();
+        println!(
+            "{:<20} n={n:<6} p50={:>8.1}µs p90={:>8.1}µs p99={:>8.1}µs max={:>8.1}µs  {:>7.0} calls/s",
+            self.name,
+            pct(0.50).as_secs_f64() * 1e6,
+            pct(0.90).as_secs_f64() * 1e6,
+            pct(0.99).as_secs_f64() * 1e6,
+            self.samples[n - 1].as_secs_f64() * 1e6,
+            n as f64 / total.as_secs_f64(),
+        );
+    }
+}
+
+async fn measure<F, Fut>(name: &'static str, iterations: usize, mut f: F) -> Stats
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = ()>,
+{
+    for _ in 0..iterations / 10 {
+        f().await;
+    }
+    let mut samples = Vec::with_capacity(iterations);
+    for _ in 0..iterations {
+        let start = Instant::now();
+        f().await;
+        samples.push(start.elapsed());
+    }
+    Stats { name, samples }
+}
+
+/// A minimal Swank client: `(:emacs-rex FORM PACKAGE THREAD ID)` and wait for `(:return ...)`.
+struct Swank {
+    stream: tokio::net::TcpStream,
+    next_id: u64,
+}
+
+impl Swank {
+    async fn eval(&mut self, code: &str) -> String {
+        self.next_id += 1;
+        let request = format!(
+            "(:emacs-rex (swank:eval-and-grab-output {}) \"COMMON-LISP-USER\" t {})",
+            Sexp::string(code),
+            self.next_id
+        );
+        let frame = format!("{:06x}{request}", request.len());
+        self.stream.write_all(frame.as_bytes()).await.unwrap();
+        loop {
+            let mut header = [0u8; 6];
+            self.stream.read_exact(&mut header).await.unwrap();
+            let len = usize::from_str_radix(std::str::from_utf8(&header).unwrap(), 16).unwrap();
+            let mut body = vec![0u8; len];
+            self.stream.read_exact(&mut body).await.unwrap();
+            let body = String::from_utf8(body).unwrap();
+            if body.starts_with("(:return") {
+                assert!(body.contains(":ok"), "swank failed: {body}");
+                return body;
+            }
+        }
+    }
+}
+
+#[tokio::main(flavor = "current_thread")]
+async fn main() {
+    let iterations: usize = std::env::var("ITERATIONS")
+        .ok()
+        .and_then(|n| n.parse().ok())
+        .unwrap_or(5000);
+    let scratch = tempfile::tempdir().unwrap();
+    let socket = scratch.path().join("bench.sock");
+    let swank_port = std::path::Path::new(SWANK_LOADER).exists().then(|| {
+        std::net::TcpListener::bind("127.0.0.1:0")
+            .unwrap()
+            .local_addr()
+            .unwrap()
+            .port()
+    });
+    let mut before_start = Vec::new();
+    if let Some(port) = swank_port {
+        before_start.push(format!("(load {})", Sexp::string(SWANK_LOADER)));
+        before_start.push("(funcall (intern \"INIT\" \"SWANK-LOADER\"))".into());
+        before_start.push(format!(
+            "(funcall (intern \"CREATE-SERVER\" \"SWANK\") :port {port} :dont-close t)"
+        ));
+    }
+    let mut sbcl = Sbcl::spawn(&LaunchOptions {
+        listen: Some(Address::Unix(socket.clone())),
+        before_start,
+        ..LaunchOptions::default()
+    })
+    .expect("start sbcl");
+    // Loading Swank compiles it the first time: allow for that.
+    sbcl.wait_ready(Duration::from_secs(180), &ClientOptions::default())
+        .await
+        .expect("agent ready");
+
+    let client = AgentClient::new(Address::Unix(socket.clone()), ClientOptions::default());
+    let catalog = single_target_catalog(
+        Address::Unix(socket.clone()),
+        ClientOptions::default(),
+        Config::default(),
+    );
+    println!(
+        "sbmon round trips against SBCL {} (pid {}), {iterations} calls each, one at a time",
+        client.welcome().await.unwrap().lisp_version,
+        sbcl.pid
+    );
+    let mut results = vec![
+        measure("agent :ping", iterations, || async {
+            client.ping().await.unwrap();
+        })
+        .await,
+        measure("agent :memory", iterations, || async {
+            client.memory().await.unwrap();
+        })
+        .await,
+        measure("tool memory_stats", iterations, || async {
+            catalog
+                .call("memory_stats", serde_json::Value::Null)
+                .await
+                .unwrap();
+        })
+        .await,
+    ];
+    match swank_port {
+        Some(port) => {
+            let stream = tokio::net::TcpStream::connect(("127.0.0.1", port))
+                .await
+                .expect("connect to swank");
+            stream.set_nodelay(true).unwrap();
+            let swank = tokio::sync::Mutex::new(Swank { stream, next_id: 0 });
+            results.push(
+                measure("swank eval (same)", iterations, || async {
+                    swank.lock().await.eval(HEAP_FORM).await;
+                })
+                .await,
+            );
+        }
+        None => println!("(swank comparison skipped: install cl-swank to run it)"),
+    }
+    for r in &mut results {
+        r.print();
+    }
+    sbcl.stop();
+}

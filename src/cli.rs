@@ -1,0 +1,294 @@
+//! The command line: `sbmon call`, `sbmon targets`, `sbmon tools`, `sbmon demo`. It adapts
+//! the tool catalog for scripts: JSON on stdout, errors on stderr, exit codes 0 (success),
+//! 1 (the tool failed) and 2 (usage: unknown tool, malformed arguments, bad flags).
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::sync::Arc;
+use std::time::Duration;
+
+use clap::{Args, Parser, Subcommand};
+use serde::Serialize;
+
+use crate::agent::{Address, AgentClient, ClientOptions, address};
+use crate::config::Config;
+use crate::targets::{Target, Targets, default_name};
+use crate::tools::{self, Catalog, Class};
+
+#[derive(Debug, Parser)]
+#[command(name = "sbmon", version, about = "Watch and steer live SBCL images")]
+pub struct Cli {
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Run one tool and print its JSON result.
+    Call(CallArgs),
+    /// List the agents found in the runtime directory.
+    Targets {
+        /// Print JSON instead of a table.
+        #[arg(long)]
+        json: bool,
+    },
+    /// List the tools.
+    Tools,
+    /// Start a demo workload in SBCL with the agent and show a live summary.
+    Demo(DemoArgs),
+}
+
+#[derive(Debug, Args)]
+pub struct ConnectArgs {
+    /// The agent: unix:PATH, tcp:HOST:PORT or pid:N. Default: the only live agent in the
+    /// runtime directory.
+    #[arg(long, value_name = "SPEC")]
+    pub target: Option<String>,
+    /// File holding the token of a TCP agent (default ~/.sbmon-secret).
+    #[arg(long, value_name = "FILE")]
+    pub token_file: Option<PathBuf>,
+    /// Seconds an agent call may take.
+    #[arg(long, default_value_t = 5.0, value_name = "SECONDS")]
+    pub timeout: f64,
+    /// Health thresholds (TOML; see the README).
+    #[arg(long, value_name = "FILE")]
+    pub config: Option<PathBuf>,
+}
+
+#[derive(Debug, Args)]
+pub struct CallArgs {
+    /// Tool name (see `sbmon tools`).
+    pub tool: String,
+    /// Arguments as a JSON object, e.g. '{"thread_id": "worker-1"}'.
+    pub args: Option<String>,
+    #[command(flatten)]
+    pub connect: ConnectArgs,
+}
+
+#[derive(Debug, Args)]
+pub struct DemoArgs {
+    /// Stop after this many seconds (default: run until Ctrl-C).
+    #[arg(long, value_name = "SECONDS")]
+    pub duration: Option<f64>,
+    /// The SBCL executable.
+    #[arg(long, default_value = "sbcl")]
+    pub sbcl: PathBuf,
+}
+
+/// Entry point of the binary.
+pub fn run(cli: Cli) -> ExitCode {
+    let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+    {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("sbmon: cannot start the async runtime: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    runtime.block_on(async {
+        match cli.command {
+            Command::Call(args) => call(args).await,
+            Command::Targets { json } => targets(json).await,
+            Command::Tools => tools(),
+            Command::Demo(args) => crate::demo::run(args).await,
+        }
+    })
+}
+
+const USAGE: u8 = 2;
+
+fn fail(code: u8, message: impl std::fmt::Display) -> ExitCode {
+    eprintln!("sbmon: {message}");
+    ExitCode::from(code)
+}
+
+fn print_json<T: Serialize>(value: &T) -> ExitCode {
+    match serde_json::to_string_pretty(value) {
+        Ok(text) => {
+            println!("{text}");
+            ExitCode::SUCCESS
+        }
+        Err(e) => fail(1, e),
+    }
+}
+
+/// The address to use: `--target`, else the only live agent of the runtime directory.
+fn choose_address(spec: Option<&str>) -> Result<Address, (u8, String)> {
+    if let Some(spec) = spec {
+        return spec.parse().map_err(|e| (USAGE, format!("{e}")));
+    }
+    let dir = address::runtime_dir();
+    let found = address::discover_in(&dir);
+    let live: Vec<_> = found.iter().filter(|f| f.process_alive).collect();
+    match live.as_slice() {
+        [one] => Ok(Address::Unix(one.path.clone())),
+        [] => Err((
+            1,
+            format!(
+                "no live agent in {}{}; start one with (sbmon-agent:start), or pass --target",
+                dir.display(),
+                if found.is_empty() {
+                    String::new()
+                } else {
+                    format!(" ({} stale socket(s))", found.len())
+                }
+            ),
+        )),
+        several => Err((
+            1,
+            format!(
+                "several agents are running; pass --target with one of: {}",
+                several
+                    .iter()
+                    .map(|f| format!("pid:{}", f.pid))
+                    .collect::<Vec<_>>()
+                    .join(", ")
+            ),
+        )),
+    }
+}
+
+fn client_options(args: &ConnectArgs) -> Result<ClientOptions, String> {
+    if !(args.timeout.is_finite() && args.timeout > 0.0 && args.timeout <= 3600.0) {
+        return Err("--timeout must be between 0 and 3600 seconds".into());
+    }
+    Ok(ClientOptions {
+        call_timeout: Duration::from_secs_f64(args.timeout),
+        token_file: args.token_file.clone(),
+        ..ClientOptions::default()
+    })
+}
+
+/// A catalog over one target, as `call` and `demo` use it.
+pub fn single_target_catalog(address: Address, options: ClientOptions, config: Config) -> Catalog {
+    let target = Target::new(default_name(&address), address, options);
+    Catalog::new(Arc::new(Targets::new(vec![target])), Arc::new(config))
+}
+
+async fn call(args: CallArgs) -> ExitCode {
+    let tool_args: serde_json::Value = match &args.args {
+        None => serde_json::Value::Null,
+        Some(text) => match serde_json::from_str(text) {
+            Ok(v) => v,
+            Err(e) => return fail(USAGE, format!("arguments are not valid JSON: {e}")),
+        },
+    };
+    let options = match client_options(&args.connect) {
+        Ok(o) => o,
+        Err(e) => return fail(USAGE, e),
+    };
+    let config = match &args.connect.config {
+        Some(path) => match Config::load(path) {
+            Ok(c) => c,
+            Err(e) => return fail(USAGE, e),
+        },
+        None => Config::default(),
+    };
+    if tools::find(&args.tool).is_none() {
+        return fail(
+            USAGE,
+            format!(
+                "unknown tool {:?}; `sbmon tools` lists the tools",
+                args.tool
+            ),
+        );
+    }
+    let address = match choose_address(args.connect.target.as_deref()) {
+        Ok(a) => a,
+        Err((code, message)) => return fail(code, message),
+    };
+    let catalog = single_target_catalog(address, options, config);
+    match catalog.call(&args.tool, tool_args).await {
+        Ok(value) => print_json(&value),
+        Err(e) if e.is_usage() => fail(USAGE, e),
+        Err(e) => fail(1, e),
+    }
+}
+
+#[derive(Debug, Serialize)]
+struct TargetRow {
+    pid: i32,
+    address: String,
+    /// "live", "stale" (process gone) or "not answering".
+    status: &'static str,
+    lisp_version: Option<String>,
+    agent_version: Option<String>,
+    error: Option<String>,
+}
+
+async fn targets(json: bool) -> ExitCode {
+    let dir = address::runtime_dir();
+    let found = address::discover_in(&dir);
+    let options = ClientOptions {
+        connect_timeout: Duration::from_secs(1),
+        ..ClientOptions::default()
+    };
+    let probes = found.iter().map(|f| {
+        let options = options.clone();
+        async move {
+            let address = Address::Unix(f.path.clone());
+            let mut row = TargetRow {
+                pid: f.pid,
+                address: address.to_string(),
+                status: "stale",
+                lisp_version: None,
+                agent_version: None,
+                error: None,
+            };
+            if f.process_alive {
+                match AgentClient::new(address, options).welcome().await {
+                    Ok(w) => {
+                        row.status = "live";
+                        row.lisp_version = Some(w.lisp_version);
+                        row.agent_version = Some(w.agent_version);
+                    }
+                    Err(e) => {
+                        row.status = "not answering";
+                        row.error = Some(e.to_string());
+                    }
+                }
+            }
+            row
+        }
+    });
+    let rows = futures::future::join_all(probes).await;
+    if json {
+        return print_json(&rows);
+    }
+    if rows.is_empty() {
+        println!("no agents in {}", dir.display());
+        return ExitCode::SUCCESS;
+    }
+    println!("{:<8} {:<14} {:<18} ADDRESS", "PID", "STATUS", "LISP");
+    for r in &rows {
+        println!(
+            "{:<8} {:<14} {:<18} {}",
+            r.pid,
+            r.status,
+            r.lisp_version.as_deref().unwrap_or("-"),
+            r.address
+        );
+    }
+    ExitCode::SUCCESS
+}
+
+fn tools() -> ExitCode {
+    for tool in tools::TOOLS {
+        let class = match tool.class {
+            Class::Read => "read",
+            Class::Control => "control",
+            Class::Eval => "eval",
+        };
+        let summary = tool.description.split(". ").next().unwrap_or_default();
+        println!(
+            "{:<18} {:<8} {}",
+            tool.name,
+            class,
+            summary.trim_end_matches('.')
+        );
+    }
+    ExitCode::SUCCESS
+}

@@ -1,0 +1,227 @@
+//! Starting an SBCL with the agent loaded and started, and stopping it again on every exit
+//! path. `sbmon demo` and the integration tests use it. The agent source is embedded in the
+//! binary, so a launched image needs nothing but `sbcl` on the machine.
+
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use crate::agent::{Address, AgentClient, ClientOptions, address};
+use crate::wire::Sexp;
+
+/// The agent, as shipped in `lisp/sbmon-agent.lisp`.
+pub const AGENT_SOURCE: &str = include_str!("../lisp/sbmon-agent.lisp");
+/// The demo workload, as shipped in `examples/workload.lisp`.
+pub const WORKLOAD_SOURCE: &str = include_str!("../examples/workload.lisp");
+
+#[derive(Debug, Clone)]
+pub struct LaunchOptions {
+    /// The SBCL executable.
+    pub sbcl: PathBuf,
+    /// SBCL runtime options, e.g. `--dynamic-space-size 512MB`.
+    pub runtime_args: Vec<String>,
+    /// Where the agent listens (a Unix socket path, or a TCP port on 127.0.0.1); `None`
+    /// uses its default `<runtime dir>/<pid>.sock`.
+    pub listen: Option<Address>,
+    /// Extra environment variables for SBCL (e.g. `HOME`, `XDG_RUNTIME_DIR`).
+    pub env: Vec<(String, String)>,
+    /// Forms evaluated after the agent is loaded, before it starts.
+    pub before_start: Vec<String>,
+    /// Forms evaluated after the agent started (the image then idles until stopped).
+    pub after_start: Vec<String>,
+}
+
+impl Default for LaunchOptions {
+    fn default() -> Self {
+        LaunchOptions {
+            sbcl: PathBuf::from("sbcl"),
+            runtime_args: Vec::new(),
+            listen: None,
+            env: Vec::new(),
+            before_start: Vec::new(),
+            after_start: Vec::new(),
+        }
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum LaunchError {
+    #[error("cannot start {sbcl}: {source} (install SBCL, e.g. with tools/setup, or pass --sbcl)")]
+    Spawn {
+        sbcl: String,
+        source: std::io::Error,
+    },
+    #[error("cannot prepare a scratch directory: {0}")]
+    Scratch(std::io::Error),
+    #[error("SBCL exited before its agent answered ({status}); its output ends with:\n{log}")]
+    Exited { status: String, log: String },
+    #[error(
+        "the agent in SBCL pid {pid} did not answer within {timeout:?}; its output ends with:\n{log}"
+    )]
+    NotReady {
+        pid: i32,
+        timeout: Duration,
+        log: String,
+    },
+}
+
+/// A running SBCL that this process started; stopped when dropped.
+pub struct Sbcl {
+    child: Child,
+    pub pid: i32,
+    pub address: Address,
+    scratch: tempfile::TempDir,
+}
+
+impl Sbcl {
+    /// Start SBCL; call `wait_ready` before using its agent.
+    pub fn spawn(options: &LaunchOptions) -> Result<Sbcl, LaunchError> {
+        let scratch = tempfile::Builder::new()
+            .prefix("sbmon-launch-")
+            .tempdir()
+            .map_err(LaunchError::Scratch)?;
+        let agent_path = scratch.path().join("sbmon-agent.lisp");
+        std::fs::write(&agent_path, AGENT_SOURCE).map_err(LaunchError::Scratch)?;
+        let log =
+            std::fs::File::create(scratch.path().join("sbcl.log")).map_err(LaunchError::Scratch)?;
+        let log_err = log.try_clone().map_err(LaunchError::Scratch)?;
+
+        let start = match &options.listen {
+            Some(Address::Unix(path)) => format!(
+                "(sbmon-agent:start :socket {})",
+                Sexp::string(path.to_string_lossy())
+            ),
+            Some(Address::Tcp { port, .. }) => format!("(sbmon-agent:start :port {port})"),
+            None => "(sbmon-agent:start)".to_string(),
+        };
+        let mut cmd = Command::new(&options.sbcl);
+        cmd.envs(options.env.iter().map(|(k, v)| (k, v)))
+            .args(&options.runtime_args)
+            .args(["--noinform", "--end-runtime-options"])
+            .args(["--no-sysinit", "--no-userinit", "--disable-debugger"])
+            .arg("--load")
+            .arg(&agent_path);
+        let forms = options
+            .before_start
+            .iter()
+            .chain(std::iter::once(&start))
+            .chain(&options.after_start);
+        for form in forms {
+            cmd.arg("--eval").arg(form);
+        }
+        cmd.args(["--eval", "(loop (sleep 3600))"])
+            .stdin(Stdio::null())
+            .stdout(log)
+            .stderr(log_err);
+        let child = cmd.spawn().map_err(|source| LaunchError::Spawn {
+            sbcl: options.sbcl.display().to_string(),
+            source,
+        })?;
+        let pid = child.id() as i32;
+        let address = match &options.listen {
+            Some(Address::Tcp { port, .. }) => Address::Tcp {
+                host: "127.0.0.1".into(),
+                port: *port,
+            },
+            Some(unix) => unix.clone(),
+            // The agent computes its directory from SBCL's environment, which may differ.
+            None => {
+                let runtime_dir = options
+                    .env
+                    .iter()
+                    .find(|(k, _)| k == "XDG_RUNTIME_DIR")
+                    .map(|(_, v)| Path::new(v).join("sbmon"))
+                    .unwrap_or_else(address::runtime_dir);
+                Address::Unix(runtime_dir.join(format!("{pid}.sock")))
+            }
+        };
+        Ok(Sbcl {
+            child,
+            pid,
+            address,
+            scratch,
+        })
+    }
+
+    /// Where this SBCL's own output goes.
+    pub fn log_path(&self) -> PathBuf {
+        self.scratch.path().join("sbcl.log")
+    }
+
+    /// The last lines SBCL printed, for error messages.
+    pub fn log_tail(&self) -> String {
+        let text = std::fs::read_to_string(self.log_path()).unwrap_or_default();
+        let lines: Vec<&str> = text.lines().collect();
+        lines[lines.len().saturating_sub(20)..].join("\n")
+    }
+
+    /// Wait until the agent answers a handshake (`options` carries a TCP agent's token).
+    pub async fn wait_ready(
+        &mut self,
+        timeout: Duration,
+        options: &ClientOptions,
+    ) -> Result<(), LaunchError> {
+        let deadline = Instant::now() + timeout;
+        let options = ClientOptions {
+            connect_timeout: Duration::from_secs(1),
+            ..options.clone()
+        };
+        loop {
+            if let Ok(Some(status)) = self.child.try_wait() {
+                return Err(LaunchError::Exited {
+                    status: status.to_string(),
+                    log: self.log_tail(),
+                });
+            }
+            let ready = match &self.address {
+                Address::Unix(path) => std::fs::symlink_metadata(path).is_ok(),
+                Address::Tcp { .. } => true,
+            };
+            if ready {
+                let client = AgentClient::new(self.address.clone(), options.clone());
+                if client.welcome().await.is_ok() {
+                    return Ok(());
+                }
+            }
+            if Instant::now() >= deadline {
+                return Err(LaunchError::NotReady {
+                    pid: self.pid,
+                    timeout,
+                    log: self.log_tail(),
+                });
+            }
+            tokio::time::sleep(Duration::from_millis(25)).await;
+        }
+    }
+
+    /// True while the process runs.
+    pub fn is_running(&mut self) -> bool {
+        matches!(self.child.try_wait(), Ok(None))
+    }
+
+    /// Stop SBCL: SIGTERM, then SIGKILL if it has not exited within a second. Idempotent.
+    pub fn stop(&mut self) {
+        if self.is_running() {
+            // SAFETY: kill(2) on our own child's pid; it has not been reaped yet.
+            unsafe { libc::kill(self.pid, libc::SIGTERM) };
+            let deadline = Instant::now() + Duration::from_secs(1);
+            while self.is_running() && Instant::now() < deadline {
+                std::thread::sleep(Duration::from_millis(10));
+            }
+            if self.is_running() {
+                let _ = self.child.kill();
+            }
+        }
+        let _ = self.child.wait();
+        // A killed image cannot remove its socket; do it so no stale socket is left behind.
+        if let Address::Unix(path) = &self.address {
+            let _ = std::fs::remove_file(path);
+        }
+    }
+}
+
+impl Drop for Sbcl {
+    fn drop(&mut self) {
+        self.stop();
+    }
+}

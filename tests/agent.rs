@@ -1,0 +1,425 @@
+//! The agent protocol against a real SBCL: bad input on the wire, many calls in flight, GC
+//! events, TCP tokens, and a client that survives an agent that hangs, dies and comes back.
+
+mod common;
+
+use std::time::{Duration, Instant};
+
+use common::{Image, Setup, deaf_thread, process_exists};
+use sbmon::agent::{Address, AgentClient, AgentError, ClientOptions};
+use sbmon::launch::{LaunchOptions, Sbcl};
+use sbmon::wire::Sexp;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::UnixStream;
+
+fn frame(payload: &str) -> Vec<u8> {
+    let mut out = format!("{:06x}", payload.len()).into_bytes();
+    out.extend_from_slice(payload.as_bytes());
+    out
+}
+
+async fn read_frame(stream: &mut UnixStream) -> Option<String> {
+    let mut header = [0u8; 6];
+    tokio::time::timeout(Duration::from_secs(5), stream.read_exact(&mut header))
+        .await
+        .ok()?
+        .ok()?;
+    let len = usize::from_str_radix(std::str::from_utf8(&header).ok()?, 16).ok()?;
+    let mut body = vec![0u8; len];
+    stream.read_exact(&mut body).await.ok()?;
+    String::from_utf8(body).ok()
+}
+
+/// A raw connection that has completed the handshake.
+async fn raw(image: &Image) -> UnixStream {
+    let Address::Unix(path) = &image.sbcl.address else {
+        panic!("unix agent expected")
+    };
+    let mut s = UnixStream::connect(path).await.unwrap();
+    s.write_all(&frame("(:hello :protocol 1 :client \"test\")"))
+        .await
+        .unwrap();
+    let welcome = read_frame(&mut s).await.unwrap();
+    assert!(welcome.starts_with("(:welcome"), "{welcome}");
+    s
+}
+
+/// Read until the agent closes the connection; returns what it said before closing.
+async fn drain_until_closed(s: &mut UnixStream) -> String {
+    let mut all = Vec::new();
+    let read = tokio::time::timeout(Duration::from_secs(5), s.read_to_end(&mut all)).await;
+    assert!(read.is_ok(), "the agent did not close the connection");
+    String::from_utf8_lossy(&all).into_owned()
+}
+
+#[tokio::test]
+async fn bad_input_closes_only_that_connection() {
+    let image = Image::start(Setup::default()).await;
+    let client = image.client();
+    client.ping().await.unwrap();
+
+    let cases: [&[u8]; 5] = [
+        b"zzzzzz(:ping)",
+        b"ffffff",
+        b"000100(:call 1 :pi",
+        &frame("(:call 1 foo nil)"),
+        &frame("(:call 1 #.(sb-ext:quit) nil)"),
+    ];
+    for bytes in cases {
+        let mut s = raw(&image).await;
+        s.write_all(bytes).await.unwrap();
+        if bytes.starts_with(b"000100") {
+            // Closed by the client mid-frame.
+            drop(s);
+        } else {
+            let said = drain_until_closed(&mut s).await;
+            assert!(said.is_empty() || said.contains("(:bye"), "{said}");
+        }
+        // The image is alive and another connection is served.
+        assert!(process_exists(image.pid()));
+        client.ping().await.unwrap();
+    }
+
+    // A call before the hello is refused.
+    let Address::Unix(path) = &image.sbcl.address else {
+        unreachable!()
+    };
+    let mut s = UnixStream::connect(path).await.unwrap();
+    s.write_all(&frame("(:call 1 :ping nil)")).await.unwrap();
+    assert!(drain_until_closed(&mut s).await.contains("(:bye"));
+}
+
+#[tokio::test]
+async fn bad_calls_get_error_replies_on_a_live_connection() {
+    let image = Image::start(Setup::default()).await;
+    let mut s = raw(&image).await;
+    for (call, expected) in [
+        ("(:call 1 :no-such-op nil)", "UNKNOWN-OPERATION"),
+        ("(:call 2 :backtrace (:tid \"abc\"))", "BAD-ARGUMENT"),
+        ("(:call 3 :backtrace (:tid 1))", "UNKNOWN-THREAD"),
+        (
+            "(:call 4 :backtrace (:tid 1 :max-frames -5))",
+            "BAD-ARGUMENT",
+        ),
+    ] {
+        s.write_all(&frame(call)).await.unwrap();
+        let reply = read_frame(&mut s).await.expect("an error reply");
+        let reply = Sexp::parse(&reply).unwrap();
+        let items = reply.as_list().unwrap();
+        assert_eq!(items[0], Sexp::keyword("return"));
+        let error = items[2].as_list().unwrap();
+        assert_eq!(error[0], Sexp::keyword("error"), "{call} -> {reply}");
+        let details = Sexp::List(error[1..].to_vec());
+        assert_eq!(
+            details.get("type").and_then(Sexp::as_str),
+            Some(expected),
+            "{call}"
+        );
+    }
+    // Still usable.
+    s.write_all(&frame("(:call 9 :ping nil)")).await.unwrap();
+    assert!(read_frame(&mut s).await.unwrap().contains(":pong"));
+}
+
+#[tokio::test]
+async fn many_calls_in_flight_are_matched_by_id() {
+    let image = Image::start(Setup {
+        forms: vec![common::sleeper("alpha")],
+        ..Setup::default()
+    })
+    .await;
+    let client = image.client();
+    let threads = client.threads().await.unwrap();
+    let alpha = threads
+        .iter()
+        .find(|t| t.name.as_deref() == Some("alpha"))
+        .unwrap()
+        .tid
+        .unwrap();
+    let calls = (0..48).map(|i| {
+        let client = &client;
+        async move {
+            match i % 3 {
+                0 => client
+                    .memory()
+                    .await
+                    .map(|m| format!("memory {}", m.heap_limit)),
+                1 => client
+                    .backtrace(alpha, 5, 1000)
+                    .await
+                    .map(|b| format!("bt {:?}", b.tid)),
+                _ => client.ping().await.map(|_| "ping".to_string()),
+            }
+        }
+    });
+    let results = futures::future::join_all(calls).await;
+    for (i, r) in results.into_iter().enumerate() {
+        let r = r.unwrap();
+        let expected = ["memory", "bt", "ping"][i % 3];
+        assert!(r.starts_with(expected), "call {i} got {r}");
+        if expected == "bt" {
+            assert_eq!(r, format!("bt Some({alpha})"));
+        }
+    }
+}
+
+#[tokio::test]
+async fn gc_events_are_pushed_to_subscribers() {
+    let image = Image::start(Setup {
+        collector: true,
+        ..Setup::default()
+    })
+    .await;
+    let client = image.client();
+    let conn = client.connection().await.unwrap();
+    let mut events = conn.events();
+    let reply = conn
+        .call(
+            "subscribe",
+            Sexp::plist([("events", Sexp::List(vec![Sexp::keyword("gc")]))]),
+            Duration::from_secs(5),
+        )
+        .await
+        .unwrap();
+    assert!(reply.to_string().contains(":gc"), "{reply}");
+    let before = client.gc().await.unwrap().pauses.count;
+    image.collect().await;
+    let (kind, record) = tokio::time::timeout(Duration::from_secs(10), events.recv())
+        .await
+        .expect("an event within 10 s")
+        .unwrap();
+    assert_eq!(kind, "gc");
+    let record: sbmon::agent::reply::PauseRecord = sbmon::wire::from_sexp(&record).unwrap();
+    assert!(
+        record.seq > before,
+        "seq {} after {before} pauses",
+        record.seq
+    );
+    assert!(record.wall_seconds > 0.0);
+}
+
+#[tokio::test]
+async fn client_times_out_on_a_stopped_image_and_recovers() {
+    let image = Image::start(Setup::default()).await;
+    let client = AgentClient::new(
+        image.sbcl.address.clone(),
+        ClientOptions {
+            call_timeout: Duration::from_millis(500),
+            ..ClientOptions::default()
+        },
+    );
+    client.ping().await.unwrap();
+    // SAFETY: signalling the SBCL this test started.
+    unsafe { libc::kill(image.pid(), libc::SIGSTOP) };
+    // The signal is asynchronous: wait until the kernel reports the process stopped.
+    let stat = format!("/proc/{}/stat", image.pid());
+    while !std::fs::read_to_string(&stat)
+        .unwrap()
+        .rsplit(')')
+        .next()
+        .unwrap()
+        .trim_start()
+        .starts_with('T')
+    {
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    let err = client.ping().await.unwrap_err();
+    unsafe { libc::kill(image.pid(), libc::SIGCONT) };
+    assert!(matches!(err, AgentError::Timeout { .. }), "{err}");
+    client.ping().await.unwrap();
+}
+
+#[tokio::test]
+async fn client_fails_fast_when_the_image_dies_mid_call_and_reconnects_later() {
+    let dir = tempfile::tempdir().unwrap();
+    let socket = dir.path().join("a.sock");
+    let options = LaunchOptions {
+        listen: Some(Address::Unix(socket.clone())),
+        before_start: vec![deaf_thread("deaf")],
+        ..LaunchOptions::default()
+    };
+    let mut first = Sbcl::spawn(&options).unwrap();
+    first
+        .wait_ready(Duration::from_secs(60), &ClientOptions::default())
+        .await
+        .unwrap();
+    let client = AgentClient::new(Address::Unix(socket.clone()), ClientOptions::default());
+    let deaf = client
+        .threads()
+        .await
+        .unwrap()
+        .into_iter()
+        .find(|t| t.name.as_deref() == Some("deaf"))
+        .unwrap()
+        .tid
+        .unwrap();
+    // This call would wait 20 s for a thread that never answers; kill the image meanwhile.
+    let started = Instant::now();
+    let pending = client.backtrace(deaf, 10, 20_000);
+    let killer = async {
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        first.stop();
+    };
+    let (result, ()) = tokio::join!(pending, killer);
+    let err = result.unwrap_err();
+    assert!(matches!(err, AgentError::Lost(_)), "{err}");
+    assert!(
+        started.elapsed() < Duration::from_secs(10),
+        "not the call timeout"
+    );
+    let err = client.ping().await.unwrap_err();
+    assert!(err.is_unreachable(), "{err}");
+
+    // Another image on the same socket: the same client reconnects.
+    let mut second = Sbcl::spawn(&LaunchOptions {
+        before_start: vec![],
+        ..options
+    })
+    .unwrap();
+    second
+        .wait_ready(Duration::from_secs(60), &ClientOptions::default())
+        .await
+        .unwrap();
+    client.ping().await.unwrap();
+    assert_eq!(client.welcome().await.unwrap().pid, second.pid);
+}
+
+#[tokio::test]
+async fn tcp_agent_requires_the_token() {
+    let home = tempfile::tempdir().unwrap();
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let env = vec![(
+        "HOME".to_string(),
+        home.path().to_string_lossy().into_owned(),
+    )];
+    let image = Image::start(Setup {
+        listen: common::Listen::At(Address::Tcp {
+            host: "127.0.0.1".into(),
+            port,
+        }),
+        env: env.clone(),
+        ..Setup::default()
+    })
+    .await;
+    let secret = home.path().join(".sbmon-secret");
+    let mode =
+        std::os::unix::fs::PermissionsExt::mode(&std::fs::metadata(&secret).unwrap().permissions());
+    assert_eq!(mode & 0o777, 0o600, "the agent created its secret private");
+
+    let good = AgentClient::new(image.sbcl.address.clone(), common::token_options(&env));
+    assert_eq!(good.welcome().await.unwrap().pid, image.pid());
+    let bad = AgentClient::new(
+        image.sbcl.address.clone(),
+        ClientOptions {
+            token: Some("wrong".into()),
+            ..ClientOptions::default()
+        },
+    );
+    let err = bad.ping().await.unwrap_err();
+    assert!(matches!(err, AgentError::Refused(_)), "{err}");
+    // The listener is bound to loopback only (/proc/net/tcp: 0100007F is 127.0.0.1).
+    let tcp = std::fs::read_to_string("/proc/net/tcp").unwrap();
+    let listening: Vec<&str> = tcp
+        .lines()
+        .filter(|l| {
+            let f: Vec<&str> = l.split_whitespace().collect();
+            f.len() > 3 && f[1].ends_with(&format!(":{port:04X}")) && f[3] == "0A"
+        })
+        .collect();
+    assert_eq!(listening.len(), 1, "{listening:?}");
+    assert!(
+        listening[0]
+            .split_whitespace()
+            .nth(1)
+            .unwrap()
+            .starts_with("0100007F:")
+    );
+}
+
+#[tokio::test]
+async fn unix_socket_and_directory_are_private() {
+    let runtime = tempfile::tempdir().unwrap();
+    let env = vec![(
+        "XDG_RUNTIME_DIR".to_string(),
+        runtime.path().to_string_lossy().into_owned(),
+    )];
+    let mut sbcl = Sbcl::spawn(&LaunchOptions {
+        env,
+        ..LaunchOptions::default()
+    })
+    .unwrap();
+    sbcl.wait_ready(Duration::from_secs(60), &ClientOptions::default())
+        .await
+        .unwrap();
+    let dir = runtime.path().join("sbmon");
+    let socket = dir.join(format!("{}.sock", sbcl.pid));
+    assert_eq!(sbcl.address, Address::Unix(socket.clone()));
+    let mode = |p: &std::path::Path| {
+        std::os::unix::fs::PermissionsExt::mode(&std::fs::metadata(p).unwrap().permissions())
+            & 0o777
+    };
+    assert_eq!(mode(&dir), 0o700);
+    assert_eq!(mode(&socket), 0o600);
+}
+
+#[tokio::test]
+async fn stop_removes_the_socket_and_every_agent_thread() {
+    let dir = tempfile::tempdir().unwrap();
+    let trigger = dir.path().join("restart");
+    let second = dir.path().join("second.sock");
+    // When the trigger file appears, the image stops its agent and starts it elsewhere.
+    let restarter = format!(
+        "(sb-thread:make-thread (lambda () (loop (when (probe-file {t}) \
+           (sbmon-agent:stop) (sbmon-agent:start :socket {s}) (delete-file {t}) (return)) \
+           (sleep 0.02))) :name \"restarter\")",
+        t = Sexp::string(trigger.to_string_lossy()),
+        s = Sexp::string(second.to_string_lossy())
+    );
+    let image = Image::start(Setup {
+        forms: vec![restarter],
+        ..Setup::default()
+    })
+    .await;
+    let first = image.client();
+    let agent_threads = |threads: Vec<sbmon::agent::reply::LispThread>| {
+        let mut names: Vec<String> = threads
+            .into_iter()
+            .filter(|t| t.agent)
+            .map(|t| t.name.unwrap_or_default())
+            .collect();
+        names.sort();
+        names
+    };
+    let before = agent_threads(first.threads().await.unwrap());
+    assert!(before.iter().any(|n| n.contains("listener")), "{before:?}");
+    std::fs::write(&trigger, "").unwrap();
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while trigger.exists() {
+        assert!(Instant::now() < deadline, "the agent did not restart");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let Address::Unix(old) = &image.sbcl.address else {
+        unreachable!()
+    };
+    assert!(!old.exists(), "stop removed its socket");
+    assert!(first.ping().await.is_err(), "stop closed our connection");
+    let again = AgentClient::new(Address::Unix(second), ClientOptions::default());
+    // Only the new agent's listener, event thread and this one connection: nothing of the
+    // first agent (its listener, its connections) is left.
+    let after = agent_threads(again.threads().await.unwrap());
+    assert_eq!(after.len(), 3, "{after:?}");
+    assert_eq!(
+        after.iter().filter(|n| n.contains("listener")).count(),
+        1,
+        "{after:?}"
+    );
+    assert_eq!(
+        after.iter().filter(|n| n.contains("conn")).count(),
+        1,
+        "{after:?}"
+    );
+}

@@ -1,0 +1,266 @@
+//! The `sbmon` binary as scripts use it: JSON on stdout, exit codes 0/1/2, target discovery
+//! in the runtime directory, and the demo (which must leave no SBCL behind).
+
+mod common;
+
+use std::process::{Command, Output};
+
+use common::{Image, Listen, Setup, process_exists};
+use serde_json::Value;
+
+fn sbmon(args: &[&str], runtime_dir: &std::path::Path) -> Output {
+    Command::new(env!("CARGO_BIN_EXE_sbmon"))
+        .args(args)
+        .env("XDG_RUNTIME_DIR", runtime_dir)
+        .output()
+        .expect("run sbmon")
+}
+
+fn text(bytes: &[u8]) -> String {
+    String::from_utf8_lossy(bytes).into_owned()
+}
+
+#[tokio::test]
+async fn call_prints_json_and_uses_exit_codes() {
+    let image = Image::start(Setup {
+        runtime_args: vec!["--dynamic-space-size".into(), "256MB".into()],
+        forms: vec![common::sleeper("alpha")],
+        ..Setup::default()
+    })
+    .await;
+    let nowhere = tempfile::tempdir().unwrap();
+    let target = format!("{}", image.sbcl.address);
+
+    let out = sbmon(
+        &["call", "memory_stats", "--target", &target],
+        nowhere.path(),
+    );
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    let v: Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(v["heap_limit_bytes"], 256 * 1024 * 1024);
+
+    let out = sbmon(
+        &[
+            "call",
+            "thread_inspect",
+            r#"{"thread_id": "alpha"}"#,
+            "--target",
+            &target,
+        ],
+        nowhere.path(),
+    );
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    let v: Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(v["name"], "alpha");
+
+    // Tool errors: exit 1 with a message on stderr and nothing on stdout.
+    let out = sbmon(
+        &[
+            "call",
+            "thread_inspect",
+            r#"{"thread_id": "nobody"}"#,
+            "--target",
+            &target,
+        ],
+        nowhere.path(),
+    );
+    assert_eq!(out.status.code(), Some(1));
+    assert!(out.stdout.is_empty());
+    assert!(
+        text(&out.stderr).contains("no thread named \"nobody\""),
+        "{}",
+        text(&out.stderr)
+    );
+    let out = sbmon(
+        &[
+            "call",
+            "memory_stats",
+            "--target",
+            "unix:/nonexistent/x.sock",
+        ],
+        nowhere.path(),
+    );
+    assert_eq!(out.status.code(), Some(1));
+    assert!(
+        text(&out.stderr).contains("cannot connect"),
+        "{}",
+        text(&out.stderr)
+    );
+
+    // Usage errors: exit 2.
+    for args in [
+        vec!["call", "no_such_tool", "--target", &target],
+        vec!["call", "memory_stats", "{not json", "--target", &target],
+        vec![
+            "call",
+            "thread_inspect",
+            r#"{"thread_id": 1.5}"#,
+            "--target",
+            &target,
+        ],
+        vec!["call", "memory_stats", "--target", "gopher:x"],
+        vec!["call", "memory_stats", "--bogus-flag"],
+        vec![
+            "call",
+            "memory_stats",
+            "--timeout",
+            "-1",
+            "--target",
+            &target,
+        ],
+    ] {
+        let out = sbmon(&args, nowhere.path());
+        assert_eq!(
+            out.status.code(),
+            Some(2),
+            "{args:?}: {}",
+            text(&out.stderr)
+        );
+        assert!(out.stdout.is_empty());
+    }
+}
+
+#[tokio::test]
+async fn health_thresholds_come_from_the_config_file() {
+    let image = Image::start(Setup::default()).await;
+    let nowhere = tempfile::tempdir().unwrap();
+    let config = nowhere.path().join("sbmon.toml");
+    std::fs::write(
+        &config,
+        "[health.threads]\ncount = { warning = 1, critical = 2 }\n",
+    )
+    .unwrap();
+    let target = format!("{}", image.sbcl.address);
+    let out = sbmon(
+        &["call", "health_check", "--target", &target, "--config"],
+        nowhere.path(),
+    );
+    assert_eq!(out.status.code(), Some(2), "--config needs a file");
+    let out = sbmon(
+        &[
+            "call",
+            "health_check",
+            "--target",
+            &target,
+            "--config",
+            config.to_str().unwrap(),
+        ],
+        nowhere.path(),
+    );
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    let v: Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(v["status"], "critical");
+    std::fs::write(&config, "[health.threads]\ncont = { warning = 1 }\n").unwrap();
+    let out = sbmon(
+        &[
+            "call",
+            "health_check",
+            "--target",
+            &target,
+            "--config",
+            config.to_str().unwrap(),
+        ],
+        nowhere.path(),
+    );
+    assert_eq!(out.status.code(), Some(2));
+    assert!(text(&out.stderr).contains("cont"), "{}", text(&out.stderr));
+}
+
+#[tokio::test]
+async fn targets_are_discovered_in_the_runtime_dir() {
+    let runtime = tempfile::tempdir().unwrap();
+    let empty = sbmon(&["call", "runtime_stats"], runtime.path());
+    assert_eq!(empty.status.code(), Some(1));
+    assert!(
+        text(&empty.stderr).contains("no live agent"),
+        "{}",
+        text(&empty.stderr)
+    );
+
+    let image = Image::start(Setup {
+        // No explicit socket: the agent picks $XDG_RUNTIME_DIR/sbmon/<pid>.sock.
+        listen: Listen::AgentDefault,
+        env: vec![(
+            "XDG_RUNTIME_DIR".into(),
+            runtime.path().to_string_lossy().into_owned(),
+        )],
+        ..Setup::default()
+    })
+    .await;
+    // A socket left by a process that no longer exists.
+    std::fs::write(runtime.path().join("sbmon/99999999.sock"), "").unwrap();
+
+    let out = sbmon(&["targets", "--json"], runtime.path());
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    let rows: Vec<Value> = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(rows.len(), 2, "{rows:?}");
+    let live = rows.iter().find(|r| r["pid"] == image.pid()).unwrap();
+    assert_eq!(live["status"], "live");
+    assert!(live["lisp_version"].as_str().unwrap().starts_with("2."));
+    let stale = rows.iter().find(|r| r["pid"] == 99999999).unwrap();
+    assert_eq!(stale["status"], "stale");
+
+    // Without --target the only live agent is used; pid:N names it too.
+    let out = sbmon(&["call", "runtime_stats"], runtime.path());
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    let v: Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(v["pid"], image.pid());
+    let pid_spec = format!("pid:{}", image.pid());
+    let out = sbmon(&["call", "gc_stats", "--target", &pid_spec], runtime.path());
+    assert!(out.status.success(), "{}", text(&out.stderr));
+
+    let table = sbmon(&["targets"], runtime.path());
+    let table = text(&table.stdout);
+    assert!(table.contains("live") && table.contains("stale"), "{table}");
+}
+
+#[test]
+fn demo_runs_and_stops_its_sbcl() {
+    let runtime = tempfile::tempdir().unwrap();
+    let out = sbmon(&["demo", "--duration", "5"], runtime.path());
+    let stdout = text(&out.stdout);
+    assert!(out.status.success(), "{stdout}\n{}", text(&out.stderr));
+    let summaries: Vec<&str> = stdout.lines().filter(|l| l.starts_with('[')).collect();
+    assert!(summaries.len() >= 2, "{stdout}");
+    assert!(
+        summaries
+            .iter()
+            .all(|l| l.contains("heap") && l.contains("threads")),
+        "{stdout}"
+    );
+    // The workload's four workers and their contended mutex are visible.
+    let pid: i32 = stdout
+        .lines()
+        .find_map(|l| l.strip_prefix("stopped SBCL pid "))
+        .and_then(|p| p.trim().parse().ok())
+        .expect("the demo names the SBCL it stopped");
+    assert!(!process_exists(pid), "SBCL {pid} left running");
+    let leftovers = std::fs::read_dir(runtime.path().join("sbmon"))
+        .map(|d| d.count())
+        .unwrap_or(0);
+    assert_eq!(leftovers, 0, "socket left behind");
+}
+
+#[test]
+fn tools_lists_the_read_catalog() {
+    let runtime = tempfile::tempdir().unwrap();
+    let out = sbmon(&["tools"], runtime.path());
+    assert!(out.status.success());
+    let listing = text(&out.stdout);
+    for name in [
+        "health_check",
+        "memory_stats",
+        "gc_stats",
+        "runtime_stats",
+        "thread_list",
+        "thread_inspect",
+        "thread_dump_all",
+    ] {
+        assert!(
+            listing
+                .lines()
+                .any(|l| l.starts_with(name) && l.contains("read")),
+            "{name} missing:\n{listing}"
+        );
+    }
+}

@@ -1,0 +1,206 @@
+//! Shared harness for the integration tests: a real SBCL with the real agent, arranged by the
+//! test (named threads, a held mutex, a chosen heap size, garbage on demand), and stopped when
+//! the test ends, pass or fail (`Sbcl` stops its process on drop).
+#![allow(dead_code)]
+
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use sbmon::agent::{Address, AgentClient, ClientOptions};
+use sbmon::config::Config;
+use sbmon::launch::{LaunchOptions, Sbcl};
+use sbmon::targets::{Target, Targets};
+use sbmon::tools::Catalog;
+use sbmon::wire::Sexp;
+
+/// Lisp that the tests rely on, evaluated before the agent starts (two forms, so the package
+/// exists before the second is read):
+/// - `sbmon-test-sleeper`: a named function a thread can run, easy to find in a backtrace;
+/// - a collector thread that, whenever the file `<dir>/collect` appears, makes about 64 MB of
+///   garbage, runs a full GC and removes the file (so a test can make the image collect
+///   without an eval tool);
+const FIXTURE: [&str; 2] = [
+    "(defpackage :sbmon-test (:use :cl))",
+    r#"(progn
+  (defun sbmon-test::sbmon-test-sleeper () (loop (sleep 0.05)))
+  (defun sbmon-test::make-garbage (megabytes)
+    (let ((keep nil))
+      (dotimes (i (* megabytes 16))
+        (setf keep (make-array 65536 :element-type '(unsigned-byte 8))))
+      (length keep)))
+  (defun sbmon-test::start-collector (trigger)
+    (sb-thread:make-thread
+     (lambda ()
+       (loop
+         (when (probe-file trigger)
+           (sbmon-test::make-garbage 64)
+           (sb-ext:gc :full t)
+           (delete-file trigger))
+         (sleep 0.02)))
+     :name "test-collector")))"#,
+];
+
+pub struct Image {
+    pub sbcl: Sbcl,
+    pub dir: tempfile::TempDir,
+}
+
+/// Where the test's agent listens.
+#[derive(Default, Clone)]
+pub enum Listen {
+    /// A socket in the test's own directory.
+    #[default]
+    TestDir,
+    /// The agent's default, `<runtime dir>/<pid>.sock`.
+    AgentDefault,
+    At(Address),
+}
+
+#[derive(Default)]
+pub struct Setup {
+    pub runtime_args: Vec<String>,
+    /// Forms run after the fixture is defined, before the agent starts.
+    pub forms: Vec<String>,
+    pub listen: Listen,
+    pub env: Vec<(String, String)>,
+    /// Start the collector thread (see FIXTURE).
+    pub collector: bool,
+}
+
+impl Image {
+    pub async fn start(setup: Setup) -> Image {
+        let dir = tempfile::Builder::new()
+            .prefix("sbmon-test-")
+            .tempdir()
+            .expect("temp dir");
+        let listen = match setup.listen.clone() {
+            Listen::TestDir => Some(Address::Unix(dir.path().join("agent.sock"))),
+            Listen::AgentDefault => None,
+            Listen::At(address) => Some(address),
+        };
+        let mut before_start: Vec<String> = FIXTURE.iter().map(|f| f.to_string()).collect();
+        if setup.collector {
+            before_start.push(format!(
+                "(sbmon-test::start-collector {})",
+                Sexp::string(dir.path().join("collect").to_string_lossy())
+            ));
+        }
+        before_start.extend(setup.forms.iter().cloned());
+        let options = LaunchOptions {
+            runtime_args: setup.runtime_args,
+            listen,
+            env: setup.env.clone(),
+            before_start,
+            ..LaunchOptions::default()
+        };
+        let mut sbcl = Sbcl::spawn(&options).expect("spawn sbcl");
+        let client_options = token_options(&setup.env);
+        sbcl.wait_ready(Duration::from_secs(60), &client_options)
+            .await
+            .expect("agent ready");
+        Image { sbcl, dir }
+    }
+
+    pub fn pid(&self) -> i32 {
+        self.sbcl.pid
+    }
+
+    pub fn client(&self) -> AgentClient {
+        AgentClient::new(self.sbcl.address.clone(), ClientOptions::default())
+    }
+
+    pub fn catalog(&self) -> Catalog {
+        self.catalog_with(Config::default())
+    }
+
+    pub fn catalog_with(&self, config: Config) -> Catalog {
+        let target = Target::new("test", self.sbcl.address.clone(), ClientOptions::default());
+        Catalog::new(Arc::new(Targets::new(vec![target])), Arc::new(config))
+    }
+
+    /// Ask the collector thread for garbage and a full GC; wait until it is done.
+    pub async fn collect(&self) {
+        let trigger = self.dir.path().join("collect");
+        std::fs::write(&trigger, "").expect("write trigger");
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while trigger.exists() {
+            assert!(Instant::now() < deadline, "the image did not collect");
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+}
+
+/// Client options carrying the token of a TCP agent whose HOME the test chose.
+pub fn token_options(env: &[(String, String)]) -> ClientOptions {
+    let token_file = env
+        .iter()
+        .find(|(k, _)| k == "HOME")
+        .map(|(_, home)| PathBuf::from(home).join(".sbmon-secret"));
+    ClientOptions {
+        token_file,
+        ..ClientOptions::default()
+    }
+}
+
+/// A field of /proc/PID/status in bytes (the kernel writes kB).
+pub fn proc_status_bytes(pid: i32, field: &str) -> u64 {
+    let text = std::fs::read_to_string(format!("/proc/{pid}/status")).expect("status");
+    let line = text
+        .lines()
+        .find(|l| l.starts_with(&format!("{field}:")))
+        .expect("field present");
+    let kb: u64 = line
+        .split_whitespace()
+        .nth(1)
+        .and_then(|n| n.parse().ok())
+        .expect("number");
+    kb * 1024
+}
+
+/// The tids in /proc/PID/task.
+pub fn proc_tids(pid: i32) -> Vec<i32> {
+    let mut tids: Vec<i32> = std::fs::read_dir(format!("/proc/{pid}/task"))
+        .expect("task dir")
+        .filter_map(|e| e.ok()?.file_name().to_str()?.parse().ok())
+        .collect();
+    tids.sort();
+    tids
+}
+
+pub fn process_exists(pid: i32) -> bool {
+    Path::new(&format!("/proc/{pid}")).exists()
+}
+
+/// `(sb-thread:make-thread #'sbmon-test::sbmon-test-sleeper :name NAME)`
+pub fn sleeper(name: &str) -> String {
+    format!(
+        "(sb-thread:make-thread #'sbmon-test::sbmon-test-sleeper :name {})",
+        Sexp::string(name)
+    )
+}
+
+/// A mutex named `mutex` held forever by thread `holder`, and thread `waiter` blocked on it.
+pub fn held_mutex(mutex: &str, holder: &str, waiter: &str) -> String {
+    format!(
+        r#"(let ((m (sb-thread:make-mutex :name {m}))
+                 (held (sb-thread:make-semaphore)))
+             (sb-thread:make-thread
+               (lambda () (sb-thread:with-mutex (m) (sb-thread:signal-semaphore held) (loop (sleep 1))))
+               :name {h})
+             (sb-thread:wait-on-semaphore held)
+             (sb-thread:make-thread (lambda () (sb-thread:with-mutex (m) nil)) :name {w})
+             (sleep 0.1))"#,
+        m = Sexp::string(mutex),
+        h = Sexp::string(holder),
+        w = Sexp::string(waiter)
+    )
+}
+
+/// A thread that never answers interrupts: it sleeps with interrupts disabled.
+pub fn deaf_thread(name: &str) -> String {
+    format!(
+        "(sb-thread:make-thread (lambda () (sb-sys:without-interrupts (loop (sleep 0.05)))) :name {})",
+        Sexp::string(name)
+    )
+}

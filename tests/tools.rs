@@ -1,0 +1,469 @@
+//! The read tools against a real SBCL, each figure checked against /proc or against what the
+//! test arranged in the image.
+
+mod common;
+
+use common::{Image, Setup, held_mutex, proc_status_bytes, proc_tids, sleeper};
+use sbmon::config::Config;
+use sbmon::tools::ToolError;
+use serde_json::{Value, json};
+
+fn threads_named<'a>(list: &'a Value, name: &str) -> Vec<&'a Value> {
+    list["threads"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|t| t["name"] == name)
+        .collect()
+}
+
+#[tokio::test]
+async fn memory_stats_match_the_chosen_heap_and_proc() {
+    let image = Image::start(Setup {
+        runtime_args: vec!["--dynamic-space-size".into(), "384MB".into()],
+        ..Setup::default()
+    })
+    .await;
+    let m = image
+        .catalog()
+        .call("memory_stats", Value::Null)
+        .await
+        .unwrap();
+    assert_eq!(m["pid"], image.pid());
+    assert_eq!(m["heap_limit_bytes"], 384 * 1024 * 1024);
+    let used = m["heap_used_bytes"].as_u64().unwrap();
+    assert!(used > 1 << 20 && used < 384 << 20, "heap used {used}");
+    let ratio = m["heap_used_ratio"].as_f64().unwrap();
+    assert!((ratio - used as f64 / (384u64 << 20) as f64).abs() < 1e-9);
+
+    let rss = m["rss_bytes"].as_u64().unwrap() as f64;
+    let proc_rss = proc_status_bytes(image.pid(), "VmRSS") as f64;
+    assert!(
+        (rss - proc_rss).abs() / proc_rss < 0.05,
+        "rss {rss} vs /proc {proc_rss}"
+    );
+    assert!(m["rss_peak_bytes"].as_u64().unwrap() as f64 >= rss);
+    assert_eq!(
+        m["virtual_bytes"].as_u64().unwrap() / (1 << 20),
+        proc_status_bytes(image.pid(), "VmSize") / (1 << 20)
+    );
+
+    let gens = m["generations"].as_array().unwrap();
+    assert_eq!(gens.len(), 7, "generations 0..6");
+    for (i, g) in gens.iter().enumerate() {
+        assert_eq!(g["generation"], i);
+    }
+    let in_gens: u64 = gens.iter().map(|g| g["bytes"].as_u64().unwrap()).sum();
+    assert!(
+        in_gens <= used,
+        "generation bytes {in_gens} exceed heap used {used}"
+    );
+    assert!(m["nursery_size_bytes"].as_u64().unwrap() > 0);
+    assert!(m["memory_limit_bytes"].as_u64().unwrap() > 0);
+}
+
+#[tokio::test]
+async fn gc_counts_and_pauses_rise_when_the_image_collects() {
+    let image = Image::start(Setup {
+        collector: true,
+        ..Setup::default()
+    })
+    .await;
+    let catalog = image.catalog();
+    let before = catalog.call("gc_stats", Value::Null).await.unwrap();
+    let consed_before =
+        catalog.call("memory_stats", Value::Null).await.unwrap()["bytes_consed_total"]
+            .as_u64()
+            .unwrap();
+    image.collect().await;
+    let after = catalog.call("gc_stats", Value::Null).await.unwrap();
+    let consed_after =
+        catalog.call("memory_stats", Value::Null).await.unwrap()["bytes_consed_total"]
+            .as_u64()
+            .unwrap();
+
+    assert_eq!(after["gc_count_source"], "n_gcs");
+    let count = |v: &Value| v["gc_count"].as_u64().unwrap();
+    let pauses = |v: &Value| v["pauses"]["count"].as_u64().unwrap();
+    assert!(count(&after) > count(&before), "gc count did not rise");
+    assert!(pauses(&after) > pauses(&before), "pause count did not rise");
+    // Every collection is timed once: both counters rose by the same amount.
+    assert_eq!(
+        count(&after) - count(&before),
+        pauses(&after) - pauses(&before)
+    );
+    // The test made 64 MiB of garbage; SBCL's allocation accounting (by region) lands within
+    // a fraction of a percent of it.
+    assert!(
+        consed_after - consed_before >= (64 << 20) * 9 / 10,
+        "consed {consed_before} -> {consed_after}"
+    );
+
+    let p = &after["pauses"];
+    assert_eq!(p["measured"], true);
+    let sum = p["sum_seconds"].as_f64().unwrap();
+    assert!(sum > before["pauses"]["sum_seconds"].as_f64().unwrap());
+    let max = p["max_seconds"].as_f64().unwrap();
+    assert!(max > 0.0 && max < 10.0);
+    assert!(p["p99_seconds"].as_f64().unwrap() <= max);
+    let hist: u64 = p["histogram"]["counts"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|c| c.as_u64().unwrap())
+        .sum();
+    assert_eq!(hist, pauses(&after));
+
+    // The full GC the collector ran is the last recorded, with the heap it freed.
+    let recent = after["recent"].as_array().unwrap();
+    let full = recent
+        .iter()
+        .rev()
+        .find(|r| r["generation"].as_u64().unwrap() >= 5)
+        .expect("a recorded full collection");
+    assert!(full["wall_seconds"].as_f64().unwrap() > 0.0);
+    assert!(full["heap_before"].as_u64().unwrap() > full["heap_after"].as_u64().unwrap());
+    assert!(
+        after["gc_cpu_seconds"].as_f64().unwrap() >= before["gc_cpu_seconds"].as_f64().unwrap()
+    );
+}
+
+#[tokio::test]
+async fn thread_list_matches_proc_and_shows_mutex_waits() {
+    let image = Image::start(Setup {
+        forms: vec![
+            sleeper("alpha"),
+            sleeper("beta"),
+            held_mutex("test-lock", "holder", "waiter"),
+        ],
+        ..Setup::default()
+    })
+    .await;
+    let list = image
+        .catalog()
+        .call("thread_list", Value::Null)
+        .await
+        .unwrap();
+    let tids = proc_tids(image.pid());
+    for name in ["alpha", "beta", "holder", "waiter"] {
+        let found = threads_named(&list, name);
+        assert_eq!(found.len(), 1, "{name}");
+        let tid = found[0]["tid"].as_i64().unwrap() as i32;
+        assert!(
+            tids.contains(&tid),
+            "{name}'s tid {tid} not in /proc ({tids:?})"
+        );
+        assert_eq!(found[0]["main"], false);
+        assert!(found[0]["os_state"].is_string());
+    }
+    let waiter = threads_named(&list, "waiter")[0];
+    assert_eq!(waiter["lisp_wait"], "test-lock");
+    assert_eq!(waiter["lisp_wait_type"], "mutex");
+    assert_eq!(threads_named(&list, "holder")[0]["lisp_wait"], Value::Null);
+    assert_eq!(threads_named(&list, "alpha")[0]["lisp_wait"], Value::Null);
+
+    let threads = list["threads"].as_array().unwrap();
+    let main: Vec<_> = threads.iter().filter(|t| t["main"] == true).collect();
+    assert_eq!(main.len(), 1);
+    assert_eq!(
+        main[0]["tid"],
+        image.pid(),
+        "the main thread's tid is the pid"
+    );
+    assert!(threads.iter().any(|t| t["agent"] == true));
+
+    // Lisp threads plus OS-only tasks are exactly the tasks of the process. Agent connection
+    // threads come and go, so retry until a listing and /proc agree.
+    let all_tids = |list: &Value| {
+        let mut all: Vec<i32> = list["threads"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .chain(list["os_only_threads"].as_array().unwrap())
+            .filter_map(|t| t["tid"].as_i64())
+            .map(|t| t as i32)
+            .collect();
+        all.sort();
+        all
+    };
+    let mut last = (vec![], vec![]);
+    for _ in 0..20 {
+        let list = image
+            .catalog()
+            .call("thread_list", Value::Null)
+            .await
+            .unwrap();
+        last = (all_tids(&list), proc_tids(image.pid()));
+        if last.0 == last.1 {
+            break;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    }
+    assert_eq!(last.0, last.1, "thread_list vs /proc/PID/task");
+}
+
+#[tokio::test]
+async fn thread_inspect_finds_threads_by_name_or_tid() {
+    let image = Image::start(Setup {
+        forms: vec![sleeper("alpha"), sleeper("twin"), sleeper("twin")],
+        ..Setup::default()
+    })
+    .await;
+    let catalog = image.catalog();
+    let alpha = catalog
+        .call(
+            "thread_inspect",
+            json!({"thread_id": "alpha", "max_frames": 30}),
+        )
+        .await
+        .unwrap();
+    assert_eq!(alpha["name"], "alpha");
+    assert_eq!(alpha["answered"], true);
+    let frames = alpha["frames"].as_array().unwrap();
+    assert!(!frames.is_empty() && frames.len() <= 30);
+    assert!(
+        frames
+            .iter()
+            .any(|f| f.as_str().unwrap().contains("SBMON-TEST-SLEEPER")),
+        "{frames:?}"
+    );
+    let tid = alpha["tid"].as_i64().unwrap();
+    assert!(proc_tids(image.pid()).contains(&(tid as i32)));
+
+    // The seed guide's spelling, and a tid instead of a name.
+    let by_tid = catalog
+        .call("thread_inspect", json!({"thread-id": tid, "max_frames": 1}))
+        .await
+        .unwrap();
+    assert_eq!(by_tid["name"], "alpha");
+    assert_eq!(by_tid["frames"].as_array().unwrap().len(), 1);
+    assert_eq!(by_tid["truncated"], true);
+
+    let err = catalog
+        .call("thread_inspect", json!({"thread_id": "twin"}))
+        .await
+        .unwrap_err();
+    assert!(matches!(err, ToolError::AmbiguousThread { .. }), "{err}");
+    let err = catalog
+        .call("thread_inspect", json!({"thread_id": "nobody"}))
+        .await
+        .unwrap_err();
+    assert!(matches!(err, ToolError::UnknownThread { .. }), "{err}");
+    assert!(
+        err.to_string().contains("alpha"),
+        "lists the live threads: {err}"
+    );
+    for bad in [
+        json!({}),
+        json!({"thread_id": 1.5}),
+        json!({"thread_id": "alpha", "max_frames": 0}),
+        json!({"thread_id": "alpha", "colour": 1}),
+        json!([1]),
+    ] {
+        let err = catalog
+            .call("thread_inspect", bad.clone())
+            .await
+            .unwrap_err();
+        assert!(err.is_usage(), "{bad} gave {err}");
+    }
+}
+
+#[tokio::test]
+async fn thread_dump_reports_deaf_threads_without_waiting_for_them() {
+    let image = Image::start(Setup {
+        forms: vec![sleeper("alpha"), common::deaf_thread("deaf")],
+        ..Setup::default()
+    })
+    .await;
+    let catalog = image.catalog();
+    let started = std::time::Instant::now();
+    let dump = catalog
+        .call(
+            "thread_dump_all",
+            json!({"timeout_ms": 500, "max_frames": 20}),
+        )
+        .await
+        .unwrap();
+    // Bounded: the deaf thread costs the timeout, not forever (generous margin for CI).
+    assert!(started.elapsed().as_secs_f64() < 5.0);
+    let threads = dump["threads"].as_array().unwrap();
+    // Every thread of the image is in the dump (the dump may add the agent worker doing it).
+    let list = catalog.call("thread_list", Value::Null).await.unwrap();
+    for t in list["threads"].as_array().unwrap() {
+        if t["agent"] == false {
+            assert!(
+                threads.iter().any(|d| d["tid"] == t["tid"]),
+                "{t} missing from the dump"
+            );
+        }
+    }
+    let by_name = |n: &str| threads.iter().find(|t| t["name"] == n).unwrap();
+    assert_eq!(by_name("deaf")["answered"], false);
+    assert_eq!(by_name("alpha")["answered"], true);
+    assert!(
+        by_name("alpha")["frames"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|f| f.as_str().unwrap().contains("SBMON-TEST-SLEEPER"))
+    );
+    // Only the deaf thread stays silent; an agent connection thread that is just exiting
+    // may also not answer, which is no concern of the test's threads.
+    let silent: Vec<&str> = threads
+        .iter()
+        .filter(|t| t["answered"] == false)
+        .map(|t| t["name"].as_str().unwrap_or(""))
+        .collect();
+    assert!(
+        silent
+            .iter()
+            .all(|n| *n == "deaf" || n.starts_with("sbmon-agent")),
+        "{silent:?}"
+    );
+    assert_eq!(dump["unanswered"], silent.len());
+    // The agent still answers afterwards.
+    catalog.call("memory_stats", Value::Null).await.unwrap();
+}
+
+#[tokio::test]
+async fn runtime_stats_match_proc() {
+    let image = Image::start(Setup::default()).await;
+    let catalog = image.catalog();
+    let rt = catalog.call("runtime_stats", Value::Null).await.unwrap();
+    assert_eq!(rt["pid"], image.pid());
+    let sbcl_version = std::process::Command::new("sbcl")
+        .arg("--version")
+        .output()
+        .unwrap();
+    let sbcl_version = String::from_utf8_lossy(&sbcl_version.stdout);
+    assert_eq!(
+        sbcl_version.trim(),
+        format!("SBCL {}", rt["lisp_version"].as_str().unwrap())
+    );
+    assert_eq!(rt["lisp_implementation"], "SBCL");
+    assert_eq!(rt["agent_version"], "0.1.0");
+    let fds = std::fs::read_dir(format!("/proc/{}/fd", image.pid()))
+        .unwrap()
+        .count() as i64;
+    assert!((rt["open_fds"].as_i64().unwrap() - fds).abs() <= 2, "{rt}");
+    assert!(
+        rt["socket_count"].as_u64().unwrap() >= 2,
+        "listener + our connection"
+    );
+    let limits = std::fs::read_to_string(format!("/proc/{}/limits", image.pid())).unwrap();
+    let soft: u64 = limits
+        .lines()
+        .find(|l| l.starts_with("Max open files"))
+        .and_then(|l| l.split_whitespace().nth(3))
+        .and_then(|n| n.parse().ok())
+        .unwrap();
+    assert_eq!(rt["max_fds"], soft);
+    // Agent connection threads come and go (the launcher's readiness probe, for one): retry
+    // until the readings agree rather than compare a moving count once.
+    let mut agreed = false;
+    for _ in 0..20 {
+        let list = catalog.call("thread_list", Value::Null).await.unwrap();
+        let again = catalog.call("runtime_stats", Value::Null).await.unwrap();
+        let tasks = proc_tids(image.pid()).len();
+        if again["thread_count"] == list["count"]
+            && again["os_thread_count"].as_u64() == Some(tasks as u64)
+        {
+            agreed = true;
+            break;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    }
+    assert!(agreed, "thread counts never matched thread_list and /proc");
+    let uptime = rt["uptime_seconds"].as_f64().unwrap();
+    assert!(uptime > 0.0 && uptime < 120.0, "uptime {uptime}");
+    assert!(rt["package_count"].as_u64().unwrap() > 20);
+    assert!(
+        rt["features"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|f| f == "SB-THREAD")
+    );
+    let cpu = rt["cpu_user_seconds"].as_f64().unwrap() + rt["cpu_system_seconds"].as_f64().unwrap();
+    assert!(cpu > 0.0 && cpu < uptime * 2.0 + 1.0);
+}
+
+#[tokio::test]
+async fn health_check_grades_against_configured_thresholds() {
+    let image = Image::start(Setup::default()).await;
+    let healthy = image
+        .catalog()
+        .call("health_check", Value::Null)
+        .await
+        .unwrap();
+    assert_eq!(healthy["status"], "healthy", "{healthy:#}");
+    let names: Vec<&str> = healthy["checks"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|c| c["name"].as_str().unwrap())
+        .collect();
+    assert_eq!(
+        names,
+        [
+            "availability.agent",
+            "memory.heap",
+            "memory.rss",
+            "gc.time",
+            "threads.count",
+            "resources.fds",
+            "availability.errors"
+        ]
+    );
+    let heap = healthy["checks"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|c| c["name"] == "memory.heap")
+        .unwrap();
+    let observed = heap["observed"].as_f64().unwrap();
+    assert!(observed > 0.0 && observed < 0.7);
+
+    // Thresholds below what the image shows: the heap turns critical, threads degraded.
+    let config = Config::parse(&format!(
+        "[health.memory]\nheap = {{ warning = {w}, critical = {c} }}\n\
+         [health.threads]\ncount = {{ warning = 2, critical = 1000 }}\n",
+        w = observed / 4.0,
+        c = observed / 2.0
+    ))
+    .unwrap();
+    let report = image
+        .catalog_with(config)
+        .call("health_check", Value::Null)
+        .await
+        .unwrap();
+    assert_eq!(report["status"], "critical");
+    let status = |name: &str| {
+        report["checks"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|c| c["name"] == name)
+            .unwrap()["status"]
+            .clone()
+    };
+    assert_eq!(status("memory.heap"), "critical");
+    assert_eq!(status("threads.count"), "degraded");
+    assert_eq!(status("memory.rss"), "healthy");
+}
+
+#[tokio::test]
+async fn health_check_of_a_dead_image_is_critical() {
+    let mut image = Image::start(Setup::default()).await;
+    let catalog = image.catalog();
+    image.sbcl.stop();
+    let report = catalog.call("health_check", Value::Null).await.unwrap();
+    assert_eq!(report["status"], "critical");
+    let agent = &report["checks"][0];
+    assert_eq!(agent["name"], "availability.agent");
+    assert_eq!(agent["status"], "critical");
+    assert!(agent["reason"].as_str().unwrap().contains("unreachable"));
+    // Other tools fail with an error that says what to do, not a panic.
+    let err = catalog.call("memory_stats", Value::Null).await.unwrap_err();
+    assert!(err.to_string().contains("(sbmon-agent:start)"), "{err}");
+}
