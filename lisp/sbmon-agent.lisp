@@ -711,13 +711,17 @@ of n_gcs (or of *gc-epoch*) does."
     (send-octets conn octets)))
 
 (defun send-octets (conn octets)
-  (let ((header (sb-ext:string-to-octets (format nil "~(~6,'0x~)" (length octets))
-                                         :external-format :latin-1))
-        (ok nil))
+  "Send OCTETS as one frame: header and payload in a single buffer, so the peer wakes once."
+  (let* ((n (length octets))
+         (frame (make-array (+ 6 n) :element-type '(unsigned-byte 8)))
+         (ok nil))
+    (loop for i from 5 downto 0
+          for v = n then (ash v -4)
+          do (setf (aref frame i) (char-code (char "0123456789abcdef" (logand v 15)))))
+    (replace frame octets :start1 6)
     (sb-thread:with-mutex ((conn-write-lock conn))
       (when (conn-alive conn)
-        (setf ok (and (send-all (conn-fd conn) header)
-                      (send-all (conn-fd conn) (coerce octets '(simple-array (unsigned-byte 8) (*))))))
+        (setf ok (send-all (conn-fd conn) frame))
         (unless ok (setf (conn-alive conn) nil))))
     ok))
 
