@@ -4,6 +4,5 @@
 (defsystem "sbmon-agent"
   :description "In-image agent for sbmon: serves heap, GC, thread and runtime figures over a local socket."
   :version "0.1.0"
-  :license "MIT"
   :depends-on ((:require "sb-bsd-sockets"))
   :components ((:file "sbmon-agent")))

@@ -721,55 +721,27 @@ mod tests {
         assert!(snap.memory_limit.bytes <= meminfo_total_bytes());
     }
 
-    const HELPER_ENV: &str = "SBMON_PROCESS_TEST_HELPER";
-    const HELPER_ALLOC: usize = 64 << 20;
-
-    /// Not a test: the body of the child process used by `busy_child_rss_peak_and_cpu`.
-    /// It grows its RSS by 64 MiB and gives it back (so VmRSS < VmHWM), burns user CPU
-    /// (so utime != stime), then sleeps until killed.
-    #[test]
-    #[ignore = "helper run as a child process by busy_child_rss_peak_and_cpu"]
-    fn helper_grow_shrink_spin_sleep() {
-        if std::env::var_os(HELPER_ENV).is_none() {
-            return;
-        }
-        let mut v = vec![1u8; HELPER_ALLOC];
-        for i in (0..v.len()).step_by(4096) {
-            v[i] = 2;
-        }
-        std::hint::black_box(&v);
-        drop(v); // large enough for malloc to have mmap'd it: freeing unmaps it
-        // Spin until 300 ms of user CPU are used (wall time would fall short on a busy box).
-        let user_cpu = || {
-            // SAFETY: rusage is plain data, written by getrusage.
-            let mut ru: libc::rusage = unsafe { std::mem::zeroed() };
-            // SAFETY: ru is a valid, writable rusage.
-            unsafe { libc::getrusage(libc::RUSAGE_SELF, &mut ru) };
-            ru.ru_utime.tv_sec as f64 + ru.ru_utime.tv_usec as f64 / 1e6
-        };
-        let mut x = 0u64;
-        while user_cpu() < 0.3 {
-            for _ in 0..100_000 {
-                x = std::hint::black_box(x.wrapping_mul(6364136223846793005).wrapping_add(1));
-            }
-        }
-        std::thread::sleep(Duration::from_secs(30));
-    }
+    /// The busy child of `busy_child_rss_peak_and_cpu`: it grows its RSS by 64 MiB and gives
+    /// it back (so VmRSS < VmHWM), burns 0.3 s of user CPU (so utime != stime), then sleeps
+    /// until killed. Python's large objects are mmap'd, so freeing one unmaps it at once.
+    const BUSY_CHILD: &str = "\
+import os, time
+b = b'x' * (64 << 20)
+del b
+while os.times().user < 0.3:
+    sum(range(10000))
+time.sleep(30)
+";
 
     #[test]
     fn busy_child_rss_peak_and_cpu() {
-        let exe = std::env::current_exe().expect("test binary");
-        // module_path!() is "crate::process::tests"; libtest names tests without the crate.
-        let module = module_path!().split_once("::").map_or("", |(_, m)| m);
-        let name = format!("{module}::helper_grow_shrink_spin_sleep");
-        let child = Command::new(exe)
-            .args([name.as_str(), "--exact", "--ignored", "--test-threads=1"])
-            .env(HELPER_ENV, "1")
+        let child = Command::new("python3")
+            .args(["-c", BUSY_CHILD])
             .stdin(Stdio::null())
             .stdout(Stdio::null())
             .stderr(Stdio::null())
             .spawn()
-            .expect("spawn helper");
+            .expect("spawn the busy child");
         let child = ChildGuard(child);
         let pid = child.pid();
         let ticks = sysconf_ticks();
@@ -777,8 +749,7 @@ mod tests {
         loop {
             let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
             let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
-            // libtest may run the helper on a worker thread, so every thread must be asleep
-            // (the process state in /proc/PID/stat is only the main thread's).
+            // Every thread must be asleep (the state in /proc/PID/stat is the main thread's).
             let all_asleep = std::fs::read_dir(format!("/proc/{pid}/task"))
                 .map(|dir| {
                     dir.flatten().all(|t| {
@@ -795,18 +766,18 @@ mod tests {
             }
             assert!(
                 Instant::now() < deadline,
-                "helper never got ready:\n{status}\n{stat}"
+                "the busy child never got ready:\n{status}\n{stat}"
             );
             std::thread::sleep(Duration::from_millis(20));
         }
 
-        // The helper is asleep, but its harness might still stir: retry until the files
+        // The child is asleep, but the interpreter might still stir: retry until the files
         // read just before and just after the snapshot agree.
         for _ in 0..20 {
             let status_before =
                 std::fs::read_to_string(format!("/proc/{pid}/status")).expect("status");
             let stat_before = std::fs::read_to_string(format!("/proc/{pid}/stat")).expect("stat");
-            let snap = snapshot(pid).expect("snapshot of helper");
+            let snap = snapshot(pid).expect("snapshot of the busy child");
             let status = std::fs::read_to_string(format!("/proc/{pid}/status")).expect("status");
             let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).expect("stat");
             if status != status_before || stat != stat_before {
@@ -822,7 +793,7 @@ mod tests {
             assert_eq!(snap.cpu_system_seconds, stat_u64(&f, 15) as f64 / ticks);
             assert!(snap.cpu_user_seconds >= 0.1);
             assert_eq!(snap.num_threads, stat_u64(&f, 20));
-            let t = tasks(pid).expect("helper tasks");
+            let t = tasks(pid).expect("tasks of the busy child");
             assert_eq!(t.len() as u64, snap.num_threads);
             let total: f64 = t.iter().map(|t| t.cpu_seconds).sum();
             let proc_total = snap.cpu_user_seconds + snap.cpu_system_seconds;
@@ -836,7 +807,7 @@ mod tests {
             );
             return;
         }
-        panic!("helper's /proc files kept changing");
+        panic!("the busy child's /proc files kept changing");
     }
 
     #[test]
