@@ -136,32 +136,25 @@ async fn health_thresholds_come_from_the_config_file() {
         nowhere.path(),
     );
     assert_eq!(out.status.code(), Some(2), "--config needs a file");
-    let out = sbmon(
-        &[
-            "call",
-            "health_check",
-            "--target",
-            &target,
-            "--config",
-            config.to_str().unwrap(),
-        ],
-        nowhere.path(),
-    );
+    let with_config = || {
+        sbmon(
+            &[
+                "call",
+                "health_check",
+                "--target",
+                &target,
+                "--config",
+                config.to_str().unwrap(),
+            ],
+            nowhere.path(),
+        )
+    };
+    let out = with_config();
     assert!(out.status.success(), "{}", text(&out.stderr));
     let v: Value = serde_json::from_slice(&out.stdout).unwrap();
     assert_eq!(v["status"], "critical");
     std::fs::write(&config, "[health.threads]\ncont = { warning = 1 }\n").unwrap();
-    let out = sbmon(
-        &[
-            "call",
-            "health_check",
-            "--target",
-            &target,
-            "--config",
-            config.to_str().unwrap(),
-        ],
-        nowhere.path(),
-    );
+    let out = with_config();
     assert_eq!(out.status.code(), Some(2));
     assert!(text(&out.stderr).contains("cont"), "{}", text(&out.stderr));
 }

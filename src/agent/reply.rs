@@ -96,7 +96,8 @@ pub struct PauseRecord {
     pub time: f64,
 }
 
-#[derive(Debug, Clone, Deserialize)]
+/// What the image is: `runtime_stats` returns these fields as they are.
+#[derive(Debug, Clone, Deserialize, Serialize, JsonSchema)]
 pub struct Runtime {
     pub pid: i32,
     pub lisp_implementation: String,
@@ -105,9 +106,11 @@ pub struct Runtime {
     pub machine_type: Option<String>,
     pub software_version: Option<String>,
     pub features_count: u64,
+    /// *features* (at most 200 names).
     #[serde(default)]
     pub features: Vec<String>,
     pub package_count: u64,
+    /// Threads Lisp knows about.
     pub thread_count: u64,
 }
 

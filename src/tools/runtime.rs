@@ -5,6 +5,7 @@ use schemars::JsonSchema;
 use serde::{Deserialize, Serialize};
 
 use super::{Context, ToolError, ratio};
+use crate::agent::reply::Runtime;
 use crate::process;
 
 #[derive(Debug, Default, Deserialize, JsonSchema)]
@@ -17,21 +18,12 @@ pub struct Args {
 #[derive(Debug, Serialize, JsonSchema)]
 pub struct RuntimeStats {
     pub target: String,
-    pub pid: i32,
+    /// The image as the agent describes it (pid, versions, features, packages, threads).
+    #[serde(flatten)]
+    pub image: Runtime,
     pub uptime_seconds: f64,
     /// Unix time the process started (from /proc).
     pub start_time_unix: f64,
-    pub lisp_implementation: String,
-    pub lisp_version: String,
-    pub agent_version: String,
-    pub machine_type: Option<String>,
-    pub software_version: Option<String>,
-    pub features_count: u64,
-    /// *features* (at most 200 names).
-    pub features: Vec<String>,
-    pub package_count: u64,
-    /// Threads Lisp knows about.
-    pub thread_count: u64,
     /// Tasks of the process as the kernel counts them (Lisp threads plus runtime threads).
     pub os_thread_count: u64,
     pub cpu_user_seconds: f64,
@@ -51,18 +43,9 @@ pub async fn runtime_stats(ctx: &Context, args: Args) -> Result<RuntimeStats, To
     let proc = process::snapshot(pid)?;
     Ok(RuntimeStats {
         target: target.name.clone(),
-        pid,
+        image: rt,
         uptime_seconds: proc.uptime_seconds,
         start_time_unix: proc.start_time_unix,
-        lisp_implementation: rt.lisp_implementation,
-        lisp_version: rt.lisp_version,
-        agent_version: rt.agent_version,
-        machine_type: rt.machine_type,
-        software_version: rt.software_version,
-        features_count: rt.features_count,
-        features: rt.features,
-        package_count: rt.package_count,
-        thread_count: rt.thread_count,
         os_thread_count: proc.num_threads,
         cpu_user_seconds: proc.cpu_user_seconds,
         cpu_system_seconds: proc.cpu_system_seconds,
