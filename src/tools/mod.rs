@@ -6,6 +6,7 @@ pub mod gc;
 pub mod health;
 pub mod memory;
 pub mod runtime;
+pub mod summary;
 pub mod threads;
 
 use std::collections::VecDeque;
