@@ -12,6 +12,7 @@ use serde::Serialize;
 
 use crate::agent::{Address, AgentClient, ClientOptions, address};
 use crate::config::Config;
+use crate::serve::{ServeError, ServeOptions};
 use crate::targets::{Target, Targets, default_name};
 use crate::tools::{self, Catalog, Class};
 
@@ -34,16 +35,17 @@ pub enum Command {
     },
     /// List the tools.
     Tools,
+    /// Serve the tools: MCP over stdio and/or HTTP (MCP at /mcp, JSON-RPC at /rpc).
+    Serve(ServeArgs),
+    /// Start SBCL with the agent and serve it as `serve` would; SBCL stops when sbmon does.
+    Launch(LaunchArgs),
     /// Start a demo workload in SBCL with the agent and show a live summary.
     Demo(DemoArgs),
 }
 
+/// How to talk to agents, shared by the commands that do.
 #[derive(Debug, Args)]
-pub struct ConnectArgs {
-    /// The agent: unix:PATH, tcp:HOST:PORT or pid:N. Default: the only live agent in the
-    /// runtime directory.
-    #[arg(long, value_name = "SPEC")]
-    pub target: Option<String>,
+pub struct ClientArgs {
     /// File holding the token of a TCP agent (default ~/.sbmon-secret).
     #[arg(long, value_name = "FILE")]
     pub token_file: Option<PathBuf>,
@@ -61,8 +63,46 @@ pub struct CallArgs {
     pub tool: String,
     /// Arguments as a JSON object, e.g. '{"thread_id": "worker-1"}'.
     pub args: Option<String>,
+    /// The agent: unix:PATH, tcp:HOST:PORT or pid:N. Default: the only live agent in the
+    /// runtime directory.
+    #[arg(long, value_name = "SPEC")]
+    pub target: Option<String>,
     #[command(flatten)]
-    pub connect: ConnectArgs,
+    pub client: ClientArgs,
+}
+
+#[derive(Debug, Args)]
+pub struct FrontEndArgs {
+    /// MCP on stdin/stdout (stdout then carries protocol only; logs go to stderr).
+    #[arg(long)]
+    pub stdio: bool,
+    /// Serve HTTP on ADDR: MCP at /mcp, JSON-RPC at /rpc, a landing page at /.
+    #[arg(long, value_name = "ADDR", num_args = 0..=1, default_missing_value = "127.0.0.1:9405")]
+    pub http: Option<std::net::SocketAddr>,
+    #[command(flatten)]
+    pub client: ClientArgs,
+}
+
+#[derive(Debug, Args)]
+pub struct ServeArgs {
+    /// An image to watch, as [NAME=]SPEC (SPEC: unix:PATH, tcp:HOST:PORT, pid:N); repeatable.
+    /// Without it, sbmon watches every live agent of the runtime directory.
+    #[arg(long = "target", value_name = "[NAME=]SPEC")]
+    pub targets: Vec<String>,
+    #[command(flatten)]
+    pub front: FrontEndArgs,
+}
+
+#[derive(Debug, Args)]
+pub struct LaunchArgs {
+    #[command(flatten)]
+    pub front: FrontEndArgs,
+    /// The SBCL executable.
+    #[arg(long, default_value = "sbcl")]
+    pub sbcl: PathBuf,
+    /// Arguments for SBCL, after `--` (e.g. -- --dynamic-space-size 2GB --load app.lisp).
+    #[arg(last = true, value_name = "SBCL-ARGS")]
+    pub sbcl_args: Vec<String>,
 }
 
 #[derive(Debug, Args)]
@@ -91,6 +131,8 @@ pub fn run(cli: Cli) -> ExitCode {
     runtime.block_on(async {
         match cli.command {
             Command::Call(args) => call(args).await,
+            Command::Serve(args) => serve(args).await,
+            Command::Launch(args) => launch(args).await,
             Command::Targets { json } => targets(json).await,
             Command::Tools => tools(),
             Command::Demo(args) => crate::demo::run(args).await,
@@ -151,7 +193,7 @@ fn choose_address(spec: Option<&str>) -> Result<Address, (u8, String)> {
     }
 }
 
-fn client_options(args: &ConnectArgs) -> Result<ClientOptions, String> {
+fn client_options(args: &ClientArgs) -> Result<ClientOptions, String> {
     if !(args.timeout.is_finite() && args.timeout > 0.0 && args.timeout <= 3600.0) {
         return Err("--timeout must be between 0 and 3600 seconds".into());
     }
@@ -160,6 +202,77 @@ fn client_options(args: &ConnectArgs) -> Result<ClientOptions, String> {
         token_file: args.token_file.clone(),
         ..ClientOptions::default()
     })
+}
+
+fn client_and_config(args: &ClientArgs) -> Result<(ClientOptions, Config), String> {
+    let options = client_options(args)?;
+    let config = match &args.config {
+        Some(path) => Config::load(path).map_err(|e| e.to_string())?,
+        None => Config::default(),
+    };
+    Ok((options, config))
+}
+
+fn serve_options(front: &FrontEndArgs) -> Result<ServeOptions, String> {
+    let (client, config) = client_and_config(&front.client)?;
+    Ok(ServeOptions {
+        stdio: front.stdio,
+        // Neither front end named: serve HTTP on the default address.
+        http: match (front.stdio, front.http) {
+            (false, None) => Some(([127, 0, 0, 1], 9405).into()),
+            (_, http) => http,
+        },
+        client,
+        config,
+    })
+}
+
+/// `[NAME=]SPEC` from the command line.
+fn parse_target(arg: &str, options: &ClientOptions) -> Result<Target, String> {
+    let (name, spec) = match arg.split_once('=') {
+        Some((name, spec)) if !name.contains(':') => (Some(name), spec),
+        _ => (None, arg),
+    };
+    let address: Address = spec.parse().map_err(|e| format!("{e}"))?;
+    let name = name.map_or_else(|| default_name(&address), str::to_string);
+    Ok(Target::new(name, address, options.clone()))
+}
+
+async fn serve(args: ServeArgs) -> ExitCode {
+    let options = match serve_options(&args.front) {
+        Ok(o) => o,
+        Err(e) => return fail(USAGE, e),
+    };
+    let targets = if args.targets.is_empty() {
+        None
+    } else {
+        let parsed: Result<Vec<Target>, String> = args
+            .targets
+            .iter()
+            .map(|t| parse_target(t, &options.client))
+            .collect();
+        match parsed {
+            Ok(list) => Some(list),
+            Err(e) => return fail(USAGE, e),
+        }
+    };
+    match crate::serve::serve(options, targets).await {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e @ ServeError::NoFrontEnd | e @ ServeError::NotLoopback(_)) => fail(USAGE, e),
+        Err(e) => fail(1, e),
+    }
+}
+
+async fn launch(args: LaunchArgs) -> ExitCode {
+    let options = match serve_options(&args.front) {
+        Ok(o) => o,
+        Err(e) => return fail(USAGE, e),
+    };
+    match crate::serve::launch(options, args.sbcl, args.sbcl_args).await {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e @ ServeError::NoFrontEnd | e @ ServeError::NotLoopback(_)) => fail(USAGE, e),
+        Err(e) => fail(1, e),
+    }
 }
 
 /// A catalog over one target, as `call` and `demo` use it.
@@ -176,16 +289,9 @@ async fn call(args: CallArgs) -> ExitCode {
             Err(e) => return fail(USAGE, format!("arguments are not valid JSON: {e}")),
         },
     };
-    let options = match client_options(&args.connect) {
-        Ok(o) => o,
+    let (options, config) = match client_and_config(&args.client) {
+        Ok(both) => both,
         Err(e) => return fail(USAGE, e),
-    };
-    let config = match &args.connect.config {
-        Some(path) => match Config::load(path) {
-            Ok(c) => c,
-            Err(e) => return fail(USAGE, e),
-        },
-        None => Config::default(),
     };
     if tools::find(&args.tool).is_none() {
         return fail(
@@ -196,7 +302,7 @@ async fn call(args: CallArgs) -> ExitCode {
             ),
         );
     }
-    let address = match choose_address(args.connect.target.as_deref()) {
+    let address = match choose_address(args.target.as_deref()) {
         Ok(a) => a,
         Err((code, message)) => return fail(code, message),
     };

@@ -2,6 +2,7 @@
 //! path. `sbmon demo` and the integration tests use it. The agent source is embedded in the
 //! binary, so a launched image needs nothing but `sbcl` on the machine.
 
+use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
@@ -29,6 +30,8 @@ pub struct LaunchOptions {
     pub before_start: Vec<String>,
     /// Forms evaluated after the agent started (the image then idles until stopped).
     pub after_start: Vec<String>,
+    /// Further SBCL toplevel options (`--load app.lisp`, `--eval ...`), processed after that.
+    pub toplevel_args: Vec<String>,
 }
 
 impl Default for LaunchOptions {
@@ -40,6 +43,7 @@ impl Default for LaunchOptions {
             env: Vec::new(),
             before_start: Vec::new(),
             after_start: Vec::new(),
+            toplevel_args: Vec::new(),
         }
     }
 }
@@ -109,10 +113,22 @@ impl Sbcl {
         for form in forms {
             cmd.arg("--eval").arg(form);
         }
-        cmd.args(["--eval", "(loop (sleep 3600))"])
+        cmd.args(&options.toplevel_args)
+            .args(["--eval", "(loop (sleep 3600))"])
             .stdin(Stdio::null())
             .stdout(log)
             .stderr(log_err);
+        // If sbmon dies without running its cleanup (SIGKILL, a crash), the kernel kills the
+        // SBCL it started: an image launched by sbmon never outlives it.
+        // SAFETY: prctl is async-signal-safe and touches only the child being set up.
+        unsafe {
+            cmd.pre_exec(|| {
+                if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL) == -1 {
+                    return Err(std::io::Error::last_os_error());
+                }
+                Ok(())
+            });
+        }
         let child = cmd.spawn().map_err(|source| LaunchError::Spawn {
             sbcl: options.sbcl.display().to_string(),
             source,

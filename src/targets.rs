@@ -5,6 +5,7 @@ use std::collections::VecDeque;
 use std::sync::{Arc, Mutex, RwLock};
 use std::time::{Duration, Instant};
 
+use crate::agent::address::Found;
 use crate::agent::{Address, AgentClient, AgentError, ClientOptions};
 
 /// Samples older than this are dropped; rates look back one minute.
@@ -115,6 +116,32 @@ impl Targets {
             .clone()
     }
 
+    /// Make the set follow the agents found in a runtime directory: add new live sockets,
+    /// drop targets whose process is gone, keep the rest (and their connections) as they are.
+    pub fn sync_discovered(&self, found: &[Found], options: &ClientOptions) {
+        let live: Vec<&Found> = found.iter().filter(|f| f.process_alive).collect();
+        let mut list = self
+            .list
+            .write()
+            .unwrap_or_else(|poisoned| poisoned.into_inner());
+        list.retain(|t| {
+            live.iter()
+                .any(|f| t.client.address() == &Address::Unix(f.path.clone()))
+        });
+        for f in live {
+            let address = Address::Unix(f.path.clone());
+            if !list.iter().any(|t| t.client.address() == &address) {
+                tracing::info!("watching {address}");
+                list.push(Arc::new(Target::new(
+                    default_name(&address),
+                    address,
+                    options.clone(),
+                )));
+            }
+        }
+        list.sort_by(|a, b| a.name.cmp(&b.name));
+    }
+
     fn names(list: &[Arc<Target>]) -> String {
         list.iter()
             .map(|t| t.name.as_str())
@@ -175,6 +202,27 @@ mod tests {
         // A counter that went backwards (image restarted) gives no rate.
         std::thread::sleep(Duration::from_millis(150));
         assert!(t.gc_rate(0.5).is_none());
+    }
+
+    #[test]
+    fn follows_discovered_agents() {
+        let found = |pid: i32, alive: bool| Found {
+            pid,
+            path: format!("/run/sbmon/{pid}.sock").into(),
+            process_alive: alive,
+        };
+        let ts = Targets::default();
+        let options = ClientOptions::default();
+        ts.sync_discovered(&[found(1, true), found(2, false)], &options);
+        let names = |ts: &Targets| ts.all().iter().map(|t| t.name.clone()).collect::<Vec<_>>();
+        assert_eq!(names(&ts), ["pid-1"]);
+        let first = ts.resolve(Some("pid-1")).unwrap();
+        ts.sync_discovered(&[found(1, true), found(3, true)], &options);
+        assert_eq!(names(&ts), ["pid-1", "pid-3"]);
+        // The surviving target is the same object, so its connection and history stay.
+        assert!(Arc::ptr_eq(&first, &ts.resolve(Some("pid-1")).unwrap()));
+        ts.sync_discovered(&[found(3, true)], &options);
+        assert_eq!(names(&ts), ["pid-3"]);
     }
 
     #[test]

@@ -1,0 +1,145 @@
+//! `memory_stats` through the front ends, against a real SBCL and a real `sbmon serve`
+//! process: JSON-RPC over HTTP (`/rpc`) and MCP `tools/call` over stdio. Each path is timed
+//! one call at a time (latency) and with 8 calls in flight (throughput).
+//!
+//! Run: `cargo bench --bench frontends` (ITERATIONS=N to change the sample size).
+
+use std::io::{BufRead, BufReader};
+use std::process::{Command, Stdio};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use rmcp::ServiceExt;
+use rmcp::model::CallToolRequestParams;
+use rmcp::transport::TokioChildProcess;
+use sbmon::agent::{Address, ClientOptions};
+use sbmon::launch::{LaunchOptions, Sbcl};
+use serde_json::json;
+
+const IN_FLIGHT: usize = 8;
+
+fn report(name: &str, mut samples: Vec<Duration>, concurrent: Duration, concurrent_calls: usize) {
+    samples.sort();
+    let n = samples.len();
+    let pct = |p: f64| samples[((n as f64 * p) as usize).min(n - 1)].as_secs_f64() * 1e6;
+    println!(
+        "{name:<22} p50={:>7.1}µs p99={:>7.1}µs  sequential {:>6.0} calls/s  {IN_FLIGHT} in flight {:>6.0} calls/s",
+        pct(0.50),
+        pct(0.99),
+        n as f64 / samples.iter().sum::<Duration>().as_secs_f64(),
+        concurrent_calls as f64 / concurrent.as_secs_f64(),
+    );
+}
+
+async fn time_calls<F, Fut>(iterations: usize, f: F) -> (Vec<Duration>, Duration)
+where
+    F: Fn() -> Fut,
+    Fut: std::future::Future<Output = ()>,
+{
+    for _ in 0..iterations / 10 {
+        f().await;
+    }
+    let mut samples = Vec::with_capacity(iterations);
+    for _ in 0..iterations {
+        let start = Instant::now();
+        f().await;
+        samples.push(start.elapsed());
+    }
+    let start = Instant::now();
+    for _ in 0..iterations / IN_FLIGHT {
+        futures::future::join_all((0..IN_FLIGHT).map(|_| f())).await;
+    }
+    (samples, start.elapsed())
+}
+
+#[tokio::main]
+async fn main() {
+    let iterations: usize = std::env::var("ITERATIONS")
+        .ok()
+        .and_then(|n| n.parse().ok())
+        .unwrap_or(3000);
+    let scratch = tempfile::tempdir().unwrap();
+    let socket = scratch.path().join("bench.sock");
+    let mut sbcl = Sbcl::spawn(&LaunchOptions {
+        listen: Some(Address::Unix(socket.clone())),
+        ..LaunchOptions::default()
+    })
+    .expect("start sbcl");
+    sbcl.wait_ready(Duration::from_secs(60), &ClientOptions::default())
+        .await
+        .expect("agent ready");
+    let target = format!("app=unix:{}", socket.display());
+    println!("memory_stats through the front ends, {iterations} calls per path");
+
+    // JSON-RPC over HTTP, one keep-alive client.
+    let mut server = Command::new(env!("CARGO_BIN_EXE_sbmon"))
+        .args(["serve", "--http", "127.0.0.1:0", "--target", &target])
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("start sbmon serve");
+    let stderr = server.stderr.take().unwrap();
+    let url = BufReader::new(stderr)
+        .lines()
+        .map_while(Result::ok)
+        .find_map(|l| {
+            l.find("http://")
+                .map(|at| l[at..].split_whitespace().next().unwrap_or("").to_string())
+        })
+        .expect("sbmon reports its address")
+        + "/rpc";
+    let http = reqwest::Client::new();
+    let body = json!({"jsonrpc": "2.0", "id": 1, "method": "memory_stats"}).to_string();
+    let (samples, concurrent) = time_calls(iterations, || async {
+        let answer: serde_json::Value = http
+            .post(&url)
+            .body(body.clone())
+            .send()
+            .await
+            .unwrap()
+            .json()
+            .await
+            .unwrap();
+        assert!(answer["result"]["heap_used_bytes"].is_u64(), "{answer}");
+    })
+    .await;
+    report(
+        "/rpc memory_stats",
+        samples,
+        concurrent,
+        iterations / IN_FLIGHT * IN_FLIGHT,
+    );
+    let _ = server.kill();
+    let _ = server.wait();
+
+    // MCP over stdio with the rmcp client, through a child `sbmon serve --stdio`.
+    let mut cmd = tokio::process::Command::new(env!("CARGO_BIN_EXE_sbmon"));
+    cmd.args(["serve", "--stdio", "--target", &target]);
+    let client = Arc::new(
+        ().serve(TokioChildProcess::new(cmd).expect("spawn sbmon serve --stdio"))
+            .await
+            .expect("MCP initialize"),
+    );
+    let (samples, concurrent) = time_calls(iterations, || {
+        let client = client.clone();
+        async move {
+            let result = client
+                .call_tool(CallToolRequestParams::new("memory_stats"))
+                .await
+                .unwrap();
+            assert!(result.structured_content.is_some());
+        }
+    })
+    .await;
+    report(
+        "MCP stdio tools/call",
+        samples,
+        concurrent,
+        iterations / IN_FLIGHT * IN_FLIGHT,
+    );
+    if let Ok(client) = Arc::try_unwrap(client) {
+        let _ = client.cancel().await;
+    }
+    sbcl.stop();
+}

@@ -1,0 +1,222 @@
+//! `sbmon serve` and `sbmon launch`: run the front ends (MCP over stdio, HTTP with MCP and
+//! JSON-RPC) over one catalog, with targets given on the command line or discovered in the
+//! runtime directory (and followed as agents start and exit).
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use tokio_util::sync::CancellationToken;
+
+use crate::agent::{ClientOptions, address};
+use crate::config::Config;
+use crate::launch::{LaunchError, LaunchOptions, Sbcl};
+use crate::targets::{Target, Targets, default_name};
+use crate::tools::Catalog;
+
+/// How often the runtime directory is scanned for agents that started or exited.
+const DISCOVERY_INTERVAL: Duration = Duration::from_secs(2);
+
+#[derive(Debug, thiserror::Error)]
+pub enum ServeError {
+    #[error("give --stdio and/or --http")]
+    NoFrontEnd,
+    #[error(
+        "refusing to serve HTTP on {0}: sbmon binds loopback addresses only (127.0.0.1, ::1); \
+         reach it from elsewhere through an SSH tunnel"
+    )]
+    NotLoopback(SocketAddr),
+    #[error("cannot listen on {addr}: {source}")]
+    Bind {
+        addr: SocketAddr,
+        source: std::io::Error,
+    },
+    #[error("MCP over stdio failed: {0}")]
+    Stdio(std::io::Error),
+    #[error(transparent)]
+    Launch(#[from] LaunchError),
+}
+
+/// What to serve and how.
+pub struct ServeOptions {
+    pub stdio: bool,
+    pub http: Option<SocketAddr>,
+    pub client: ClientOptions,
+    pub config: Config,
+}
+
+/// Serve `targets` (or, when `None`, the agents of the runtime directory) until stdin closes
+/// (with `--stdio`) or SIGINT/SIGTERM.
+pub async fn serve(options: ServeOptions, targets: Option<Vec<Target>>) -> Result<(), ServeError> {
+    if !options.stdio && options.http.is_none() {
+        return Err(ServeError::NoFrontEnd);
+    }
+    if let Some(addr) = options.http
+        && !addr.ip().is_loopback()
+    {
+        return Err(ServeError::NotLoopback(addr));
+    }
+    let stop = CancellationToken::new();
+    let discovered = targets.is_none();
+    let targets = Arc::new(Targets::new(targets.unwrap_or_default()));
+    if discovered {
+        let (targets, client, stop) = (targets.clone(), options.client.clone(), stop.clone());
+        targets.sync_discovered(&address::discover(), &client);
+        tokio::spawn(async move {
+            let mut tick = tokio::time::interval(DISCOVERY_INTERVAL);
+            loop {
+                tokio::select! {
+                    _ = tick.tick() => targets.sync_discovered(&address::discover(), &client),
+                    _ = stop.cancelled() => break,
+                }
+            }
+        });
+    }
+    let catalog = Arc::new(Catalog::new(targets, Arc::new(options.config)));
+
+    let http = match options.http {
+        Some(addr) => {
+            let listener = tokio::net::TcpListener::bind(addr)
+                .await
+                .map_err(|source| ServeError::Bind { addr, source })?;
+            let local = listener.local_addr().unwrap_or(addr);
+            eprintln!("sbmon: serving http://{local} (MCP at /mcp, JSON-RPC at /rpc)");
+            let app = crate::http::router(catalog.clone(), stop.clone());
+            let stop = stop.clone();
+            Some(tokio::spawn(async move {
+                let shutdown = async move { stop.cancelled().await };
+                if let Err(e) = axum::serve(listener, app)
+                    .with_graceful_shutdown(shutdown)
+                    .await
+                {
+                    tracing::error!("HTTP server failed: {e}");
+                }
+            }))
+        }
+        None => None,
+    };
+
+    let outcome = if options.stdio {
+        tokio::select! {
+            r = crate::mcp::serve_stdio(catalog.clone()) => r.map_err(ServeError::Stdio),
+            _ = shutdown_signal() => Ok(()),
+        }
+    } else {
+        shutdown_signal().await;
+        Ok(())
+    };
+    stop.cancel();
+    if let Some(server) = http {
+        // Cancelling `stop` closed the MCP streams; a client that still holds a plain
+        // connection open gets a moment, not a veto.
+        let _ = tokio::time::timeout(Duration::from_secs(2), server).await;
+    }
+    outcome
+}
+
+/// Start SBCL with the agent (`sbcl_args` after `--` on the command line), serve it exactly
+/// as `serve` would, and stop it when sbmon exits, however that happens.
+pub async fn launch(
+    options: ServeOptions,
+    sbcl: std::path::PathBuf,
+    sbcl_args: Vec<String>,
+) -> Result<(), ServeError> {
+    let (runtime_args, toplevel_args) = split_sbcl_args(&sbcl_args);
+    let mut image = Sbcl::spawn(&LaunchOptions {
+        sbcl,
+        runtime_args,
+        toplevel_args,
+        ..LaunchOptions::default()
+    })?;
+    eprintln!(
+        "sbmon: started SBCL pid {} (its output goes to {})",
+        image.pid,
+        image.log_path().display()
+    );
+    let ready = tokio::select! {
+        r = image.wait_ready(Duration::from_secs(60), &options.client) => r,
+        _ = shutdown_signal() => return Ok(()),
+    };
+    ready?;
+    let target = Target::new(
+        default_name(&image.address),
+        image.address.clone(),
+        options.client.clone(),
+    );
+    let outcome = serve(options, Some(vec![target])).await;
+    image.stop();
+    outcome
+}
+
+/// SBCL's runtime options must come before `--end-runtime-options`, everything else after the
+/// agent has started.
+fn split_sbcl_args(args: &[String]) -> (Vec<String>, Vec<String>) {
+    const WITH_VALUE: &[&str] = &[
+        "--core",
+        "--dynamic-space-size",
+        "--control-stack-size",
+        "--tls-limit",
+    ];
+    const FLAGS: &[&str] = &[
+        "--merge-core-pages",
+        "--no-merge-core-pages",
+        "--disable-ldb",
+        "--lose-on-corruption",
+        "--debug-environment",
+    ];
+    let (mut runtime, mut toplevel) = (Vec::new(), Vec::new());
+    let mut it = args.iter();
+    while let Some(arg) = it.next() {
+        if WITH_VALUE.contains(&arg.as_str()) {
+            runtime.push(arg.clone());
+            runtime.extend(it.next().cloned());
+        } else if FLAGS.contains(&arg.as_str()) {
+            runtime.push(arg.clone());
+        } else if arg != "--noinform" && arg != "--end-runtime-options" {
+            toplevel.push(arg.clone());
+        }
+    }
+    (runtime, toplevel)
+}
+
+async fn shutdown_signal() {
+    let term = async {
+        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+            Ok(mut s) => {
+                s.recv().await;
+            }
+            Err(_) => std::future::pending().await,
+        }
+    };
+    tokio::select! {
+        _ = tokio::signal::ctrl_c() => {}
+        _ = term => {}
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::split_sbcl_args;
+
+    #[test]
+    fn runtime_options_go_first() {
+        let args: Vec<String> = [
+            "--dynamic-space-size",
+            "2GB",
+            "--load",
+            "app.lisp",
+            "--merge-core-pages",
+            "--eval",
+            "(start)",
+        ]
+        .iter()
+        .map(|s| s.to_string())
+        .collect();
+        let (runtime, toplevel) = split_sbcl_args(&args);
+        assert_eq!(
+            runtime,
+            ["--dynamic-space-size", "2GB", "--merge-core-pages"]
+        );
+        assert_eq!(toplevel, ["--load", "app.lisp", "--eval", "(start)"]);
+    }
+}
