@@ -1,6 +1,7 @@
-//! `memory_stats` through the front ends, against a real SBCL and a real `sbmon serve`
-//! process: JSON-RPC over HTTP (`/rpc`) and MCP `tools/call` over stdio. Each path is timed
-//! one call at a time (latency) and with 8 calls in flight (throughput).
+//! The front ends against a real SBCL and a real `sbmon serve` process: `memory_stats` through
+//! JSON-RPC over HTTP (`/rpc`) and MCP `tools/call` over stdio, and a Prometheus scrape of
+//! one target (`/metrics?target=`). Each path is timed one call at a time (latency) and with
+//! 8 calls in flight (throughput).
 //!
 //! Run: `cargo bench --bench frontends` (ITERATIONS=N to change the sample size).
 
@@ -110,6 +111,23 @@ async fn main() {
         concurrent,
         iterations / IN_FLIGHT * IN_FLIGHT,
     );
+
+    // A Prometheus scrape of the one target, as `/sd` points scrapers at it.
+    let scrape = url.replace("/rpc", "/metrics?target=app");
+    let (samples, concurrent) = time_calls(iterations / 3, || async {
+        let text = http
+            .get(&scrape)
+            .send()
+            .await
+            .unwrap()
+            .text()
+            .await
+            .unwrap();
+        assert!(text.contains("sbcl_heap_used_bytes"));
+    })
+    .await;
+    let scrapes = iterations / 3 / IN_FLIGHT * IN_FLIGHT;
+    report("/metrics?target=app", samples, concurrent, scrapes);
     let _ = server.kill();
     let _ = server.wait();
 

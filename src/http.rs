@@ -1,16 +1,22 @@
-//! The HTTP front end: MCP Streamable HTTP at `/mcp`, JSON-RPC at `/rpc`, and a landing page
-//! at `/` listing endpoints, targets and tools. It adapts the catalog; it holds no tool logic.
+//! The HTTP front end: MCP Streamable HTTP at `/mcp`, JSON-RPC at `/rpc`, Prometheus metrics
+//! at `/metrics` (with `/sd` for HTTP service discovery), health endpoints for orchestrators
+//! and people, and a landing page at `/`. It adapts the catalog; it holds no tool logic.
 
 use std::sync::Arc;
+use std::time::Instant;
 
+use axum::Json;
 use axum::Router;
 use axum::body::Bytes;
-use axum::extract::{DefaultBodyLimit, State};
-use axum::http::{StatusCode, header};
+use axum::extract::{DefaultBodyLimit, Path, Query, State};
+use axum::http::{HeaderMap, StatusCode, header};
 use axum::response::{Html, IntoResponse, Response};
 use axum::routing::{get, post};
+use serde::Deserialize;
+use serde_json::{Value, json};
 use tokio_util::sync::CancellationToken;
 
+use crate::tools::health::{self, HealthReport, Status};
 use crate::tools::{Catalog, Class};
 
 /// Largest request body accepted on any endpoint.
@@ -19,16 +25,32 @@ pub const MAX_BODY: usize = 1024 * 1024;
 /// The whole HTTP surface; cancelling `stop` ends open MCP sessions and streams, so a
 /// graceful shutdown is not held up by a connected client.
 pub fn router(catalog: Arc<Catalog>, stop: CancellationToken) -> Router {
+    let state = AppState {
+        catalog: catalog.clone(),
+        started: Instant::now(),
+    };
     Router::new()
         .route("/", get(landing))
         .route("/rpc", post(rpc))
-        .with_state(catalog.clone())
+        .route("/metrics", get(metrics))
+        .route("/sd", get(service_discovery))
+        .route("/health", get(health_all))
+        .route("/health/live", get(live))
+        .route("/health/ready", get(ready))
+        .route("/health/targets/{name}", get(health_one))
+        .with_state(state)
         .nest_service("/mcp", crate::mcp::http_service_with_cancel(catalog, stop))
         .layer(DefaultBodyLimit::max(MAX_BODY))
 }
 
-async fn rpc(State(catalog): State<Arc<Catalog>>, body: Bytes) -> Response {
-    match crate::rpc::handle(&catalog, &body).await {
+#[derive(Clone)]
+struct AppState {
+    catalog: Arc<Catalog>,
+    started: Instant,
+}
+
+async fn rpc(State(state): State<AppState>, body: Bytes) -> Response {
+    match crate::rpc::handle(&state.catalog, &body).await {
         Some(answer) => (
             [(header::CONTENT_TYPE, "application/json")],
             answer.to_string(),
@@ -45,7 +67,143 @@ fn escape(text: &str) -> String {
         .replace('"', "&quot;")
 }
 
-async fn landing(State(catalog): State<Arc<Catalog>>) -> Html<String> {
+#[derive(Deserialize)]
+struct MetricsQuery {
+    target: Option<String>,
+}
+
+async fn metrics(State(state): State<AppState>, Query(q): Query<MetricsQuery>) -> Response {
+    let ctx = state.catalog.context();
+    let only = match q.target.as_deref() {
+        Some(name) => match ctx.target(Some(name)) {
+            Ok(t) => Some(t),
+            Err(e) => return (StatusCode::NOT_FOUND, format!("{e}\n")).into_response(),
+        },
+        None => None,
+    };
+    let text = crate::metrics::render(ctx, only).await;
+    ([(header::CONTENT_TYPE, crate::metrics::CONTENT_TYPE)], text).into_response()
+}
+
+/// Prometheus HTTP service discovery: one entry per target, each scraped through
+/// `/metrics?target=NAME` on the address the discovering Prometheus used to reach us.
+async fn service_discovery(State(state): State<AppState>, headers: HeaderMap) -> Json<Value> {
+    let host = headers
+        .get(header::HOST)
+        .and_then(|h| h.to_str().ok())
+        .unwrap_or("127.0.0.1:9405")
+        .to_string();
+    let entries: Vec<Value> = state
+        .catalog
+        .context()
+        .targets
+        .all()
+        .iter()
+        .map(|t| {
+            json!({
+                "targets": [host],
+                "labels": {
+                    "__metrics_path__": "/metrics",
+                    "__param_target": t.name,
+                    "target": t.name,
+                },
+            })
+        })
+        .collect();
+    Json(Value::Array(entries))
+}
+
+fn status_code(status: Status) -> StatusCode {
+    if status == Status::Critical {
+        StatusCode::SERVICE_UNAVAILABLE
+    } else {
+        StatusCode::OK
+    }
+}
+
+async fn reports(catalog: &Catalog) -> Vec<HealthReport> {
+    let ctx = catalog.context();
+    let targets = ctx.targets.all();
+    futures::future::join_all(targets.iter().map(|t| health::evaluate(ctx, t))).await
+}
+
+/// Every target's health; 503 when the worst is critical.
+async fn health_all(State(state): State<AppState>) -> Response {
+    let reports = reports(&state.catalog).await;
+    let status = reports
+        .iter()
+        .map(|r| r.status)
+        .max()
+        .unwrap_or(Status::Healthy);
+    let body = json!({
+        "status": status,
+        "timestamp": humantime::format_rfc3339_millis(std::time::SystemTime::now()).to_string(),
+        "version": env!("CARGO_PKG_VERSION"),
+        "uptime_seconds": state.started.elapsed().as_secs_f64(),
+        "targets": reports,
+    });
+    (status_code(status), Json(body)).into_response()
+}
+
+/// Liveness: sbmon runs. Depends on nothing else.
+async fn live() -> Json<Value> {
+    Json(json!({"status": "alive"}))
+}
+
+/// Readiness: every target answers and none is critical (and there is at least one).
+async fn ready(State(state): State<AppState>) -> Response {
+    let reports = reports(&state.catalog).await;
+    let not_ready: Vec<String> = reports
+        .iter()
+        .filter(|r| r.status == Status::Critical)
+        .map(|r| {
+            let failing: Vec<&str> = r
+                .checks
+                .iter()
+                .filter(|c| c.status == Status::Critical)
+                .map(|c| c.name.as_str())
+                .collect();
+            format!("{}: {}", r.target, failing.join(", "))
+        })
+        .collect();
+    let (code, reason) = if reports.is_empty() {
+        (StatusCode::SERVICE_UNAVAILABLE, "no targets".to_string())
+    } else if not_ready.is_empty() {
+        (
+            StatusCode::OK,
+            "every target answers, none is critical".to_string(),
+        )
+    } else {
+        (
+            StatusCode::SERVICE_UNAVAILABLE,
+            format!("critical: {}", not_ready.join("; ")),
+        )
+    };
+    let targets: Vec<Value> = reports
+        .iter()
+        .map(|r| json!({"target": r.target, "status": r.status}))
+        .collect();
+    (
+        code,
+        Json(json!({"ready": code == StatusCode::OK, "reason": reason, "targets": targets})),
+    )
+        .into_response()
+}
+
+/// One target's health, same codes as `/health`; 404 for an unknown name.
+async fn health_one(State(state): State<AppState>, Path(name): Path<String>) -> Response {
+    let ctx = state.catalog.context();
+    match ctx.target(Some(&name)) {
+        Ok(target) => {
+            let report = health::evaluate(ctx, &target).await;
+            (status_code(report.status), Json(report)).into_response()
+        }
+        Err(e) => (StatusCode::NOT_FOUND, Json(json!({"error": e.to_string()}))).into_response(),
+    }
+}
+
+async fn landing(State(state): State<AppState>) -> Html<String> {
+    let catalog = &state.catalog;
     let targets: String = catalog
         .context()
         .targets
@@ -89,6 +247,8 @@ async fn landing(State(catalog): State<Arc<Catalog>>) -> Html<String> {
 <h2>Endpoints</h2>
 <ul>
 <li><code>/mcp</code>: MCP (Streamable HTTP) for AI assistants and editors</li>
+<li><code>/metrics</code>: Prometheus metrics (<code>?target=NAME</code> for one image), <code>/sd</code>: service discovery</li>
+<li><code>/health</code>, <code>/health/live</code>, <code>/health/ready</code>, <code>/health/targets/NAME</code></li>
 <li><code>POST /rpc</code>: JSON-RPC 2.0, <code>method</code> = tool name, <code>params</code> = its arguments, e.g.
 <pre>curl -s localhost:9405/rpc -d '{{"jsonrpc":"2.0","id":1,"method":"health_check"}}'</pre></li>
 </ul>

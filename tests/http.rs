@@ -4,79 +4,11 @@
 
 mod common;
 
-use std::io::{BufRead, BufReader};
-use std::process::{Child, Command, Stdio};
+use std::process::Command;
 use std::time::{Duration, Instant};
 
-use common::{Image, Listen, Setup, process_exists};
+use common::{Image, Listen, Sbmon, Setup, process_exists};
 use serde_json::{Value, json};
-
-/// An `sbmon` child process, killed when dropped.
-struct Sbmon {
-    child: Child,
-    base: String,
-}
-
-impl Drop for Sbmon {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
-impl Sbmon {
-    /// Start `sbmon COMMAND --http 127.0.0.1:0 ARGS` and wait for the address it reports.
-    fn start(command: &str, args: &[&str], env: &[(&str, &str)]) -> Sbmon {
-        let mut child = Command::new(env!("CARGO_BIN_EXE_sbmon"))
-            .args([command, "--http", "127.0.0.1:0"])
-            .args(args)
-            .envs(env.iter().copied())
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(Stdio::piped())
-            .spawn()
-            .expect("start sbmon");
-        let stderr = child.stderr.take().expect("stderr");
-        let (tx, rx) = std::sync::mpsc::channel();
-        std::thread::spawn(move || {
-            for line in BufReader::new(stderr).lines().map_while(Result::ok) {
-                if let Some(at) = line.find("http://") {
-                    let url: String = line[at..].split_whitespace().next().unwrap_or("").into();
-                    let _ = tx.send(url);
-                }
-            }
-        });
-        let mut sbmon = Sbmon {
-            child,
-            base: String::new(),
-        };
-        sbmon.base = rx
-            .recv_timeout(Duration::from_secs(90))
-            .expect("sbmon reports its address");
-        sbmon
-    }
-
-    fn pid(&self) -> i32 {
-        self.child.id() as i32
-    }
-
-    async fn rpc(&self, body: Value) -> Value {
-        self.post("/rpc", body.to_string()).await.1
-    }
-
-    async fn post(&self, path: &str, body: String) -> (u16, Value) {
-        let response = reqwest::Client::new()
-            .post(format!("{}{path}", self.base))
-            .header("content-type", "application/json")
-            .body(body)
-            .send()
-            .await
-            .expect("request");
-        let status = response.status().as_u16();
-        let text = response.text().await.unwrap_or_default();
-        (status, serde_json::from_str(&text).unwrap_or(Value::Null))
-    }
-}
 
 fn call(id: Value, method: &str, params: Value) -> Value {
     json!({"jsonrpc": "2.0", "id": id, "method": method, "params": params})

@@ -33,8 +33,9 @@ type Client = RunningService<RoleClient, ()>;
 
 const HEAP_MB: u64 = 448;
 const WORKERS: usize = 8;
-const READ_TOOLS: [&str; 7] = [
+const READ_TOOLS: [&str; 8] = [
     "health_check",
+    "metrics_export",
     "memory_stats",
     "gc_stats",
     "runtime_stats",
@@ -357,6 +358,17 @@ async fn read_tools(client: &Client, image: &Image) {
         assert!((1..=5).contains(&n), "{n} frames");
     }
     assert!(summary.contains(&worker(0)), "{summary}");
+
+    let (metrics, _) = ok(
+        "metrics_export",
+        call(client, "metrics_export", json!({"target": "test"})).await,
+    );
+    let text = metrics["text"].as_str().expect("exposition text");
+    let limit = format!(
+        "sbcl_heap_limit_bytes{{target=\"test\"}} {}\n",
+        HEAP_MB << 20
+    );
+    assert!(text.contains(&limit), "{text}");
 }
 
 async fn errors(client: &Client) {

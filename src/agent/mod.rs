@@ -16,6 +16,7 @@ pub use address::Address;
 pub use connection::Connection;
 pub use error::AgentError;
 
+use crate::histogram::Histogram;
 use crate::wire::{Sexp, from_sexp};
 
 #[derive(Debug, Clone)]
@@ -53,6 +54,8 @@ pub struct AgentClient {
     options: ClientOptions,
     current: tokio::sync::Mutex<Option<Arc<Connection>>>,
     slow: tokio::sync::Semaphore,
+    /// Round trips of answered calls, for `sbmon_agent_rtt_seconds`.
+    rtt: Histogram,
 }
 
 impl AgentClient {
@@ -62,6 +65,7 @@ impl AgentClient {
             options,
             current: tokio::sync::Mutex::new(None),
             slow: tokio::sync::Semaphore::new(SLOW_IN_FLIGHT),
+            rtt: Histogram::default(),
         }
     }
 
@@ -71,6 +75,11 @@ impl AgentClient {
 
     pub fn options(&self) -> &ClientOptions {
         &self.options
+    }
+
+    /// Round trips of the calls the agent answered so far.
+    pub fn rtt(&self) -> &Histogram {
+        &self.rtt
     }
 
     /// The live connection, opening a new one if there is none or the last one died.
@@ -150,7 +159,10 @@ impl AgentClient {
                 op: op.to_string(),
                 timeout,
             })??;
-        conn.call(op, args, timeout).await
+        let start = std::time::Instant::now();
+        let value = conn.call(op, args, timeout).await?;
+        self.rtt.observe(start.elapsed());
+        Ok(value)
     }
 
     /// Call `op` and decode its value into `T`.

@@ -6,7 +6,7 @@ use serde::{Deserialize, Serialize};
 
 use super::{Context, ToolError, ratio, unix_now};
 use crate::config::Threshold;
-use crate::process;
+use crate::snapshot::{Readings, Snapshot};
 use crate::targets::Target;
 
 #[derive(Debug, Default, Deserialize, JsonSchema)]
@@ -50,7 +50,7 @@ pub struct HealthReport {
     pub time: f64,
 }
 
-fn grade(observed: f64, t: &Threshold) -> Status {
+fn status_of(observed: f64, t: &Threshold) -> Status {
     if t.critical.is_some_and(|c| observed >= c) {
         Status::Critical
     } else if observed >= t.warning {
@@ -63,7 +63,7 @@ fn grade(observed: f64, t: &Threshold) -> Status {
 fn check(name: &str, observed: f64, t: &Threshold, reason: String) -> Check {
     Check {
         name: name.into(),
-        status: grade(observed, t),
+        status: status_of(observed, t),
         observed: Some(observed),
         warning: t.warning,
         critical: t.critical,
@@ -98,10 +98,14 @@ pub async fn health_check(ctx: &Context, args: Args) -> Result<HealthReport, Too
 /// Grade every check for one target. An unreachable agent is itself the critical finding,
 /// so this never fails.
 pub async fn evaluate(ctx: &Context, target: &Target) -> HealthReport {
+    grade(ctx, target, &Snapshot::take(target).await)
+}
+
+/// Grade a snapshot already taken (a scrape grades the snapshot it exports).
+pub fn grade(ctx: &Context, target: &Target, snap: &Snapshot) -> HealthReport {
     let h = &ctx.config.health;
     let mut checks = Vec::new();
-    let ping = target.client.ping().await;
-    let agent_check = match &ping {
+    checks.push(match &snap.rtt {
         Ok(rtt) => check(
             "availability.agent",
             rtt.as_secs_f64(),
@@ -113,24 +117,24 @@ pub async fn evaluate(ctx: &Context, target: &Target) -> HealthReport {
             reason: format!("agent unreachable: {e}"),
             ..unknown("availability.agent", &h.availability.agent, String::new())
         },
-    };
-    checks.push(agent_check);
+    });
 
-    if ping.is_ok() {
-        observe_image(ctx, target, &mut checks).await;
-    } else {
-        for (name, t) in [
-            ("memory.heap", &h.memory.heap),
-            ("memory.rss", &h.memory.rss),
-            ("gc.time", &h.gc.time),
-            ("threads.count", &h.threads.count),
-            ("resources.fds", &h.resources.fds),
-        ] {
-            checks.push(unknown(
-                name,
-                t,
-                "not observed: the agent is unreachable".into(),
-            ));
+    match &snap.image {
+        Some(readings) => observe_image(ctx, target, readings, &mut checks),
+        None => {
+            for (name, t) in [
+                ("memory.heap", &h.memory.heap),
+                ("memory.rss", &h.memory.rss),
+                ("gc.time", &h.gc.time),
+                ("threads.count", &h.threads.count),
+                ("resources.fds", &h.resources.fds),
+            ] {
+                checks.push(unknown(
+                    name,
+                    t,
+                    "not observed: the agent is unreachable".into(),
+                ));
+            }
         }
     }
 
@@ -160,45 +164,35 @@ pub async fn evaluate(ctx: &Context, target: &Target) -> HealthReport {
     }
 }
 
-async fn observe_image(ctx: &Context, target: &Target, checks: &mut Vec<Check>) {
+fn observe_image(ctx: &Context, target: &Target, image: &Readings, checks: &mut Vec<Check>) {
     let h = &ctx.config.health;
-    let c = &target.client;
-    let gather = async {
-        let pid = target.pid().await?;
-        let (mem, gc, threads) = tokio::try_join!(c.memory(), c.gc(), c.threads())?;
-        Ok::<_, ToolError>((pid, mem, gc, threads))
-    };
-    let (pid, mem, gc, threads) = match gather.await {
-        Ok(readings) => readings,
-        Err(e) => {
-            for (name, t) in [
-                ("memory.heap", &h.memory.heap),
-                ("gc.time", &h.gc.time),
-                ("threads.count", &h.threads.count),
-            ] {
-                checks.push(unknown(name, t, format!("could not be read: {e}")));
-            }
-            return;
+    checks.push(match &image.memory {
+        Ok(mem) => {
+            let heap = ratio(mem.heap_used as f64, mem.heap_limit as f64);
+            check(
+                "memory.heap",
+                heap,
+                &h.memory.heap,
+                format!(
+                    "heap {} of {} ({})",
+                    mib(mem.heap_used),
+                    mib(mem.heap_limit),
+                    percent(heap)
+                ),
+            )
         }
-    };
-    let heap = ratio(mem.heap_used as f64, mem.heap_limit as f64);
-    checks.push(check(
-        "memory.heap",
-        heap,
-        &h.memory.heap,
-        format!(
-            "heap {} of {} ({})",
-            mib(mem.heap_used),
-            mib(mem.heap_limit),
-            percent(heap)
+        Err(e) => unknown(
+            "memory.heap",
+            &h.memory.heap,
+            format!("could not be read: {e}"),
         ),
-    ));
+    });
 
-    let proc = process::snapshot(pid);
-    match &proc {
+    let proc = &image.process;
+    checks.push(match proc {
         Ok(p) => {
             let rss = ratio(p.rss_bytes as f64, p.memory_limit.bytes as f64);
-            checks.push(check(
+            check(
                 "memory.rss",
                 rss,
                 &h.memory.rss,
@@ -209,13 +203,14 @@ async fn observe_image(ctx: &Context, target: &Target, checks: &mut Vec<Check>) 
                     percent(rss),
                     p.memory_limit.source
                 ),
-            ));
+            )
         }
-        Err(e) => checks.push(unknown("memory.rss", &h.memory.rss, e.to_string())),
-    }
+        Err(e) => unknown("memory.rss", &h.memory.rss, e.to_string()),
+    });
 
-    checks.push(match target.gc_rate(gc.gc_cpu_seconds) {
-        Some(rate) => check(
+    checks.push(match (&image.gc, proc) {
+        (Err(e), _) => unknown("gc.time", &h.gc.time, format!("could not be read: {e}")),
+        (Ok(gc), _) if let Some(rate) = target.gc_rate(gc.gc_cpu_seconds) => check(
             "gc.time",
             rate.ratio,
             &h.gc.time,
@@ -226,35 +221,42 @@ async fn observe_image(ctx: &Context, target: &Target, checks: &mut Vec<Check>) 
             ),
         ),
         // No earlier reading (first call): the lifetime share is the best true figure.
-        None => match &proc {
-            Ok(p) => {
-                let lifetime = ratio(gc.gc_cpu_seconds, p.uptime_seconds);
-                check(
-                    "gc.time",
-                    lifetime,
-                    &h.gc.time,
-                    format!(
-                        "GC used {} of wall time since the image started {:.0} s ago \
-                         (no reading from a minute ago yet)",
-                        percent(lifetime),
-                        p.uptime_seconds
-                    ),
-                )
-            }
-            Err(e) => unknown("gc.time", &h.gc.time, e.to_string()),
-        },
+        (Ok(gc), Ok(p)) => {
+            let lifetime = ratio(gc.gc_cpu_seconds, p.uptime_seconds);
+            check(
+                "gc.time",
+                lifetime,
+                &h.gc.time,
+                format!(
+                    "GC used {} of wall time since the image started {:.0} s ago \
+                     (no reading from a minute ago yet)",
+                    percent(lifetime),
+                    p.uptime_seconds
+                ),
+            )
+        }
+        (Ok(_), Err(e)) => unknown("gc.time", &h.gc.time, e.to_string()),
     });
 
-    let count = threads.len();
-    let blocked = threads.iter().filter(|t| t.waiting_for.is_some()).count();
-    checks.push(check(
-        "threads.count",
-        count as f64,
-        &h.threads.count,
-        format!("{count} Lisp threads, {blocked} waiting on a lock or condition"),
-    ));
+    checks.push(match &image.threads {
+        Ok(threads) => {
+            let count = threads.len();
+            let blocked = threads.iter().filter(|t| t.waiting_for.is_some()).count();
+            check(
+                "threads.count",
+                count as f64,
+                &h.threads.count,
+                format!("{count} Lisp threads, {blocked} waiting on a lock"),
+            )
+        }
+        Err(e) => unknown(
+            "threads.count",
+            &h.threads.count,
+            format!("could not be read: {e}"),
+        ),
+    });
 
-    checks.push(match &proc {
+    checks.push(match proc {
         Ok(p) => match p.max_fds {
             Some(max) => {
                 let fds = ratio(p.open_fds as f64, max as f64);

@@ -2,6 +2,7 @@
 //! schemas, and its handler. Front ends (CLI, MCP, HTTP) reach tools only through
 //! `Catalog::call`, so they can never disagree about what a tool does.
 
+pub mod export;
 pub mod gc;
 pub mod health;
 pub mod memory;
@@ -9,10 +10,10 @@ pub mod runtime;
 pub mod summary;
 pub mod threads;
 
-use std::collections::VecDeque;
+use std::collections::{BTreeMap, VecDeque};
 use std::future::Future;
 use std::sync::{Arc, Mutex};
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use schemars::JsonSchema;
 use serde::Serialize;
@@ -21,6 +22,7 @@ use serde_json::Value;
 
 use crate::agent::AgentError;
 use crate::config::Config;
+use crate::histogram::Histogram;
 use crate::process::ProcessError;
 use crate::targets::{RATE_WINDOW, Target, TargetError, Targets};
 
@@ -99,6 +101,15 @@ pub static TOOLS: &[ToolDef] = &[
          time share, open file descriptors and their limit, sockets."
     ),
     tool!(
+        "metrics_export",
+        "Export Prometheus metrics",
+        Read,
+        export::Args,
+        export::MetricsText,
+        "The Prometheus text exposition that /metrics serves: heap, generations, GC counts, \
+         CPU and pause histograms, threads by state, process figures, health per check."
+    ),
+    tool!(
         "thread_list",
         "List threads",
         Read,
@@ -162,21 +173,41 @@ impl ToolError {
     }
 }
 
-/// Outcomes of recent tool calls, for the `availability.errors` health check.
+/// Counts and durations of one tool's calls since sbmon started.
+#[derive(Debug, Default)]
+pub struct ToolCounters {
+    pub ok: u64,
+    pub error: u64,
+    pub duration: Histogram,
+}
+
+/// Tool calls: the last minute's outcomes (for the `availability.errors` health check) and
+/// per-tool totals (for metrics).
 #[derive(Default)]
 pub struct CallLog {
     recent: Mutex<VecDeque<(Instant, bool)>>,
+    per_tool: Mutex<BTreeMap<&'static str, ToolCounters>>,
 }
 
 const CALL_LOG_MAX: usize = 10_000;
 
 impl CallLog {
-    pub fn record(&self, ok: bool) {
-        let mut recent = self.recent.lock().unwrap_or_else(|p| p.into_inner());
-        if recent.len() >= CALL_LOG_MAX {
-            recent.pop_front();
+    pub fn record(&self, tool: &'static str, ok: bool, elapsed: Duration) {
+        {
+            let mut recent = self.recent.lock().unwrap_or_else(|p| p.into_inner());
+            if recent.len() >= CALL_LOG_MAX {
+                recent.pop_front();
+            }
+            recent.push_back((Instant::now(), ok));
         }
-        recent.push_back((Instant::now(), ok));
+        let mut per_tool = self.per_tool.lock().unwrap_or_else(|p| p.into_inner());
+        let counters = per_tool.entry(tool).or_default();
+        if ok {
+            counters.ok += 1;
+        } else {
+            counters.error += 1;
+        }
+        counters.duration.observe(elapsed);
     }
 
     /// (failed, total) over the last minute.
@@ -190,6 +221,15 @@ impl CallLog {
         }
         let failed = recent.iter().filter(|(_, ok)| !ok).count();
         (failed, recent.len())
+    }
+
+    /// Per tool: (name, ok, error, duration reading), in name order.
+    pub fn totals(&self) -> Vec<(&'static str, u64, u64, crate::histogram::Reading)> {
+        let per_tool = self.per_tool.lock().unwrap_or_else(|p| p.into_inner());
+        per_tool
+            .iter()
+            .map(|(name, c)| (*name, c.ok, c.error, c.duration.read()))
+            .collect()
     }
 }
 
@@ -239,18 +279,21 @@ impl Catalog {
     pub async fn call(&self, name: &str, args: Value) -> Result<Value, ToolError> {
         let tool = find(name).ok_or_else(|| ToolError::UnknownTool(name.to_string()))?;
         let ctx = &*self.ctx;
+        let started = Instant::now();
         let result = match tool.name {
             "health_check" => run(name, args, |a| health::health_check(ctx, a)).await,
             "memory_stats" => run(name, args, |a| memory::memory_stats(ctx, a)).await,
             "gc_stats" => run(name, args, |a| gc::gc_stats(ctx, a)).await,
             "runtime_stats" => run(name, args, |a| runtime::runtime_stats(ctx, a)).await,
+            "metrics_export" => run(name, args, |a| export::metrics_export(ctx, a)).await,
             "thread_list" => run(name, args, |a| threads::thread_list(ctx, a)).await,
             "thread_inspect" => run(name, args, |a| threads::thread_inspect(ctx, a)).await,
             "thread_dump_all" => run(name, args, |a| threads::thread_dump_all(ctx, a)).await,
             other => Err(ToolError::UnknownTool(other.to_string())),
         };
         if !matches!(&result, Err(e) if e.is_usage()) {
-            ctx.calls.record(result.is_ok());
+            ctx.calls
+                .record(tool.name, result.is_ok(), started.elapsed());
         }
         result
     }

@@ -32,6 +32,8 @@ pub fn summarize(tool: &str, value: &Value) -> String {
         "thread_list" => thread_list(value),
         "thread_inspect" => thread_inspect(value),
         "thread_dump_all" => thread_dump(value),
+        // The exposition is its own summary; the bound below keeps long ones readable.
+        "metrics_export" => value["text"].as_str().unwrap_or_default().to_string(),
         // A tool without a summary of its own: its JSON, cut to size.
         _ => value.to_string(),
     };

@@ -3,7 +3,9 @@
 //! the test ends, pass or fail (`Sbcl` stops its process on drop).
 #![allow(dead_code)]
 
+use std::io::{BufRead, BufReader};
 use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -13,6 +15,7 @@ use sbmon::launch::{LaunchOptions, Sbcl};
 use sbmon::targets::{Target, Targets};
 use sbmon::tools::Catalog;
 use sbmon::wire::Sexp;
+use serde_json::Value;
 
 /// Lisp that the tests rely on, evaluated before the agent starts (two forms, so the package
 /// exists before the second is read):
@@ -203,4 +206,80 @@ pub fn deaf_thread(name: &str) -> String {
         "(sb-thread:make-thread (lambda () (sb-sys:without-interrupts (loop (sleep 0.05)))) :name {})",
         Sexp::string(name)
     )
+}
+
+/// An `sbmon` child process, killed when dropped.
+pub struct Sbmon {
+    pub child: Child,
+    pub base: String,
+}
+
+impl Drop for Sbmon {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+impl Sbmon {
+    /// GET `path`: status and body text.
+    pub async fn get(&self, path: &str) -> (u16, String) {
+        let response = reqwest::get(format!("{}{path}", self.base))
+            .await
+            .expect("request");
+        let status = response.status().as_u16();
+        (status, response.text().await.unwrap_or_default())
+    }
+
+    /// Start `sbmon COMMAND --http 127.0.0.1:0 ARGS` and wait for the address it reports.
+    pub fn start(command: &str, args: &[&str], env: &[(&str, &str)]) -> Sbmon {
+        let mut child = Command::new(env!("CARGO_BIN_EXE_sbmon"))
+            .args([command, "--http", "127.0.0.1:0"])
+            .args(args)
+            .envs(env.iter().copied())
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("start sbmon");
+        let stderr = child.stderr.take().expect("stderr");
+        let (tx, rx) = std::sync::mpsc::channel();
+        std::thread::spawn(move || {
+            for line in BufReader::new(stderr).lines().map_while(Result::ok) {
+                if let Some(at) = line.find("http://") {
+                    let url: String = line[at..].split_whitespace().next().unwrap_or("").into();
+                    let _ = tx.send(url);
+                }
+            }
+        });
+        let mut sbmon = Sbmon {
+            child,
+            base: String::new(),
+        };
+        sbmon.base = rx
+            .recv_timeout(Duration::from_secs(90))
+            .expect("sbmon reports its address");
+        sbmon
+    }
+
+    pub fn pid(&self) -> i32 {
+        self.child.id() as i32
+    }
+
+    pub async fn rpc(&self, body: Value) -> Value {
+        self.post("/rpc", body.to_string()).await.1
+    }
+
+    pub async fn post(&self, path: &str, body: String) -> (u16, Value) {
+        let response = reqwest::Client::new()
+            .post(format!("{}{path}", self.base))
+            .header("content-type", "application/json")
+            .body(body)
+            .send()
+            .await
+            .expect("request");
+        let status = response.status().as_u16();
+        let text = response.text().await.unwrap_or_default();
+        (status, serde_json::from_str(&text).unwrap_or(Value::Null))
+    }
 }

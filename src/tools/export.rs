@@ -1,0 +1,32 @@
+//! `metrics_export`: the Prometheus exposition that `/metrics` serves, as a tool result.
+
+use schemars::JsonSchema;
+use serde::{Deserialize, Serialize};
+
+use super::{Context, ToolError};
+
+#[derive(Debug, Default, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct Args {
+    /// Only this image's series (as `/metrics?target=NAME`); default: every image plus
+    /// sbmon's own metrics.
+    pub target: Option<String>,
+}
+
+#[derive(Debug, Serialize, JsonSchema)]
+pub struct MetricsText {
+    /// `text/plain; version=0.0.4`: the classic Prometheus text format.
+    pub content_type: String,
+    pub text: String,
+}
+
+pub async fn metrics_export(ctx: &Context, args: Args) -> Result<MetricsText, ToolError> {
+    let only = match args.target.as_deref() {
+        Some(name) => Some(ctx.target(Some(name))?),
+        None => None,
+    };
+    Ok(MetricsText {
+        content_type: crate::metrics::CONTENT_TYPE.to_string(),
+        text: crate::metrics::render(ctx, only).await,
+    })
+}
