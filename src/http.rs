@@ -16,6 +16,7 @@ use serde::Deserialize;
 use serde_json::{Value, json};
 use tokio_util::sync::CancellationToken;
 
+use crate::metrics::Scope;
 use crate::tools::health::{self, HealthReport, Status};
 use crate::tools::{Catalog, Class};
 
@@ -70,18 +71,24 @@ fn escape(text: &str) -> String {
 #[derive(Deserialize)]
 struct MetricsQuery {
     target: Option<String>,
+    scope: Option<String>,
 }
 
 async fn metrics(State(state): State<AppState>, Query(q): Query<MetricsQuery>) -> Response {
     let ctx = state.catalog.context();
-    let only = match q.target.as_deref() {
-        Some(name) => match ctx.target(Some(name)) {
-            Ok(t) => Some(t),
+    let scope = match (q.target.as_deref(), q.scope.as_deref()) {
+        (Some(name), None) => match ctx.target(Some(name)) {
+            Ok(t) => Scope::Target(t),
             Err(e) => return (StatusCode::NOT_FOUND, format!("{e}\n")).into_response(),
         },
-        None => None,
+        (None, Some("self")) => Scope::Own,
+        (None, None) => Scope::All,
+        _ => {
+            let usage = "use /metrics, /metrics?target=NAME or /metrics?scope=self\n";
+            return (StatusCode::BAD_REQUEST, usage).into_response();
+        }
     };
-    let text = crate::metrics::render(ctx, only).await;
+    let text = crate::metrics::render(ctx, scope).await;
     ([(header::CONTENT_TYPE, crate::metrics::CONTENT_TYPE)], text).into_response()
 }
 

@@ -151,13 +151,23 @@ fn thread_state(waiting: bool, os_state: Option<&str>) -> &'static str {
     }
 }
 
-/// The exposition for `targets` (all when `None`), with sbmon's own metrics when `all`.
-pub async fn render(ctx: &Context, only: Option<Arc<Target>>) -> String {
+/// What one exposition covers.
+pub enum Scope {
+    /// Every target and sbmon's own metrics (`/metrics`).
+    All,
+    /// One target's series (`/metrics?target=NAME`, what `/sd` points scrapers at).
+    Target(Arc<Target>),
+    /// Only sbmon's own metrics (`/metrics?scope=self`): no target is asked anything.
+    Own,
+}
+
+pub async fn render(ctx: &Context, scope: Scope) -> String {
     let started = Instant::now();
-    let all = only.is_none();
-    let targets = match only {
-        Some(t) => vec![t],
-        None => ctx.targets.all(),
+    let all = !matches!(scope, Scope::Target(_));
+    let targets = match scope {
+        Scope::All => ctx.targets.all(),
+        Scope::Target(t) => vec![t],
+        Scope::Own => Vec::new(),
     };
     let snapshots = futures::future::join_all(targets.iter().map(|t| Snapshot::take(t))).await;
     let mut e = Exposition::default();

@@ -196,6 +196,26 @@ async fn metrics_pass_promtool_and_match_proc() {
     assert!(one.contains("sbcl_heap_used_bytes{target=\"app\"}"));
     assert!(!one.contains("sbmon_build_info") && !one.contains("\"gone\""));
     assert_eq!(sbmon.get("/metrics?target=nope").await.0, 404);
+    assert_eq!(sbmon.get("/metrics?scope=other").await.0, 400);
+
+    // sbmon's own series only: no target is asked, so the agent sees no call for it.
+    let calls_before = sum(
+        &parse(&sbmon.get("/metrics?target=app").await.1),
+        "sbmon_agent_rtt_seconds_count",
+        &[app],
+    );
+    let (status, own) = sbmon.get("/metrics?scope=self").await;
+    assert_eq!(status, 200);
+    promtool_check(&own);
+    assert!(own.contains("sbmon_build_info") && own.contains("sbmon_tool_calls_total"));
+    assert!(!own.contains("target=\""), "{own}");
+    let calls_after = sum(
+        &parse(&sbmon.get("/metrics?target=app").await.1),
+        "sbmon_agent_rtt_seconds_count",
+        &[app],
+    );
+    // Each per-target scrape makes the same four calls; scope=self made none.
+    assert_eq!(calls_after - calls_before, 4.0);
 
     // metrics_export returns the same exposition.
     let exported = sbmon

@@ -4,6 +4,7 @@ use schemars::JsonSchema;
 use serde::{Deserialize, Serialize};
 
 use super::{Context, ToolError};
+use crate::metrics::Scope;
 
 #[derive(Debug, Default, Deserialize, JsonSchema)]
 #[serde(deny_unknown_fields)]
@@ -21,12 +22,12 @@ pub struct MetricsText {
 }
 
 pub async fn metrics_export(ctx: &Context, args: Args) -> Result<MetricsText, ToolError> {
-    let only = match args.target.as_deref() {
-        Some(name) => Some(ctx.target(Some(name))?),
-        None => None,
+    let scope = match args.target.as_deref() {
+        Some(name) => Scope::Target(ctx.target(Some(name))?),
+        None => Scope::All,
     };
     Ok(MetricsText {
         content_type: crate::metrics::CONTENT_TYPE.to_string(),
-        text: crate::metrics::render(ctx, only).await,
+        text: crate::metrics::render(ctx, scope).await,
     })
 }
