@@ -22,17 +22,7 @@ async fn rpc_calls_batches_and_errors() {
         ..Setup::default()
     })
     .await;
-    let app = format!("app={}", image.sbcl.address);
-    let sbmon = Sbmon::start(
-        "serve",
-        &[
-            "--target",
-            &app,
-            "--target",
-            "gone=unix:/nonexistent/x.sock",
-        ],
-        &[],
-    );
+    let sbmon = Sbmon::serve(&image, &["gone=unix:/nonexistent/x.sock"]);
 
     let one = sbmon
         .rpc(call(json!(7), "memory_stats", json!({"target": "app"})))

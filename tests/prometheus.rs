@@ -90,17 +90,7 @@ async fn metrics_pass_promtool_and_match_proc() {
         ..Setup::default()
     })
     .await;
-    let app = format!("app={}", image.sbcl.address);
-    let sbmon = Sbmon::start(
-        "serve",
-        &[
-            "--target",
-            &app,
-            "--target",
-            "gone=unix:/nonexistent/x.sock",
-        ],
-        &[],
-    );
+    let sbmon = Sbmon::serve(&image, &["gone=unix:/nonexistent/x.sock"]);
     let (status, text) = sbmon.get("/metrics").await;
     assert_eq!(status, 200);
     promtool_check(&text);
@@ -241,8 +231,7 @@ impl Drop for Prometheus {
 #[tokio::test]
 async fn a_real_prometheus_discovers_and_scrapes_sbmon() {
     let image = Image::start(Setup::default()).await;
-    let app = format!("app={}", image.sbcl.address);
-    let sbmon = Sbmon::start("serve", &["--target", &app], &[]);
+    let sbmon = Sbmon::serve(&image, &[]);
     let data = tempfile::tempdir().unwrap();
     let config = data.path().join("prometheus.yml");
     std::fs::write(
@@ -339,8 +328,7 @@ async fn every_dashboard_metric_is_really_exported() {
         ..Setup::default()
     })
     .await;
-    let app = format!("app={}", image.sbcl.address);
-    let sbmon = Sbmon::start("serve", &["--target", &app], &[]);
+    let sbmon = Sbmon::serve(&image, &[]);
     image.collect().await;
     sbmon
         .rpc(json!({"jsonrpc": "2.0", "id": 1, "method": "health_check"}))
@@ -381,8 +369,7 @@ async fn every_dashboard_metric_is_really_exported() {
 #[tokio::test]
 async fn health_endpoints_follow_the_target() {
     let mut image = Image::start(Setup::default()).await;
-    let app = format!("app={}", image.sbcl.address);
-    let sbmon = Sbmon::start("serve", &["--target", &app], &[]);
+    let sbmon = Sbmon::serve(&image, &[]);
     let (status, body) = sbmon.get("/health").await;
     assert_eq!(status, 200, "{body}");
     let body: Value = serde_json::from_str(&body).unwrap();

@@ -262,6 +262,16 @@ impl Sbmon {
         sbmon
     }
 
+    /// `sbmon serve` watching `image` as target `app`, plus the given extra targets.
+    pub fn serve(image: &Image, extra_targets: &[&str]) -> Sbmon {
+        let app = format!("app={}", image.sbcl.address);
+        let mut args = vec!["--target", app.as_str()];
+        for t in extra_targets {
+            args.extend(["--target", t]);
+        }
+        Sbmon::start("serve", &args, &[])
+    }
+
     pub fn pid(&self) -> i32 {
         self.child.id() as i32
     }
