@@ -10,55 +10,46 @@ use std::process::{Command, Stdio};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+mod support;
+
 use rmcp::ServiceExt;
 use rmcp::model::CallToolRequestParams;
 use rmcp::transport::TokioChildProcess;
 use sbmon::agent::{Address, ClientOptions};
 use sbmon::launch::{LaunchOptions, Sbcl};
 use serde_json::json;
+use support::Latencies;
 
 const IN_FLIGHT: usize = 8;
 
-fn report(name: &str, mut samples: Vec<Duration>, concurrent: Duration, concurrent_calls: usize) {
-    samples.sort();
-    let n = samples.len();
-    let pct = |p: f64| samples[((n as f64 * p) as usize).min(n - 1)].as_secs_f64() * 1e6;
+fn report(name: &str, sequential: Latencies, concurrent: Duration, concurrent_calls: usize) {
     println!(
         "{name:<22} p50={:>7.1}µs p99={:>7.1}µs  sequential {:>6.0} calls/s  {IN_FLIGHT} in flight {:>6.0} calls/s",
-        pct(0.50),
-        pct(0.99),
-        n as f64 / samples.iter().sum::<Duration>().as_secs_f64(),
+        sequential.micros(0.50),
+        sequential.micros(0.99),
+        sequential.rate(),
         concurrent_calls as f64 / concurrent.as_secs_f64(),
     );
 }
 
-async fn time_calls<F, Fut>(iterations: usize, f: F) -> (Vec<Duration>, Duration)
+/// Sequential latencies of `f`, then the time taken by the same number of calls made
+/// `IN_FLIGHT` at a time.
+async fn time_calls<F, Fut>(iterations: usize, f: F) -> (Latencies, Duration)
 where
     F: Fn() -> Fut,
     Fut: std::future::Future<Output = ()>,
 {
-    for _ in 0..iterations / 10 {
-        f().await;
-    }
-    let mut samples = Vec::with_capacity(iterations);
-    for _ in 0..iterations {
-        let start = Instant::now();
-        f().await;
-        samples.push(start.elapsed());
-    }
+    let sequential = support::sequential(iterations, &f).await;
     let start = Instant::now();
     for _ in 0..iterations / IN_FLIGHT {
         futures::future::join_all((0..IN_FLIGHT).map(|_| f())).await;
     }
-    (samples, start.elapsed())
+    (sequential, start.elapsed())
 }
 
 #[tokio::main]
 async fn main() {
-    let iterations: usize = std::env::var("ITERATIONS")
-        .ok()
-        .and_then(|n| n.parse().ok())
-        .unwrap_or(3000);
+    let iterations = support::iterations(3000);
     let scratch = tempfile::tempdir().unwrap();
     let socket = scratch.path().join("bench.sock");
     let mut sbcl = Sbcl::spawn(&LaunchOptions {

@@ -7,7 +7,11 @@
 //!
 //! Run: `cargo bench --bench roundtrip` (ITERATIONS=N to change the sample size).
 
-use std::time::{Duration, Instant};
+use std::time::Duration;
+
+use support::Latencies;
+
+mod support;
 
 use sbmon::agent::{Address, AgentClient, ClientOptions};
 use sbmon::cli::single_target_catalog;
@@ -23,44 +27,16 @@ const HEAP_FORM: &str = "(list (sb-kernel:dynamic-usage) (sb-ext:dynamic-space-s
     (loop for g below 7 collect (list (sb-ext:generation-bytes-allocated g) \
     (sb-ext:generation-number-of-gcs g) (sb-ext:generation-average-age g))))";
 
-struct Stats {
-    name: &'static str,
-    samples: Vec<Duration>,
-}
-
-impl Stats {
-    fn print(&mut self) {
-        self.samples.sort();
-        let n = self.samples.len();
-        let pct = |p: f64| self.samples[((n as f64 * p) as usize).min(n - 1)];
-        let total: Duration = self.samples.iter().sum();
-        println!(
-            "{:<20} n={n:<6} p50={:>8.1}µs p90={:>8.1}µs p99={:>8.1}µs max={:>8.1}µs  {:>7.0} calls/s",
-            self.name,
-            pct(0.50).as_secs_f64() * 1e6,
-            pct(0.90).as_secs_f64() * 1e6,
-            pct(0.99).as_secs_f64() * 1e6,
-            self.samples[n - 1].as_secs_f64() * 1e6,
-            n as f64 / total.as_secs_f64(),
-        );
-    }
-}
-
-async fn measure<F, Fut>(name: &'static str, iterations: usize, mut f: F) -> Stats
-where
-    F: FnMut() -> Fut,
-    Fut: std::future::Future<Output = ()>,
-{
-    for _ in 0..iterations / 10 {
-        f().await;
-    }
-    let mut samples = Vec::with_capacity(iterations);
-    for _ in 0..iterations {
-        let start = Instant::now();
-        f().await;
-        samples.push(start.elapsed());
-    }
-    Stats { name, samples }
+fn print(name: &str, l: &Latencies) {
+    println!(
+        "{name:<20} n={:<6} p50={:>8.1}µs p90={:>8.1}µs p99={:>8.1}µs max={:>8.1}µs  {:>7.0} calls/s",
+        l.len(),
+        l.micros(0.50),
+        l.micros(0.90),
+        l.micros(0.99),
+        l.micros(1.0),
+        l.rate(),
+    );
 }
 
 /// A minimal Swank client: `(:emacs-rex FORM PACKAGE THREAD ID)` and wait for `(:return ...)`.
@@ -96,10 +72,7 @@ impl Swank {
 
 #[tokio::main(flavor = "current_thread")]
 async fn main() {
-    let iterations: usize = std::env::var("ITERATIONS")
-        .ok()
-        .and_then(|n| n.parse().ok())
-        .unwrap_or(5000);
+    let iterations = support::iterations(5000);
     let scratch = tempfile::tempdir().unwrap();
     let socket = scratch.path().join("bench.sock");
     let swank_port = std::path::Path::new(SWANK_LOADER).exists().then(|| {
@@ -140,21 +113,30 @@ async fn main() {
         sbcl.pid
     );
     let mut results = vec![
-        measure("agent :ping", iterations, || async {
-            client.ping().await.unwrap();
-        })
-        .await,
-        measure("agent :memory", iterations, || async {
-            client.memory().await.unwrap();
-        })
-        .await,
-        measure("tool memory_stats", iterations, || async {
-            catalog
-                .call("memory_stats", serde_json::Value::Null)
-                .await
-                .unwrap();
-        })
-        .await,
+        (
+            "agent :ping",
+            support::sequential(iterations, || async {
+                client.ping().await.unwrap();
+            })
+            .await,
+        ),
+        (
+            "agent :memory",
+            support::sequential(iterations, || async {
+                client.memory().await.unwrap();
+            })
+            .await,
+        ),
+        (
+            "tool memory_stats",
+            support::sequential(iterations, || async {
+                catalog
+                    .call("memory_stats", serde_json::Value::Null)
+                    .await
+                    .unwrap();
+            })
+            .await,
+        ),
     ];
     match swank_port {
         Some(port) => {
@@ -163,17 +145,18 @@ async fn main() {
                 .expect("connect to swank");
             stream.set_nodelay(true).unwrap();
             let swank = tokio::sync::Mutex::new(Swank { stream, next_id: 0 });
-            results.push(
-                measure("swank eval (same)", iterations, || async {
+            results.push((
+                "swank eval (same)",
+                support::sequential(iterations, || async {
                     swank.lock().await.eval(HEAP_FORM).await;
                 })
                 .await,
-            );
+            ));
         }
         None => println!("(swank comparison skipped: install cl-swank to run it)"),
     }
-    for r in &mut results {
-        r.print();
+    for (name, latencies) in &results {
+        print(name, latencies);
     }
     sbcl.stop();
 }
