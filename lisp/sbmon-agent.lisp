@@ -4,12 +4,14 @@
 ;;;; (Unix socket or loopback TCP + token), the framed s-expression protocol of
 ;;;; docs/protocol.md (its own reader and printer: nothing is evaluated or interned),
 ;;;; the operations (:ping :memory :gc :runtime :threads :backtrace :backtraces
-;;;; :subscribe), GC pause measurement (an encapsulation of SB-KERNEL::SUB-GC and
+;;;; :subscribe, and the control/eval operations :gc-run :gc-tune :kill-thread :profile
+;;;; :eval :reload-system), GC pause measurement (an encapsulation of SB-KERNEL::SUB-GC and
 ;;;; SB-EXT:GC that records into preallocated arrays without consing) and the :gc
 ;;;; event stream.
 ;;;;
 ;;;; Load with (load "lisp/sbmon-agent.lisp") and start with (sbmon-agent:start).
-;;;; Only SBCL contribs are used (sb-bsd-sockets).  The agent never prints to the
+;;;; Only SBCL contribs are used (sb-bsd-sockets; sb-sprof and ASDF are required lazily,
+;;;; on the first :profile or :reload-system call).  The agent never prints to the
 ;;;; host's *standard-output*, never lets a condition reach the debugger, and keeps
 ;;;; bounded memory.
 
@@ -72,7 +74,8 @@
 
 (define-condition agent-error (error)
   ((kind :initarg :kind :reader agent-error-kind)
-   (text :initarg :text :reader agent-error-text))
+   (text :initarg :text :reader agent-error-text)
+   (extra :initarg :extra :initform nil :reader agent-error-extra))
   (:report (lambda (c s) (write-string (agent-error-text c) s))))
 
 (defun fail (kind fmt &rest args)
@@ -1058,6 +1061,547 @@ of n_gcs (or of *gc-epoch*) does."
     (list :subscribed (if (member :gc events) (list :gc) nil))))
 
 ;;;; ------------------------------------------------------------------------
+;;;; Control and evaluation operations: :gc-run :gc-tune :kill-thread :profile :eval
+;;;; :reload-system.  sbmon calls them only when the operator allowed it (--allow control,
+;;;; --allow eval); the agent itself bounds every argument.
+
+(defconstant +eval-max-output+ 1048576)
+(defconstant +value-chars+ 4096)
+(defconstant +eval-frames+ 30)
+(defconstant +max-warnings+ 100)
+(defconstant +warning-chars+ 1000)
+(defconstant +reload-output+ 65536)
+
+(defvar *control-threads* '()
+  "Eval threads and profiling workers that are running; STOP terminates them at once.")
+(defvar *eval-counter* 0)
+(sb-ext:defglobal **profile-busy** (vector nil)
+  "Slot 0 is non-NIL while a :profile call runs (at most one per image).")
+
+(defun register-control-thread (thread)
+  (sb-thread:with-mutex (*state-lock*) (push thread *control-threads*)))
+
+(defun unregister-control-thread (thread)
+  (sb-thread:with-mutex (*state-lock*)
+    (setf *control-threads* (remove thread *control-threads*))))
+
+(defun fail-with (kind extra fmt &rest args)
+  "Like FAIL, with EXTRA (a plist such as (:backtrace (...))) appended to the error reply."
+  (error 'agent-error :kind kind :extra extra
+                      :text (let ((*print-length* 20) (*print-level* 4))
+                              (apply #'format nil fmt args))))
+
+(defun show-arg (v)
+  (safe-string (lambda (s) (write-payload v s)) 100))
+
+(defun number-text (x)
+  "X (a real) printed plainly: 1, 0.5, 2.25."
+  (if (integerp x)
+      (princ-to-string x)
+      (let ((*read-default-float-format* 'double-float))
+        (princ-to-string (coerce x 'double-float)))))
+
+(defun real-arg (args key op &key default min max)
+  (let ((v (getf args key :absent)))
+    (cond ((eq v :absent) default)
+          ((and (realp v) (<= min v max)) v)
+          (t (fail "BAD-ARGUMENT" "~(~s~) must be a number in ~a..~a for ~(~s~), got ~a"
+                   key (number-text min) (number-text max) op (show-arg v))))))
+
+(defun bool-arg (args key op)
+  (let ((v (getf args key)))
+    (unless (member v '(t nil))
+      (fail "BAD-ARGUMENT" "~(~s~) must be t or nil for ~(~s~), got ~a" key op (show-arg v)))
+    v))
+
+(defun string-arg (args key op &key default required (max +max-in-frame+))
+  (let ((v (getf args key :absent)))
+    (cond ((eq v :absent)
+           (if required
+               (fail "BAD-ARGUMENT" "~(~s~) requires ~(~s~)" op key)
+               default))
+          ((and (stringp v) (<= (length v) max)) v)
+          ((stringp v) (fail "BAD-ARGUMENT" "~(~s~) is longer than ~d characters for ~(~s~)"
+                             key max op))
+          (t (fail "BAD-ARGUMENT" "~(~s~) must be a string for ~(~s~), got ~a"
+                   key op (show-arg v))))))
+
+(defun seconds-since (t0-ns)
+  (/ (- (mono-ns) t0-ns) 1d9))
+
+;;; --- :gc-run
+
+(defun gc-count-now ()
+  (let ((n (n-gcs)))
+    (if (>= n 0) n (aref **stats** +s-count+))))
+
+(defun op-gc-run (args)
+  (check-plist args '(:generation :full) :gc-run)
+  (let ((full (bool-arg args :full :gc-run))
+        (gen (int-arg args :generation :gc-run :default 0 :min 0 :max (1- +generations+))))
+    (when (and full (not (eq (getf args :generation :absent) :absent)))
+      (fail "BAD-ARGUMENT" ":gc-run takes :full t or :generation N, not both"))
+    (let* ((count0 (gc-count-now))
+           (heap0 (sb-kernel:dynamic-usage))
+           (t0 (mono-ns)))
+      (if full (sb-ext:gc :full t) (sb-ext:gc :gen gen))
+      (let* ((pause (seconds-since t0))
+             (heap1 (sb-kernel:dynamic-usage))
+             (count1 (gc-count-now)))
+        (list :generation (if full (1- +generations+) gen)
+              :full full
+              :heap-before heap0
+              :heap-after heap1
+              :bytes-freed (- heap0 heap1)     ; negative if other threads consed meanwhile
+              :pause-seconds pause
+              :gc-count-before count0
+              :gc-count-after count1)))))
+
+;;; --- :gc-tune
+
+(defun gc-tuning ()
+  (list :nursery-size (sb-ext:bytes-consed-between-gcs)
+        :generations
+        (loop for g from 0 below +generations+
+              collect (list :generation g
+                            :bytes-consed-between-gcs (sb-ext:generation-bytes-consed-between-gcs g)
+                            :number-of-gcs-before-promotion
+                            (sb-ext:generation-number-of-gcs-before-promotion g)
+                            :minimum-age-before-gc
+                            (coerce (sb-ext:generation-minimum-age-before-gc g) 'double-float)))))
+
+(defun check-size (v what limit)
+  (unless (and (integerp v) (<= 1 v limit))
+    (fail "BAD-ARGUMENT" "~a ~a is invalid: must be a positive integer <= ~d (the dynamic space size)"
+          what (show-arg v) limit))
+  v)
+
+(defun parse-tune-entry (e limit)
+  "Validate one :generations entry; return (gen bytes promotion age), absent values NIL."
+  (unless (and (listp e) (evenp (length e)))
+    (fail "BAD-ARGUMENT" ":generations entry ~a must be a plist (:generation G ...)" (show-arg e)))
+  (check-plist e '(:generation :bytes-consed-between-gcs :number-of-gcs-before-promotion
+                   :minimum-age-before-gc)
+               :gc-tune)
+  (let ((g (getf e :generation :absent)))
+    (cond ((eq g :absent)
+           (fail "BAD-ARGUMENT" ":generations entry ~a lacks :generation" (show-arg e)))
+          ((eql g (1- +generations+))
+           (fail "BAD-ARGUMENT" ":generation ~d is the pseudo-static generation and cannot be tuned"
+                 g))
+          ((not (and (integerp g) (<= 0 g (- +generations+ 2))))
+           (fail "BAD-ARGUMENT" ":generation ~a is invalid: must be an integer in 0..~d"
+                 (show-arg g) (- +generations+ 2))))
+    (let ((bytes (getf e :bytes-consed-between-gcs))
+          (promo (getf e :number-of-gcs-before-promotion))
+          (age (getf e :minimum-age-before-gc)))
+      (when bytes
+        (check-size bytes (format nil ":bytes-consed-between-gcs (generation ~d)" g) limit))
+      (when (and promo (not (and (integerp promo) (<= 0 promo 1000))))
+        (fail "BAD-ARGUMENT"
+              ":number-of-gcs-before-promotion (generation ~d) ~a is invalid: must be an integer in 0..1000"
+              g (show-arg promo)))
+      (when (and age (not (and (realp age) (<= 0 age 1))))
+        (fail "BAD-ARGUMENT"
+              ":minimum-age-before-gc (generation ~d) ~a is invalid: must be a number in 0..1"
+              g (show-arg age)))
+      (list g bytes promo age))))
+
+(defun apply-tuning (nursery entries)
+  (when nursery (setf (sb-ext:bytes-consed-between-gcs) nursery))
+  (loop for (g bytes promo age) in entries
+        do (when bytes (setf (sb-ext:generation-bytes-consed-between-gcs g) bytes))
+           (when promo (setf (sb-ext:generation-number-of-gcs-before-promotion g) promo))
+           (when age (setf (sb-ext:generation-minimum-age-before-gc g)
+                           (coerce age 'double-float)))))
+
+(defun op-gc-tune (args)
+  (check-plist args '(:nursery-size :generations) :gc-tune)
+  (let* ((limit (sb-ext:dynamic-space-size))
+         (nursery (let ((v (getf args :nursery-size :absent)))
+                    (if (eq v :absent) nil (check-size v ":nursery-size" limit))))
+         (gens (getf args :generations)))
+    (unless (listp gens)
+      (fail "BAD-ARGUMENT" ":generations must be a list of plists, got ~a" (show-arg gens)))
+    (let ((entries (mapcar (lambda (e) (parse-tune-entry e limit)) gens)))
+      (loop for (e . rest) on entries
+            do (when (find (first e) rest :key #'first)
+                 (fail "BAD-ARGUMENT" ":generation ~d appears more than once in :generations"
+                       (first e))))
+      (let ((before (gc-tuning)))
+        ;; everything is valid: apply; restore the old values should a setter refuse
+        (handler-case (apply-tuning nursery entries)
+          (serious-condition (c)
+            (ignore-errors
+             (apply-tuning (getf before :nursery-size)
+                           (loop for p in (getf before :generations)
+                                 for g = (getf p :generation)
+                                 when (< g (1- +generations+))
+                                   collect (list g (getf p :bytes-consed-between-gcs)
+                                                 (getf p :number-of-gcs-before-promotion)
+                                                 (getf p :minimum-age-before-gc)))))
+            (error c)))
+        (list :before before :after (gc-tuning))))))
+
+;;; --- :kill-thread
+
+(defun op-kill-thread (args)
+  (check-plist args '(:tid :timeout-ms) :kill-thread)
+  (let* ((tid (int-arg args :tid :kill-thread :required t))
+         (timeout-ms (int-arg args :timeout-ms :kill-thread :default 2000 :max 60000))
+         (thread (find-thread-by-tid tid)))
+    (unless thread
+      (fail "UNKNOWN-THREAD" "no Lisp thread with tid ~d" tid))
+    (let ((name (object-name-string (sb-thread:thread-name thread))))
+      (cond ((main-thread-p thread)
+             (fail "REFUSED" "thread ~d (~s) is the main thread; it is never killed" tid name))
+            ((agent-thread-name-p name)
+             (fail "REFUSED" "thread ~d (~s) is one of the sbmon agent's own threads" tid name))
+            ((thread-daemon-p thread)
+             (fail "REFUSED" "thread ~d (~s) is an SBCL system thread" tid name)))
+      (let ((t0 (mono-ns)))
+        (when (sb-thread:thread-alive-p thread)
+          (handler-case (sb-thread:terminate-thread thread)
+            ;; it ended on its own meanwhile
+            (sb-thread:interrupt-thread-error () nil)))
+        (sb-thread:join-thread thread :default nil :timeout (/ timeout-ms 1000d0))
+        (list :tid tid :name name
+              :ended (not (sb-thread:thread-alive-p thread))
+              :waited-seconds (seconds-since t0))))))
+
+;;; --- bounded output stream (gray stream; keeps at most LIMIT characters)
+
+(defclass bounded-output-stream (sb-gray:fundamental-character-output-stream)
+  ((buffer :initform (make-array 0 :element-type 'character :adjustable t :fill-pointer 0)
+           :reader bounded-buffer)
+   (limit :initarg :limit :reader bounded-limit)
+   (truncated :initform nil :accessor bounded-truncated)
+   (column :initform 0 :accessor bounded-column)))
+
+(defun make-bounded-output-stream (limit)
+  (make-instance 'bounded-output-stream :limit limit))
+
+(defun bounded-room (s n)
+  "Make room for up to N more characters; return how many fit."
+  (let* ((buf (bounded-buffer s))
+         (fp (fill-pointer buf))
+         (fit (max 0 (min n (- (bounded-limit s) fp)))))
+    (when (< fit n) (setf (bounded-truncated s) t))
+    (when (> (+ fp fit) (array-dimension buf 0))
+      (adjust-array buf (min (bounded-limit s)
+                             (max (+ fp fit) (* 2 (array-dimension buf 0)) 256))))
+    fit))
+
+(defmethod sb-gray:stream-write-char ((s bounded-output-stream) char)
+  (when (= 1 (bounded-room s 1))
+    (vector-push char (bounded-buffer s)))
+  (setf (bounded-column s) (if (char= char #\Newline) 0 (1+ (bounded-column s))))
+  char)
+
+(defmethod sb-gray:stream-write-string ((s bounded-output-stream) string &optional (start 0) end)
+  (let* ((end (or end (length string)))
+         (n (max 0 (- end start)))
+         (fit (bounded-room s n)))
+    (when (plusp fit)
+      (let* ((buf (bounded-buffer s))
+             (fp (fill-pointer buf)))
+        (setf (fill-pointer buf) (+ fp fit))
+        (replace buf string :start1 fp :start2 start :end2 (+ start fit))))
+    (let ((nl (position #\Newline string :start start :end end :from-end t)))
+      (setf (bounded-column s) (if nl (- end nl 1) (+ (bounded-column s) n))))
+    string))
+
+(defmethod sb-gray:stream-line-column ((s bounded-output-stream))
+  (bounded-column s))
+
+(defmethod sb-gray:stream-start-line-p ((s bounded-output-stream))
+  (zerop (bounded-column s)))
+
+(defun bounded-text (s)
+  (coerce (bounded-buffer s) 'simple-string))
+
+(defmacro with-captured-io ((out) &body body)
+  "Run BODY with the standard output streams going to OUT and an empty input."
+  (let ((in (gensym "IN")) (io (gensym "IO")))
+    `(let* ((,in (make-string-input-stream ""))
+            (,io (make-two-way-stream ,in ,out))
+            (*standard-output* ,out) (*error-output* ,out) (*trace-output* ,out)
+            (*standard-input* ,in) (*terminal-io* ,io) (*query-io* ,io) (*debug-io* ,io))
+       ,@body)))
+
+;;; --- condition capture (type, message, bounded backtrace) without the debugger
+
+(defun frame-starts-with-p (frame prefixes)
+  (some (lambda (p) (and (>= (length frame) (length p)) (string= p frame :end2 (length p))))
+        prefixes))
+
+(defun agent-frame-p (frame)
+  (or (frame-starts-with-p frame '("(SBMON-AGENT::"))
+      (let ((head (subseq frame 0 (min (length frame) 100))))
+        (and (char= (char head 0) #\() (> (length head) 1) (char= (char head 1) #\()
+             (search ":IN SBMON-AGENT::" head)))))
+
+(defun printed-frames-for-condition ()
+  "Printed frames of the current thread from where the condition was signalled (the frames
+of the hook and of the condition system above it dropped), ending before the first frame
+of the agent's own code; at most +EVAL-FRAMES+."
+  (let* ((raw (handler-case
+                  (let ((*print-pretty* nil))
+                    (mapcar #'print-frame
+                            (sb-debug:list-backtrace :count (+ +eval-frames+ 40)
+                                                     :from :current-frame)))
+                (serious-condition () nil)))
+         (last-system (let ((last nil))
+                        (loop for f in raw
+                              for i from 0 below 10
+                              when (frame-starts-with-p f '("(INVOKE-DEBUGGER " "(SB-DEBUG::RUN-HOOK "
+                                                           "(SB-KERNEL::%SIGNAL " "(SIGNAL "))
+                                do (setf last i))
+                        last))
+         (top (if last-system (nthcdr (1+ last-system) raw) raw))
+         (end (position-if #'agent-frame-p top)))
+    (subseq top 0 (min +eval-frames+ (or end (length top))))))
+
+(defun condition-failure (c)
+  "(type message frames) for condition C, computed where it was signalled."
+  (list (condition-type-name c)
+        (condition-message c)
+        (printed-frames-for-condition)))
+
+;;; --- :eval
+
+(defun print-value (v)
+  (handler-case
+      (let ((*print-length* 100) (*print-level* 10) (*print-readably* nil)
+            (out (make-bounded-output-stream (1+ +value-chars+))))
+        (prin1 v out)
+        (let ((text (bounded-text out)))
+          (if (> (length text) +value-chars+)
+              (concatenate 'string (subseq text 0 (- +value-chars+ 3)) "...")
+              text)))
+    (serious-condition (c)
+      (format nil "#<error printing a value: ~a>" (condition-message c)))))
+
+(defun %eval-forms (code state)
+  "Read and evaluate the forms of CODE one after another; return the printed values of the
+last one.  STATE is a vector whose slot 0 counts evaluated forms."
+  (let ((eof '#:eof) (values '()))
+    (with-input-from-string (in code)
+      (loop
+        (let ((form (read in nil eof)))
+          (when (eq form eof) (return))
+          (setf values (multiple-value-list (eval form)))
+          (incf (svref state 0)))))
+    (mapcar #'print-value values)))
+
+(defun eval-in-thread (code package out)
+  "Body of an eval thread.  Returns (:ok printed-values forms seconds) or
+(:failed type message frames forms seconds).  No handler is established around the user's
+code (a handler would see conditions the code signals on purpose): a condition that would
+enter the debugger reaches the debugger hooks, which record it and unwind."
+  (let ((state (vector 0)) (t0 (mono-ns)))
+    (flet ((hook (c hook)
+             (declare (ignore hook))
+             (throw 'sbmon-eval-failed
+               (list* :failed (append (condition-failure c)
+                                      (list (svref state 0) (seconds-since t0)))))))
+      (catch 'sbmon-eval-failed
+        (let ((*debugger-hook* #'hook)
+              (sb-ext:*invoke-debugger-hook* #'hook))
+          (with-standard-io-syntax
+            (let ((*package* package) (*read-eval* nil) (*print-readably* nil)
+                  ;; with-standard-io-syntax rebinds neither hook, but be explicit
+                  (*debugger-hook* #'hook)
+                  (sb-ext:*invoke-debugger-hook* #'hook))
+              (with-captured-io (out)
+                (let ((printed (%eval-forms code state)))
+                  (list :ok printed (svref state 0) (seconds-since t0)))))))))))
+
+(defun op-eval (args)
+  (check-plist args '(:code :package :timeout-s :max-output) :eval)
+  (let* ((code (string-arg args :code :eval :required t))
+         (package-name (string-arg args :package :eval :default "CL-USER" :max 200))
+         (timeout (real-arg args :timeout-s :eval :default 10 :min 0.1d0 :max 300))
+         (max-output (int-arg args :max-output :eval :default 65536 :min 0 :max +eval-max-output+))
+         (package (or (find-package package-name) (find-package (string-upcase package-name))
+                      (fail "BAD-ARGUMENT" "no package named ~s" package-name)))
+         (out (make-bounded-output-stream max-output))
+         (box (vector nil))
+         (n (sb-thread:with-mutex (*state-lock*) (incf *eval-counter*)))
+         (thread nil))
+    (unwind-protect
+         (progn
+           (setf thread (sb-thread:make-thread
+                         (lambda ()
+                           (setf (svref box 0) (eval-in-thread code package out)))
+                         :name (format nil "sbmon-agent eval ~d" n)))
+           (register-control-thread thread)
+           (sb-thread:join-thread thread :default nil :timeout timeout)
+           (let ((result (svref box 0))
+                 (output (list :output (bounded-text out)
+                               :output-truncated (bounded-truncated out))))
+             (cond
+               ((eq (first result) :ok)
+                (destructuring-bind (printed forms seconds) (rest result)
+                  (list* :values printed
+                         (append output (list :forms forms :seconds seconds)))))
+               ((eq (first result) :failed)
+                (destructuring-bind (type message frames forms seconds) (rest result)
+                  (declare (ignore seconds))
+                  (fail-with type (list* :backtrace frames :forms forms output) "~a" message)))
+               ((sb-thread:thread-alive-p thread)
+                (ignore-errors (sb-thread:terminate-thread thread))
+                (sb-thread:join-thread thread :default nil :timeout 2)
+                (let ((stopped (not (sb-thread:thread-alive-p thread))))
+                  (fail-with "TIMEOUT" output
+                             "evaluation exceeded ~a s and ~:[could not be stopped within 2 s (thread ~s still running)~;was stopped~*~]"
+                             (number-text timeout) stopped (sb-thread:thread-name thread))))
+               (t
+                (fail-with "ABORTED" output
+                           "the evaluation thread ended without a result (it was terminated or called abort-thread)")))))
+      (when thread
+        (unregister-control-thread thread)
+        ;; the worker was unwound (agent stopping): don't leave the evaluation behind
+        (when (and (sb-thread:thread-alive-p thread) (null (svref box 0)))
+          (ignore-errors (sb-thread:terminate-thread thread)))))))
+
+;;; --- :profile
+
+(defun sprof-symbol (name)
+  (or (internal-symbol name "SB-SPROF")
+      (fail "UNAVAILABLE" "sb-sprof has no ~a on this SBCL" name)))
+
+(defun sprof-call (name &rest args)
+  (let ((s (sprof-symbol name)))
+    (unless (fboundp s) (fail "UNAVAILABLE" "sb-sprof has no function ~a on this SBCL" name))
+    (apply s args)))
+
+(defun ensure-module (module package)
+  (unless (find-package package)
+    (handler-case (require module)
+      (serious-condition (c)
+        (fail "UNAVAILABLE" "cannot load ~(~a~): ~a" module (condition-message c))))
+    (unless (find-package package)
+      (fail "UNAVAILABLE" "loading ~(~a~) did not define package ~a" module package))))
+
+(defun profile-name (name)
+  (if (stringp name)
+      (one-line name +frame-chars+)
+      (one-line (safe-string (lambda (s) (let ((*print-length* 10) (*print-level* 4)) (prin1 name s)))
+                             (* 2 +frame-chars+))
+                +frame-chars+)))
+
+(defun profile-result (graph mode seconds max-rows)
+  (let* ((nsamples (sprof-call "CALL-GRAPH-NSAMPLES" graph))
+         ;; by self samples, then by cumulative samples, both descending
+         (nodes (sort (copy-list (sprof-call "CALL-GRAPH-FLAT-NODES" graph))
+                      (lambda (a b)
+                        (or (> (first a) (first b))
+                            (and (= (first a) (first b)) (> (second a) (second b)))))
+                      :key (lambda (n) (list (sprof-call "NODE-COUNT" n)
+                                             (sprof-call "NODE-ACCRUED-COUNT" n)))))
+         (pct (lambda (k) (if (plusp nsamples) (/ (* 100d0 k) nsamples) 0d0))))
+    (list :mode mode
+          :seconds (coerce seconds 'double-float)
+          :samples nsamples
+          :rows (loop for node in nodes
+                      for i from 0 below max-rows
+                      for self = (sprof-call "NODE-COUNT" node)
+                      for cum = (sprof-call "NODE-ACCRUED-COUNT" node)
+                      collect (list :function (profile-name (sprof-call "NODE-NAME" node))
+                                    :samples self
+                                    :self-percent (funcall pct self)
+                                    :cumulative-percent (funcall pct cum)))
+          :threads (loop for entry in (sprof-call "CALL-GRAPH-SAMPLED-THREADS" graph)
+                         for th = (if (consp entry) (first entry) entry)
+                         collect (if (typep th 'sb-thread:thread)
+                                     (object-name-string (sb-thread:thread-name th))
+                                     (object-name-string th))))))
+
+(defun op-profile (args)
+  (check-plist args '(:seconds :mode :max-rows) :profile)
+  (let ((seconds (real-arg args :seconds :profile :default 5 :min 0.1d0 :max 60))
+        (mode (getf args :mode :cpu))
+        (max-rows (int-arg args :max-rows :profile :default 20 :max 200))
+        (self sb-thread:*current-thread*))
+    (unless (member mode '(:cpu :alloc :time))
+      (fail "BAD-ARGUMENT" ":mode must be :cpu, :alloc or :time for :profile, got ~a" (show-arg mode)))
+    (unless (null (sb-ext:compare-and-swap (svref **profile-busy** 0) nil self))
+      (fail "BUSY" "a profile is already running in this image"))
+    (unwind-protect
+         (progn
+           (register-control-thread self)
+           (ensure-module :sb-sprof "SB-SPROF")
+           (let ((profiling (sprof-symbol "*PROFILING*")))
+             (when (and (boundp profiling) (symbol-value profiling))
+               (fail "BUSY" "sb-sprof is already profiling in this image (started outside sbmon)")))
+           (sprof-call "RESET")
+           (unwind-protect
+                (progn
+                  (sprof-call "START-PROFILING" :mode mode :threads :all)
+                  (sleep seconds))
+             (sprof-call "STOP-PROFILING"))
+           (let ((graph (sprof-call "REPORT" :type nil :stream (make-broadcast-stream))))
+             (prog1 (if graph
+                        (profile-result graph mode seconds max-rows)
+                        (list :mode mode :seconds (coerce seconds 'double-float)
+                              :samples 0 :rows nil :threads nil))
+               (ignore-errors (sprof-call "RESET")))))
+      (unregister-control-thread self)
+      (setf (svref **profile-busy** 0) nil))))
+
+;;; --- :reload-system
+
+(defun asdf-call (name &rest args)
+  (let ((s (internal-symbol name "ASDF")))
+    (unless (and s (fboundp s)) (fail "UNAVAILABLE" "ASDF has no function ~a" name))
+    (apply s args)))
+
+(defun %load-system (name force)
+  (if force
+      (asdf-call "LOAD-SYSTEM" name :force t)
+      (asdf-call "LOAD-SYSTEM" name)))
+
+(defun op-reload-system (args)
+  (check-plist args '(:system :force) :reload-system)
+  (let ((name (string-arg args :system :reload-system :required t :max 200))
+        (force (bool-arg args :force :reload-system)))
+    (when (zerop (length name))
+      (fail "BAD-ARGUMENT" ":system must not be empty"))
+    (ensure-module :asdf "ASDF")
+    (unless (asdf-call "FIND-SYSTEM" name nil)
+      (fail "MISSING-SYSTEM" "ASDF cannot find a system named ~s" name))
+    (let* ((out (make-bounded-output-stream +reload-output+))
+           (warnings '()) (nwarnings 0)
+           (t0 (mono-ns))
+           (failure
+             (catch 'sbmon-reload-failed
+               (flet ((fail-hook (c &optional hook)
+                        (declare (ignore hook))
+                        (throw 'sbmon-reload-failed
+                          (condition-failure c))))
+                 (let ((*debugger-hook* #'fail-hook)
+                       (sb-ext:*invoke-debugger-hook* #'fail-hook))
+                   (with-captured-io (out)
+                     (handler-bind
+                         ((warning (lambda (w)
+                                     (when (< nwarnings +max-warnings+)
+                                       (push (safe-string (lambda (s) (princ w s)) +warning-chars+)
+                                             warnings))
+                                     (incf nwarnings)
+                                     (muffle-warning w)))
+                          (serious-condition #'fail-hook))
+                       (%load-system name force)))))
+               nil))
+           (output (list :output (bounded-text out) :output-truncated (bounded-truncated out)))
+           (warnings (reverse warnings)))
+      (when failure
+        (destructuring-bind (type message frames) failure
+          (fail-with type (list* :backtrace frames :warnings warnings output) "~a" message)))
+      (list* :system name :forced force :seconds (seconds-since t0)
+             :warnings warnings output))))
+
+;;;; ------------------------------------------------------------------------
 ;;;; Dispatch
 
 (defparameter *operations*
@@ -1069,7 +1613,14 @@ of n_gcs (or of *gc-epoch*) does."
     (:threads op-threads nil nil)
     (:backtrace op-backtrace t nil)
     (:backtraces op-backtraces t nil)
-    (:subscribe op-subscribe nil t)))
+    (:subscribe op-subscribe nil t)
+    ;; control and evaluation (sbmon calls these only with --allow control / --allow eval)
+    (:gc-run op-gc-run t nil)
+    (:gc-tune op-gc-tune nil nil)
+    (:kill-thread op-kill-thread t nil)
+    (:profile op-profile t nil)
+    (:eval op-eval t nil)
+    (:reload-system op-reload-system t nil)))
 
 (defun capabilities ()
   (append (mapcar #'first *operations*)
@@ -1083,7 +1634,9 @@ of n_gcs (or of *gc-epoch*) does."
         (handler-bind ((warning #'muffle-warning))
           (list :ok (if needs-conn (funcall fn conn args) (funcall fn args))))
       (serious-condition (c)
-        (list :error :type (condition-type-name c) :message (condition-message c))))))
+        (list* :error :type (condition-type-name c) :message (condition-message c)
+               ;; extra reply fields (:backtrace ...) carried by some agent errors
+               (and (typep c 'agent-error) (agent-error-extra c)))))))
 
 (defun unknown-operation-error (op)
   (list :error :type "UNKNOWN-OPERATION"
@@ -1435,6 +1988,10 @@ GC wrappers.  Returns T if the agent was running."
             event-thread *event-thread* conns (copy-list *connections*)
             path *socket-path*))
     (remove-gc-wrappers)
+    ;; running evaluations and profiles end now, not after the usual grace period
+    (dolist (th (sb-thread:with-mutex (*state-lock*) (copy-list *control-threads*)))
+      (unless (eq th sb-thread:*current-thread*)
+        (ignore-errors (sb-thread:terminate-thread th))))
     (finish-thread listener-thread)
     (ignore-errors (sb-bsd-sockets:socket-close listener))
     (when path (ignore-errors (when (eq (file-kind path) :socket) (sb-unix:unix-unlink path))))

@@ -11,10 +11,11 @@ use clap::{Args, Parser, Subcommand};
 use serde::Serialize;
 
 use crate::agent::{Address, AgentClient, ClientOptions, address};
+use crate::audit::Audit;
 use crate::config::Config;
 use crate::serve::{ServeError, ServeOptions};
 use crate::targets::{Target, Targets, default_name};
-use crate::tools::{self, Catalog, Class};
+use crate::tools::{self, Allow, Catalog};
 
 #[derive(Debug, Parser)]
 #[command(name = "sbmon", version, about = "Watch and steer live SBCL images")]
@@ -46,15 +47,50 @@ pub enum Command {
 /// How to talk to agents, shared by the commands that do.
 #[derive(Debug, Args)]
 pub struct ClientArgs {
-    /// File holding the token of a TCP agent (default ~/.sbmon-secret).
-    #[arg(long, value_name = "FILE")]
-    pub token_file: Option<PathBuf>,
     /// Seconds an agent call may take.
     #[arg(long, default_value_t = 5.0, value_name = "SECONDS")]
     pub timeout: f64,
     /// Health thresholds (TOML; see the README).
     #[arg(long, value_name = "FILE")]
     pub config: Option<PathBuf>,
+}
+
+/// Tool classes beyond `read`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum AllowClass {
+    /// memory_gc, gc_tune, thread_kill, profile_cpu
+    Control,
+    /// repl_eval, code_reload_system
+    Eval,
+}
+
+/// What this sbmon may do beyond reading, and where its actions are recorded.
+#[derive(Debug, Args)]
+pub struct PolicyArgs {
+    /// Offer control and/or eval tools, e.g. --allow control,eval (default: read-only).
+    #[arg(long, value_delimiter = ',', value_name = "CLASS")]
+    pub allow: Vec<AllowClass>,
+    /// Also append the audit log of control and eval calls to FILE (JSON Lines; always on
+    /// stderr).
+    #[arg(long, value_name = "FILE")]
+    pub audit_log: Option<PathBuf>,
+}
+
+impl PolicyArgs {
+    fn allow(&self) -> Allow {
+        Allow {
+            control: self.allow.contains(&AllowClass::Control),
+            eval: self.allow.contains(&AllowClass::Eval),
+        }
+    }
+
+    fn audit(&self) -> Result<Audit, String> {
+        match &self.audit_log {
+            Some(path) => Audit::to_file(path)
+                .map_err(|e| format!("cannot open the audit log {}: {e}", path.display())),
+            None => Ok(Audit::default()),
+        }
+    }
 }
 
 #[derive(Debug, Args)]
@@ -67,8 +103,13 @@ pub struct CallArgs {
     /// runtime directory.
     #[arg(long, value_name = "SPEC")]
     pub target: Option<String>,
+    /// File holding the token of a TCP agent (default ~/.sbmon-secret).
+    #[arg(long, value_name = "FILE")]
+    pub token_file: Option<PathBuf>,
     #[command(flatten)]
     pub client: ClientArgs,
+    #[command(flatten)]
+    pub policy: PolicyArgs,
 }
 
 #[derive(Debug, Args)]
@@ -79,8 +120,20 @@ pub struct FrontEndArgs {
     /// Serve HTTP on ADDR: MCP at /mcp, JSON-RPC at /rpc, a landing page at /.
     #[arg(long, value_name = "ADDR", num_args = 0..=1, default_missing_value = "127.0.0.1:9405")]
     pub http: Option<std::net::SocketAddr>,
+    /// Require `Authorization: Bearer TOKEN` on every HTTP endpoint but /health/live; needed
+    /// to bind an address other than loopback.
+    #[arg(long, value_name = "TOKEN", conflicts_with = "token_file")]
+    pub token: Option<String>,
+    /// Read the bearer token from FILE.
+    #[arg(long, value_name = "FILE")]
+    pub token_file: Option<PathBuf>,
+    /// File holding the token of TCP agents (default ~/.sbmon-secret).
+    #[arg(long, value_name = "FILE")]
+    pub agent_token_file: Option<PathBuf>,
     #[command(flatten)]
     pub client: ClientArgs,
+    #[command(flatten)]
+    pub policy: PolicyArgs,
 }
 
 #[derive(Debug, Args)]
@@ -193,19 +246,25 @@ fn choose_address(spec: Option<&str>) -> Result<Address, (u8, String)> {
     }
 }
 
-fn client_options(args: &ClientArgs) -> Result<ClientOptions, String> {
+fn client_options(
+    args: &ClientArgs,
+    token_file: Option<&PathBuf>,
+) -> Result<ClientOptions, String> {
     if !(args.timeout.is_finite() && args.timeout > 0.0 && args.timeout <= 3600.0) {
         return Err("--timeout must be between 0 and 3600 seconds".into());
     }
     Ok(ClientOptions {
         call_timeout: Duration::from_secs_f64(args.timeout),
-        token_file: args.token_file.clone(),
+        token_file: token_file.cloned(),
         ..ClientOptions::default()
     })
 }
 
-fn client_and_config(args: &ClientArgs) -> Result<(ClientOptions, Config), String> {
-    let options = client_options(args)?;
+fn client_and_config(
+    args: &ClientArgs,
+    token_file: Option<&PathBuf>,
+) -> Result<(ClientOptions, Config), String> {
+    let options = client_options(args, token_file)?;
     let config = match &args.config {
         Some(path) => Config::load(path).map_err(|e| e.to_string())?,
         None => Config::default(),
@@ -214,8 +273,24 @@ fn client_and_config(args: &ClientArgs) -> Result<(ClientOptions, Config), Strin
 }
 
 fn serve_options(front: &FrontEndArgs) -> Result<ServeOptions, String> {
-    let (client, config) = client_and_config(&front.client)?;
+    let (client, config) = client_and_config(&front.client, front.agent_token_file.as_ref())?;
+    let token = match (&front.token, &front.token_file) {
+        (Some(t), _) => Some(t.clone()),
+        (None, Some(path)) => Some(
+            std::fs::read_to_string(path)
+                .map_err(|e| format!("cannot read --token-file {}: {e}", path.display()))?
+                .trim()
+                .to_string(),
+        ),
+        (None, None) => None,
+    };
+    if token.as_deref().is_some_and(|t| t.len() < 16) {
+        return Err("the HTTP token must be at least 16 characters".into());
+    }
     Ok(ServeOptions {
+        allow: front.policy.allow(),
+        audit: front.policy.audit()?,
+        token,
         stdio: front.stdio,
         // Neither front end named: serve HTTP on the default address.
         http: match (front.stdio, front.http) {
@@ -289,7 +364,7 @@ async fn call(args: CallArgs) -> ExitCode {
             Err(e) => return fail(USAGE, format!("arguments are not valid JSON: {e}")),
         },
     };
-    let (options, config) = match client_and_config(&args.client) {
+    let (options, config) = match client_and_config(&args.client, args.token_file.as_ref()) {
         Ok(both) => both,
         Err(e) => return fail(USAGE, e),
     };
@@ -302,12 +377,25 @@ async fn call(args: CallArgs) -> ExitCode {
             ),
         );
     }
+    let audit = match args.policy.audit() {
+        Ok(a) => a,
+        Err(e) => return fail(USAGE, e),
+    };
     let address = match choose_address(args.target.as_deref()) {
         Ok(a) => a,
         Err((code, message)) => return fail(code, message),
     };
-    let catalog = single_target_catalog(address, options, config);
-    match catalog.call(&args.tool, tool_args).await {
+    let target = Target::new(default_name(&address), address, options);
+    let catalog = Catalog::with_policy(
+        Arc::new(Targets::new(vec![target])),
+        Arc::new(config),
+        args.policy.allow(),
+        audit,
+    );
+    if let Err(e) = catalog.check(&args.tool) {
+        return fail(USAGE, e);
+    }
+    match catalog.call_from("cli", &args.tool, tool_args).await {
         Ok(value) => print_json(&value),
         Err(e) if e.is_usage() => fail(USAGE, e),
         Err(e) => fail(1, e),
@@ -383,11 +471,7 @@ async fn targets(json: bool) -> ExitCode {
 
 fn tools() -> ExitCode {
     for tool in tools::TOOLS {
-        let class = match tool.class {
-            Class::Read => "read",
-            Class::Control => "control",
-            Class::Eval => "eval",
-        };
+        let class = tool.class.name();
         let summary = tool.description.split(". ").next().unwrap_or_default();
         println!(
             "{:<18} {:<8} {}",
@@ -397,4 +481,15 @@ fn tools() -> ExitCode {
         );
     }
     ExitCode::SUCCESS
+}
+
+#[cfg(test)]
+mod tests {
+    use clap::CommandFactory;
+
+    #[test]
+    fn command_line_definition_is_consistent() {
+        // clap checks names, conflicts and defaults of every subcommand here, not at run time.
+        super::Cli::command().debug_assert();
+    }
 }

@@ -8,8 +8,9 @@ use std::time::Instant;
 use axum::Json;
 use axum::Router;
 use axum::body::Bytes;
-use axum::extract::{DefaultBodyLimit, Path, Query, State};
+use axum::extract::{DefaultBodyLimit, Path, Query, Request, State};
 use axum::http::{HeaderMap, StatusCode, header};
+use axum::middleware::{self, Next};
 use axum::response::{Html, IntoResponse, Response};
 use axum::routing::{get, post};
 use serde::Deserialize;
@@ -25,23 +26,61 @@ pub const MAX_BODY: usize = 1024 * 1024;
 
 /// The whole HTTP surface; cancelling `stop` ends open MCP sessions and streams, so a
 /// graceful shutdown is not held up by a connected client.
-pub fn router(catalog: Arc<Catalog>, stop: CancellationToken) -> Router {
+pub fn router(catalog: Arc<Catalog>, stop: CancellationToken, token: Option<String>) -> Router {
     let state = AppState {
         catalog: catalog.clone(),
         started: Instant::now(),
     };
-    Router::new()
+    let mut guarded = Router::new()
         .route("/", get(landing))
         .route("/rpc", post(rpc))
         .route("/metrics", get(metrics))
         .route("/sd", get(service_discovery))
         .route("/health", get(health_all))
-        .route("/health/live", get(live))
         .route("/health/ready", get(ready))
         .route("/health/targets/{name}", get(health_one))
         .with_state(state)
-        .nest_service("/mcp", crate::mcp::http_service_with_cancel(catalog, stop))
+        .nest_service(
+            "/mcp",
+            crate::mcp::http_service_with_cancel(catalog, stop, token.is_some()),
+        );
+    if let Some(token) = token {
+        guarded = guarded.layer(middleware::from_fn_with_state(
+            Arc::new(token),
+            require_bearer,
+        ));
+    }
+    // Liveness depends on nothing, not even on knowing the token.
+    Router::new()
+        .route("/health/live", get(live))
+        .merge(guarded)
         .layer(DefaultBodyLimit::max(MAX_BODY))
+}
+
+async fn require_bearer(
+    State(token): State<Arc<String>>,
+    request: Request,
+    next: Next,
+) -> Response {
+    let given = request
+        .headers()
+        .get(header::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.strip_prefix("Bearer "));
+    match given {
+        Some(given) if same(given.as_bytes(), token.as_bytes()) => next.run(request).await,
+        _ => (
+            StatusCode::UNAUTHORIZED,
+            [(header::WWW_AUTHENTICATE, "Bearer")],
+            "this sbmon requires Authorization: Bearer TOKEN\n",
+        )
+            .into_response(),
+    }
+}
+
+/// Equality whose time does not depend on where the inputs differ.
+fn same(a: &[u8], b: &[u8]) -> bool {
+    a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
 }
 
 #[derive(Clone)]

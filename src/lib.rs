@@ -3,6 +3,7 @@
 //! tools to the front ends.
 
 pub mod agent;
+pub mod audit;
 pub mod cli;
 pub mod config;
 pub mod demo;

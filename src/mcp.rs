@@ -30,6 +30,7 @@ use tokio_util::sync::CancellationToken;
 
 use crate::agent::address::runtime_dir;
 use crate::config::Threshold;
+use crate::tools::ToolError;
 use crate::tools::summary::summarize;
 use crate::tools::{Catalog, Class, ToolDef};
 
@@ -72,14 +73,24 @@ pub async fn serve_stdio(catalog: Arc<Catalog>) -> Result<(), std::io::Error> {
 /// requests must also come from a loopback `Origin`. Requests without `Origin` (ordinary MCP
 /// clients, curl) pass.
 pub fn http_service(catalog: Arc<Catalog>) -> axum::Router {
-    http_service_with_cancel(catalog, CancellationToken::new())
+    http_service_with_cancel(catalog, CancellationToken::new(), false)
 }
 
 /// `http_service` whose sessions and open event streams all end when `cancel` is cancelled,
 /// so that a graceful HTTP shutdown is not held up by a client's open stream.
-pub fn http_service_with_cancel(catalog: Arc<Catalog>, cancel: CancellationToken) -> axum::Router {
+/// `authenticated`: every request already carried sbmon's bearer token, so the loopback-only
+/// Host check (DNS-rebinding protection for unauthenticated local servers) is lifted.
+pub fn http_service_with_cancel(
+    catalog: Arc<Catalog>,
+    cancel: CancellationToken,
+    authenticated: bool,
+) -> axum::Router {
     let shared = Arc::new(Shared::new(catalog));
-    let config = StreamableHttpServerConfig::default()
+    let mut config = StreamableHttpServerConfig::default();
+    if authenticated {
+        config = config.disable_allowed_hosts();
+    }
+    let config = config
         .with_cancellation_token(cancel)
         .with_allowed_origins([
             "http://localhost:*",
@@ -132,7 +143,7 @@ impl McpServer {
 
     async fn call(&self, name: &str, arguments: Option<JsonObject>) -> CallToolResult {
         let args = arguments.map_or(Value::Null, Value::Object);
-        match self.catalog().call(name, args).await {
+        match self.catalog().call_from("mcp", name, args).await {
             Ok(value) => {
                 let mut result =
                     CallToolResult::success(vec![ContentBlock::text(summarize(name, &value))]);
@@ -215,12 +226,16 @@ impl ServerHandler for McpServer {
         context: RequestContext<RoleServer>,
     ) -> Result<CallToolResponse, McpError> {
         let name = request.name.as_ref();
-        // rmcp's own tool router answers an unknown tool the same way (invalid params).
-        if !self.catalog().tools().any(|t| t.name == name) {
-            return Err(McpError::invalid_params(
-                format!("unknown tool {name:?}; tools/list lists the available tools"),
-                None,
-            ));
+        // rmcp's own tool router answers an unknown tool the same way (invalid params); a
+        // control or eval tool this sbmon was not allowed says which flag would allow it.
+        if let Err(e) = self.catalog().check(name) {
+            let message = match e {
+                ToolError::UnknownTool(_) => {
+                    format!("unknown tool {name:?}; tools/list lists the available tools")
+                }
+                other => other.to_string(),
+            };
+            return Err(McpError::invalid_params(message, None));
         }
         // A cancelled request stops its tool (e.g. a long thread dump) instead of running on
         // unobserved; the client no longer waits for this answer.
@@ -819,6 +834,33 @@ mod tests {
             assert_eq!(a.read_only_hint, Some(true));
             assert_eq!(a.destructive_hint, Some(false));
             assert_eq!(a.open_world_hint, Some(false));
+        }
+    }
+
+    #[test]
+    fn allowed_control_and_eval_tools_are_marked_destructive() {
+        let allowed = Catalog::with_policy(
+            Arc::new(Targets::default()),
+            Arc::new(Config::default()),
+            crate::tools::Allow {
+                control: true,
+                eval: true,
+            },
+            crate::audit::Audit::default(),
+        );
+        let shared = Shared::new(Arc::new(allowed));
+        for name in [
+            "memory_gc",
+            "gc_tune",
+            "thread_kill",
+            "profile_cpu",
+            "repl_eval",
+            "code_reload_system",
+        ] {
+            let tool = shared.tools.iter().find(|t| t.name == name).expect(name);
+            let a = tool.annotations.as_ref().expect("annotations");
+            assert_eq!(a.read_only_hint, Some(false), "{name}");
+            assert_eq!(a.destructive_hint, Some(true), "{name}");
         }
     }
 

@@ -88,11 +88,13 @@ async fn one(catalog: &Catalog, request: Value) -> Option<Value> {
             ));
         }
     };
-    let outcome = catalog.call(&method, params).await;
+    let outcome = catalog.call_from("rpc", &method, params).await;
     id.as_ref()?;
     Some(match outcome {
         Ok(result) => json!({"jsonrpc": "2.0", "id": reply_id, "result": result}),
-        Err(e @ ToolError::UnknownTool(_)) => error(reply_id, METHOD_NOT_FOUND, e.to_string()),
+        Err(e @ (ToolError::UnknownTool(_) | ToolError::NotAllowed { .. })) => {
+            error(reply_id, METHOD_NOT_FOUND, e.to_string())
+        }
         Err(e) if e.is_usage() => error(reply_id, INVALID_PARAMS, e.to_string()),
         Err(e) => error(reply_id, TOOL_FAILED, e.to_string()),
     })

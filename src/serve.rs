@@ -9,10 +9,11 @@ use std::time::Duration;
 use tokio_util::sync::CancellationToken;
 
 use crate::agent::{ClientOptions, address};
+use crate::audit::Audit;
 use crate::config::Config;
 use crate::launch::{LaunchError, LaunchOptions, Sbcl};
 use crate::targets::{Target, Targets, default_name};
-use crate::tools::Catalog;
+use crate::tools::{Allow, Catalog};
 
 /// How often the runtime directory is scanned for agents that started or exited.
 const DISCOVERY_INTERVAL: Duration = Duration::from_secs(2);
@@ -22,8 +23,8 @@ pub enum ServeError {
     #[error("give --stdio and/or --http")]
     NoFrontEnd,
     #[error(
-        "refusing to serve HTTP on {0}: sbmon binds loopback addresses only (127.0.0.1, ::1); \
-         reach it from elsewhere through an SSH tunnel"
+        "refusing to serve HTTP on {0} without a token: beyond loopback (127.0.0.1, ::1) \
+         sbmon requires --token or --token-file, and clients then send Authorization: Bearer"
     )]
     NotLoopback(SocketAddr),
     #[error("cannot listen on {addr}: {source}")]
@@ -41,8 +42,12 @@ pub enum ServeError {
 pub struct ServeOptions {
     pub stdio: bool,
     pub http: Option<SocketAddr>,
+    /// Bearer token required on HTTP (all but /health/live); required beyond loopback.
+    pub token: Option<String>,
     pub client: ClientOptions,
     pub config: Config,
+    pub allow: Allow,
+    pub audit: Audit,
 }
 
 /// Serve `targets` (or, when `None`, the agents of the runtime directory) until stdin closes
@@ -53,6 +58,7 @@ pub async fn serve(options: ServeOptions, targets: Option<Vec<Target>>) -> Resul
     }
     if let Some(addr) = options.http
         && !addr.ip().is_loopback()
+        && options.token.is_none()
     {
         return Err(ServeError::NotLoopback(addr));
     }
@@ -72,7 +78,23 @@ pub async fn serve(options: ServeOptions, targets: Option<Vec<Target>>) -> Resul
             }
         });
     }
-    let catalog = Arc::new(Catalog::new(targets, Arc::new(options.config)));
+    if options.allow.control || options.allow.eval {
+        eprintln!(
+            "sbmon: allowed beyond read: {}{}; every such call is audited",
+            if options.allow.control {
+                "control "
+            } else {
+                ""
+            },
+            if options.allow.eval { "eval" } else { "" }
+        );
+    }
+    let catalog = Arc::new(Catalog::with_policy(
+        targets,
+        Arc::new(options.config),
+        options.allow,
+        options.audit,
+    ));
 
     let http = match options.http {
         Some(addr) => {
@@ -81,7 +103,7 @@ pub async fn serve(options: ServeOptions, targets: Option<Vec<Target>>) -> Resul
                 .map_err(|source| ServeError::Bind { addr, source })?;
             let local = listener.local_addr().unwrap_or(addr);
             eprintln!("sbmon: serving http://{local} (MCP at /mcp, JSON-RPC at /rpc)");
-            let app = crate::http::router(catalog.clone(), stop.clone());
+            let app = crate::http::router(catalog.clone(), stop.clone(), options.token.clone());
             let stop = stop.clone();
             Some(tokio::spawn(async move {
                 let shutdown = async move { stop.cancelled().await };

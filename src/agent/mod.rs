@@ -45,6 +45,11 @@ pub fn default_token_file() -> Option<PathBuf> {
     std::env::var_os("HOME").map(|home| PathBuf::from(home).join(".sbmon-secret"))
 }
 
+/// The agent bounds a slow call by `timeout_ms`; allow for transfer and scheduling on top.
+pub fn bounded_by(timeout_ms: u64) -> Duration {
+    Duration::from_millis(timeout_ms) + Duration::from_secs(2)
+}
+
 /// The agent runs at most this many slow operations per connection and answers BUSY beyond
 /// (docs/protocol.md); callers past it queue here instead.
 const SLOW_IN_FLIGHT: usize = 4;
@@ -215,7 +220,8 @@ impl AgentClient {
             ("max-frames", Sexp::Int(max_frames.into())),
             ("timeout-ms", Sexp::Int(timeout_ms as i64)),
         ]);
-        self.slow_call("backtrace", args, timeout_ms).await
+        self.slow_call("backtrace", args, bounded_by(timeout_ms))
+            .await
     }
 
     pub async fn backtraces(
@@ -227,23 +233,22 @@ impl AgentClient {
             ("max-frames", Sexp::Int(max_frames.into())),
             ("timeout-ms", Sexp::Int(timeout_ms as i64)),
         ]);
-        self.slow_call("backtraces", args, timeout_ms).await
+        self.slow_call("backtraces", args, bounded_by(timeout_ms))
+            .await
     }
 
-    /// A call the agent runs on a worker thread and bounds by `timeout_ms`; the client waits
-    /// that long plus a margin for transfer and scheduling, after its turn comes.
-    async fn slow_call<T: DeserializeOwned>(
+    /// A call the agent runs on a worker thread; it waits `timeout` once its turn comes.
+    pub async fn slow_call<T: DeserializeOwned>(
         &self,
         op: &str,
         args: Sexp,
-        timeout_ms: u64,
+        timeout: Duration,
     ) -> Result<T, AgentError> {
         let _permit = self
             .slow
             .acquire()
             .await
             .map_err(|_| AgentError::Lost("client closed".into()))?;
-        let timeout = Duration::from_millis(timeout_ms) + Duration::from_secs(2);
         self.call(op, args, Some(timeout)).await
     }
 }

@@ -2,6 +2,8 @@
 //! schemas, and its handler. Front ends (CLI, MCP, HTTP) reach tools only through
 //! `Catalog::call`, so they can never disagree about what a tool does.
 
+pub mod control;
+pub mod eval;
 pub mod export;
 pub mod gc;
 pub mod health;
@@ -21,6 +23,7 @@ use serde::de::DeserializeOwned;
 use serde_json::Value;
 
 use crate::agent::AgentError;
+use crate::audit::Audit;
 use crate::config::Config;
 use crate::histogram::Histogram;
 use crate::process::ProcessError;
@@ -33,6 +36,34 @@ pub enum Class {
     Read,
     Control,
     Eval,
+}
+
+impl Class {
+    pub fn name(self) -> &'static str {
+        match self {
+            Class::Read => "read",
+            Class::Control => "control",
+            Class::Eval => "eval",
+        }
+    }
+}
+
+/// Which tool classes this sbmon may use; `read` always, the others only when the operator
+/// said so (`--allow control`, `--allow eval`).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Allow {
+    pub control: bool,
+    pub eval: bool,
+}
+
+impl Allow {
+    pub fn permits(self, class: Class) -> bool {
+        match class {
+            Class::Read => true,
+            Class::Control => self.control,
+            Class::Eval => self.eval,
+        }
+    }
 }
 
 pub struct ToolDef {
@@ -136,12 +167,75 @@ pub static TOOLS: &[ToolDef] = &[
         "Backtraces of all threads, each bounded in frames; the whole dump is bounded in time \
          and threads that do not answer are reported, never waited for."
     ),
+    tool!(
+        "memory_gc",
+        "Run a garbage collection",
+        Control,
+        control::GcArgs,
+        control::GcOutcome,
+        "Collect generation N (default 0) or everything (full): heap before and after, bytes \
+         freed and the pause, measured in the image."
+    ),
+    tool!(
+        "gc_tune",
+        "Tune the garbage collector",
+        Control,
+        control::TuneArgs,
+        control::TuneOutcome,
+        "Set the nursery size and per-generation GC parameters (bytes between GCs, GCs before \
+         promotion, minimum age; also the guide's generation-sizes and promotion-thresholds \
+         lists). Every value is validated and nothing changes if one is invalid; returns the \
+         parameters before and after."
+    ),
+    tool!(
+        "thread_kill",
+        "Terminate a thread",
+        Control,
+        control::KillArgs,
+        control::KillOutcome,
+        "Terminate a thread (by OS tid or name) and report whether it ended within the timeout. \
+         The main thread and the agent's own threads are refused."
+    ),
+    tool!(
+        "profile_cpu",
+        "Profile the image",
+        Control,
+        control::ProfileArgs,
+        control::Profile,
+        "Statistical profile with sb-sprof for a few seconds (cpu, alloc or time mode): \
+         functions with self and cumulative share of samples, sample count, sampled threads. \
+         One profile at a time."
+    ),
+    tool!(
+        "repl_eval",
+        "Evaluate Lisp code",
+        Eval,
+        eval::EvalArgs,
+        eval::EvalResult,
+        "Read and evaluate all forms of code in a package (default CL-USER) with a timeout, on \
+         a thread of its own, never entering the debugger: printed values of the last form and \
+         captured output (bounded), or the condition with a bounded backtrace."
+    ),
+    tool!(
+        "code_reload_system",
+        "Reload an ASDF system",
+        Eval,
+        eval::ReloadArgs,
+        eval::Reload,
+        "Load (or with force, fully reload) an ASDF system in the image: warnings, output and \
+         duration; a clear error for a system ASDF cannot find."
+    ),
 ];
 
 #[derive(Debug, thiserror::Error)]
 pub enum ToolError {
     #[error("unknown tool {0:?}; `sbmon tools` lists the available tools")]
     UnknownTool(String),
+    #[error(
+        "{tool} is a {class} tool and this sbmon was started without it: restart sbmon with \
+         --allow {class} to use it"
+    )]
+    NotAllowed { tool: String, class: &'static str },
     #[error("invalid arguments for {tool}: {message}")]
     InvalidArguments { tool: String, message: String },
     #[error(transparent)]
@@ -161,7 +255,9 @@ impl ToolError {
     pub fn is_usage(&self) -> bool {
         matches!(
             self,
-            ToolError::UnknownTool(_) | ToolError::InvalidArguments { .. }
+            ToolError::UnknownTool(_)
+                | ToolError::NotAllowed { .. }
+                | ToolError::InvalidArguments { .. }
         )
     }
 
@@ -253,31 +349,69 @@ pub fn find(name: &str) -> Option<&'static ToolDef> {
 
 pub struct Catalog {
     ctx: Arc<Context>,
+    allow: Allow,
+    audit: Audit,
 }
 
 impl Catalog {
+    /// A read-only catalog.
     pub fn new(targets: Arc<Targets>, config: Arc<Config>) -> Self {
+        Catalog::with_policy(targets, config, Allow::default(), Audit::default())
+    }
+
+    /// A catalog that also offers the classes `allow` names, auditing their calls.
+    pub fn with_policy(
+        targets: Arc<Targets>,
+        config: Arc<Config>,
+        allow: Allow,
+        audit: Audit,
+    ) -> Self {
         Catalog {
             ctx: Arc::new(Context {
                 targets,
                 config,
                 calls: CallLog::default(),
             }),
+            allow,
+            audit,
         }
+    }
+
+    /// The definition of `name` if this catalog offers it; else why not.
+    pub fn check(&self, name: &str) -> Result<&'static ToolDef, ToolError> {
+        let tool = find(name).ok_or_else(|| ToolError::UnknownTool(name.to_string()))?;
+        if !self.allow.permits(tool.class) {
+            return Err(ToolError::NotAllowed {
+                tool: tool.name.to_string(),
+                class: tool.class.name(),
+            });
+        }
+        Ok(tool)
     }
 
     pub fn context(&self) -> &Arc<Context> {
         &self.ctx
     }
 
-    /// The tools this catalog offers.
-    pub fn tools(&self) -> impl Iterator<Item = &'static ToolDef> {
-        TOOLS.iter()
+    /// The tools this catalog offers (control and eval tools only when allowed).
+    pub fn tools(&self) -> impl Iterator<Item = &'static ToolDef> + '_ {
+        TOOLS.iter().filter(|t| self.allow.permits(t.class))
     }
 
     /// Run tool `name` with JSON `args` (an object, or null for none).
     pub async fn call(&self, name: &str, args: Value) -> Result<Value, ToolError> {
-        let tool = find(name).ok_or_else(|| ToolError::UnknownTool(name.to_string()))?;
+        self.call_from("internal", name, args).await
+    }
+
+    /// `call`, saying which front end asked (for the audit log of control and eval calls).
+    pub async fn call_from(
+        &self,
+        front_end: &'static str,
+        name: &str,
+        args: Value,
+    ) -> Result<Value, ToolError> {
+        let tool = self.check(name)?;
+        let audited = (tool.class != Class::Read).then(|| args.clone());
         let ctx = &*self.ctx;
         let started = Instant::now();
         let result = match tool.name {
@@ -289,11 +423,21 @@ impl Catalog {
             "thread_list" => run(name, args, |a| threads::thread_list(ctx, a)).await,
             "thread_inspect" => run(name, args, |a| threads::thread_inspect(ctx, a)).await,
             "thread_dump_all" => run(name, args, |a| threads::thread_dump_all(ctx, a)).await,
+            "memory_gc" => run(name, args, |a| control::memory_gc(ctx, a)).await,
+            "gc_tune" => run(name, args, |a| control::gc_tune(ctx, a)).await,
+            "thread_kill" => run(name, args, |a| control::thread_kill(ctx, a)).await,
+            "profile_cpu" => run(name, args, |a| control::profile_cpu(ctx, a)).await,
+            "repl_eval" => run(name, args, |a| eval::repl_eval(ctx, a)).await,
+            "code_reload_system" => run(name, args, |a| eval::code_reload_system(ctx, a)).await,
             other => Err(ToolError::UnknownTool(other.to_string())),
         };
         if !matches!(&result, Err(e) if e.is_usage()) {
             ctx.calls
                 .record(tool.name, result.is_ok(), started.elapsed());
+        }
+        if let Some(args) = audited {
+            self.audit
+                .record(front_end, tool.name, &args, &result, started.elapsed());
         }
         result
     }

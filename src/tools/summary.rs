@@ -32,6 +32,8 @@ pub fn summarize(tool: &str, value: &Value) -> String {
         "thread_list" => thread_list(value),
         "thread_inspect" => thread_inspect(value),
         "thread_dump_all" => thread_dump(value),
+        "repl_eval" => repl_eval(value),
+        "profile_cpu" => profile(value),
         // The exposition is its own summary; the bound below keeps long ones readable.
         "metrics_export" => value["text"].as_str().unwrap_or_default().to_string(),
         // A tool without a summary of its own: its JSON, cut to size.
@@ -318,6 +320,52 @@ fn thread_dump(v: &Value) -> String {
 }
 
 // ---- reading the JSON without failing ----
+
+fn repl_eval(v: &Value) -> String {
+    if let Some(error) = v.get("error").filter(|e| !e.is_null()) {
+        let mut out = format!(
+            "error {}: {}",
+            str_or(error, "type", "?"),
+            cut(str_or(error, "message", ""), MAX_FIELD_CHARS)
+        );
+        for frame in arr(error, "backtrace").iter().take(10) {
+            out.push_str(&format!(
+                "\n  {}",
+                cut(frame.as_str().unwrap_or(""), MAX_FIELD_CHARS)
+            ));
+        }
+        return out;
+    }
+    let values: Vec<&str> = arr(v, "values").iter().filter_map(Value::as_str).collect();
+    let mut out = format!("=> {}", values.join(" ; "));
+    let output = str_or(v, "output", "");
+    if !output.is_empty() {
+        out.push_str(&format!("\noutput:\n{output}"));
+    }
+    out
+}
+
+fn profile(v: &Value) -> String {
+    let mut out = format!(
+        "{} samples over {} s ({} mode); top functions by self samples:",
+        num_or(v, "samples"),
+        num_or(v, "seconds"),
+        str_or(v, "mode", "?")
+    );
+    for row in arr(v, "rows").iter().take(20) {
+        out.push_str(&format!(
+            "\n  {:>5.1}% self {:>5.1}% cum  {}",
+            row.get("self_percent")
+                .and_then(Value::as_f64)
+                .unwrap_or(0.0),
+            row.get("cumulative_percent")
+                .and_then(Value::as_f64)
+                .unwrap_or(0.0),
+            cut(str_or(row, "function", "?"), MAX_FIELD_CHARS)
+        ));
+    }
+    out
+}
 
 fn arr<'a>(v: &'a Value, key: &str) -> &'a [Value] {
     v.get(key)

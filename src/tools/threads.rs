@@ -158,7 +158,10 @@ pub async fn thread_list(ctx: &Context, args: ListArgs) -> Result<ThreadList, To
 }
 
 /// Find one Lisp thread by tid or by name; a name held by several threads is an error.
-fn find_thread<'a>(threads: &'a [LispThread], id: &ThreadId) -> Result<&'a LispThread, ToolError> {
+pub(crate) fn find_thread<'a>(
+    threads: &'a [LispThread],
+    id: &ThreadId,
+) -> Result<&'a LispThread, ToolError> {
     let known = || {
         threads
             .iter()

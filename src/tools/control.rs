@@ -1,0 +1,321 @@
+//! Control tools (offered only with `--allow control`): `memory_gc`, `gc_tune`, `thread_kill`,
+//! `profile_cpu`. They change the image; the agent validates and bounds each action, and the
+//! catalog writes every call to the audit log.
+
+use std::time::Duration;
+
+use schemars::JsonSchema;
+use serde::{Deserialize, Serialize};
+
+use super::threads::{ThreadId, find_thread};
+use super::{Context, ToolError};
+use crate::wire::Sexp;
+
+#[derive(Debug, Default, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct GcArgs {
+    /// Collect generations 0..N (0..6; default 0, the nursery).
+    pub generation: Option<u8>,
+    /// Collect every generation (overrides `generation`).
+    #[serde(default)]
+    pub full: bool,
+    /// Which image, when sbmon watches several (see `sbmon targets`).
+    pub target: Option<String>,
+}
+
+#[derive(Debug, Serialize, Deserialize, JsonSchema)]
+pub struct GcOutcome {
+    pub generation: u8,
+    pub full: bool,
+    pub heap_before: u64,
+    pub heap_after: u64,
+    /// Heap before minus after (negative when the heap grew meanwhile).
+    pub bytes_freed: i64,
+    /// Wall time of the collection, measured in the image with the monotonic clock.
+    pub pause_seconds: f64,
+    pub gc_count_before: u64,
+    pub gc_count_after: u64,
+}
+
+pub async fn memory_gc(ctx: &Context, args: GcArgs) -> Result<GcOutcome, ToolError> {
+    let target = ctx.target(args.target.as_deref())?;
+    let request = if args.full {
+        Sexp::plist([("full", Sexp::T)])
+    } else {
+        let generation = args.generation.unwrap_or(0);
+        if generation > 6 {
+            return Err(ToolError::invalid("memory_gc", "generation must be 0..6"));
+        }
+        Sexp::plist([("generation", Sexp::Int(generation.into()))])
+    };
+    Ok(target
+        .client
+        .slow_call("gc-run", request, Duration::from_secs(120))
+        .await?)
+}
+
+/// New parameters for one generation; absent fields stay as they are.
+#[derive(Debug, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct GenerationTuning {
+    /// 0..5 (6, pseudo-static, cannot be tuned).
+    pub generation: u8,
+    /// Bytes allocated into this generation before it is collected.
+    #[serde(alias = "bytes-consed-between-gcs")]
+    pub bytes_consed_between_gcs: Option<u64>,
+    /// Collections of this generation before its survivors are promoted.
+    #[serde(alias = "number-of-gcs-before-promotion")]
+    pub number_of_gcs_before_promotion: Option<u64>,
+    /// Average age (0..1) the generation must reach before it is collected.
+    #[serde(alias = "minimum-age-before-gc")]
+    pub minimum_age_before_gc: Option<f64>,
+}
+
+#[derive(Debug, Default, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct TuneArgs {
+    /// Bytes allocated between nursery collections (sb-ext:bytes-consed-between-gcs).
+    #[serde(alias = "nursery-size-bytes")]
+    pub nursery_size_bytes: Option<u64>,
+    /// Per-generation parameters.
+    #[serde(default)]
+    pub generations: Vec<GenerationTuning>,
+    /// The monitoring guide's form: bytes-consed-between-gcs for generations 0, 1, ...
+    #[serde(default, rename = "generation-sizes", alias = "generation_sizes")]
+    pub generation_sizes: Vec<u64>,
+    /// The monitoring guide's form: minimum-age-before-gc (0..1) for generations 0, 1, ...
+    #[serde(
+        default,
+        rename = "promotion-thresholds",
+        alias = "promotion_thresholds"
+    )]
+    pub promotion_thresholds: Vec<f64>,
+    /// Which image, when sbmon watches several (see `sbmon targets`).
+    pub target: Option<String>,
+}
+
+/// GC parameters of the image.
+#[derive(Debug, Serialize, Deserialize, JsonSchema)]
+pub struct GcParameters {
+    pub nursery_size: u64,
+    pub generations: Vec<GenerationParameters>,
+}
+
+#[derive(Debug, Serialize, Deserialize, JsonSchema)]
+pub struct GenerationParameters {
+    pub generation: u8,
+    pub bytes_consed_between_gcs: u64,
+    pub number_of_gcs_before_promotion: u64,
+    pub minimum_age_before_gc: f64,
+}
+
+#[derive(Debug, Serialize, Deserialize, JsonSchema)]
+pub struct TuneOutcome {
+    pub before: GcParameters,
+    pub after: GcParameters,
+}
+
+/// Merge both spellings into one entry per generation; a value given twice is refused.
+fn generation_plists(args: &TuneArgs) -> Result<Vec<Sexp>, ToolError> {
+    let mut merged: Vec<(u8, Vec<(&'static str, Sexp)>)> = Vec::new();
+    let mut set = |generation: u8, key: &'static str, value: Sexp| -> Result<(), ToolError> {
+        let entry = match merged.iter_mut().find(|(g, _)| *g == generation) {
+            Some(entry) => entry,
+            None => {
+                merged.push((generation, Vec::new()));
+                merged.last_mut().expect("just pushed")
+            }
+        };
+        if entry.1.iter().any(|(k, _)| *k == key) {
+            return Err(ToolError::invalid(
+                "gc_tune",
+                format!("{key} of generation {generation} is given twice"),
+            ));
+        }
+        entry.1.push((key, value));
+        Ok(())
+    };
+    for g in &args.generations {
+        if let Some(v) = g.bytes_consed_between_gcs {
+            set(g.generation, "bytes-consed-between-gcs", int(v)?)?;
+        }
+        if let Some(v) = g.number_of_gcs_before_promotion {
+            set(g.generation, "number-of-gcs-before-promotion", int(v)?)?;
+        }
+        if let Some(v) = g.minimum_age_before_gc {
+            set(g.generation, "minimum-age-before-gc", Sexp::Float(v))?;
+        }
+    }
+    for (g, v) in args.generation_sizes.iter().enumerate() {
+        set(generation_index(g)?, "bytes-consed-between-gcs", int(*v)?)?;
+    }
+    for (g, v) in args.promotion_thresholds.iter().enumerate() {
+        set(
+            generation_index(g)?,
+            "minimum-age-before-gc",
+            Sexp::Float(*v),
+        )?;
+    }
+    Ok(merged
+        .into_iter()
+        .map(|(generation, fields)| {
+            let mut plist = vec![("generation", Sexp::Int(generation.into()))];
+            plist.extend(fields);
+            Sexp::plist(plist)
+        })
+        .collect())
+}
+
+fn int(v: u64) -> Result<Sexp, ToolError> {
+    i64::try_from(v)
+        .map(Sexp::Int)
+        .map_err(|_| ToolError::invalid("gc_tune", format!("{v} is too large")))
+}
+
+fn generation_index(i: usize) -> Result<u8, ToolError> {
+    u8::try_from(i)
+        .ok()
+        .filter(|g| *g <= 5)
+        .ok_or_else(|| ToolError::invalid("gc_tune", "lists cover generations 0..5 at most"))
+}
+
+pub async fn gc_tune(ctx: &Context, args: TuneArgs) -> Result<TuneOutcome, ToolError> {
+    let generations = generation_plists(&args)?;
+    if generations.is_empty() && args.nursery_size_bytes.is_none() {
+        return Err(ToolError::invalid(
+            "gc_tune",
+            "nothing to change: give nursery_size_bytes, generations, generation-sizes or \
+             promotion-thresholds",
+        ));
+    }
+    let mut request = Vec::new();
+    if let Some(n) = args.nursery_size_bytes {
+        request.push(("nursery-size", int(n)?));
+    }
+    if !generations.is_empty() {
+        request.push(("generations", Sexp::List(generations)));
+    }
+    let target = ctx.target(args.target.as_deref())?;
+    Ok(target
+        .client
+        .call("gc-tune", Sexp::plist(request), None)
+        .await?)
+}
+
+#[derive(Debug, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct KillArgs {
+    /// The thread: its OS tid (as in thread_list) or its name.
+    #[serde(alias = "thread-id")]
+    pub thread_id: ThreadId,
+    /// How long to wait for the thread to end, ms (1..60000, default 2000).
+    #[serde(default, alias = "timeout-ms")]
+    pub timeout_ms: Option<u64>,
+    /// Which image, when sbmon watches several (see `sbmon targets`).
+    pub target: Option<String>,
+}
+
+#[derive(Debug, Serialize, Deserialize, JsonSchema)]
+pub struct KillOutcome {
+    pub tid: i32,
+    pub name: Option<String>,
+    /// Whether the thread ended within the timeout.
+    pub ended: bool,
+    pub waited_seconds: f64,
+}
+
+pub async fn thread_kill(ctx: &Context, args: KillArgs) -> Result<KillOutcome, ToolError> {
+    let timeout_ms = args.timeout_ms.unwrap_or(2000);
+    if !(1..=60_000).contains(&timeout_ms) {
+        return Err(ToolError::invalid(
+            "thread_kill",
+            "timeout_ms must be 1..60000",
+        ));
+    }
+    let target = ctx.target(args.target.as_deref())?;
+    let threads = target.client.threads().await?;
+    let thread = find_thread(&threads, &args.thread_id)?;
+    let tid = thread.tid.ok_or_else(|| {
+        ToolError::invalid("thread_kill", "that thread has no OS tid (it has exited)")
+    })?;
+    let request = Sexp::plist([
+        ("tid", Sexp::Int(tid.into())),
+        ("timeout-ms", Sexp::Int(timeout_ms as i64)),
+    ]);
+    Ok(target
+        .client
+        .slow_call("kill-thread", request, crate::agent::bounded_by(timeout_ms))
+        .await?)
+}
+
+#[derive(Debug, Clone, Copy, Default, Deserialize, JsonSchema)]
+#[serde(rename_all = "lowercase")]
+pub enum ProfileMode {
+    /// Where CPU time goes.
+    #[default]
+    Cpu,
+    /// Where allocation happens.
+    Alloc,
+    /// Wall-clock samples.
+    Time,
+}
+
+#[derive(Debug, Default, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct ProfileArgs {
+    /// How long to sample, seconds (0.1..60, default 5).
+    pub seconds: Option<f64>,
+    /// cpu (default), alloc or time.
+    #[serde(default)]
+    pub mode: ProfileMode,
+    /// Rows to return (1..200, default 20).
+    #[serde(default, alias = "max-rows")]
+    pub max_rows: Option<u32>,
+    /// Which image, when sbmon watches several (see `sbmon targets`).
+    pub target: Option<String>,
+}
+
+#[derive(Debug, Serialize, Deserialize, JsonSchema)]
+pub struct ProfileRow {
+    pub function: String,
+    pub samples: u64,
+    pub self_percent: f64,
+    pub cumulative_percent: f64,
+}
+
+#[derive(Debug, Serialize, Deserialize, JsonSchema)]
+pub struct Profile {
+    pub mode: String,
+    pub seconds: f64,
+    /// Samples taken in all.
+    pub samples: u64,
+    /// By self samples, most first.
+    pub rows: Vec<ProfileRow>,
+    /// Threads that were sampled.
+    #[serde(default)]
+    pub threads: Vec<String>,
+}
+
+pub async fn profile_cpu(ctx: &Context, args: ProfileArgs) -> Result<Profile, ToolError> {
+    let seconds = args.seconds.unwrap_or(5.0);
+    if !(0.1..=60.0).contains(&seconds) {
+        return Err(ToolError::invalid("profile_cpu", "seconds must be 0.1..60"));
+    }
+    let max_rows = args.max_rows.unwrap_or(20);
+    if !(1..=200).contains(&max_rows) {
+        return Err(ToolError::invalid("profile_cpu", "max_rows must be 1..200"));
+    }
+    let mode = match args.mode {
+        ProfileMode::Cpu => "cpu",
+        ProfileMode::Alloc => "alloc",
+        ProfileMode::Time => "time",
+    };
+    let target = ctx.target(args.target.as_deref())?;
+    let request = Sexp::plist([
+        ("seconds", Sexp::Float(seconds)),
+        ("mode", Sexp::keyword(mode)),
+        ("max-rows", Sexp::Int(max_rows.into())),
+    ]);
+    let timeout = Duration::from_secs_f64(seconds) + Duration::from_secs(30);
+    Ok(target.client.slow_call("profile", request, timeout).await?)
+}

@@ -1,0 +1,176 @@
+//! Eval tools (offered only with `--allow eval`): `repl_eval` and `code_reload_system`. The
+//! agent evaluates on its own thread with a timeout, captures bounded output and never enters
+//! the debugger. An error in the evaluated code is part of the result (type, message,
+//! backtrace): the tool worked, the code failed.
+
+use std::time::Duration;
+
+use schemars::JsonSchema;
+use serde::{Deserialize, Serialize};
+
+use super::{Context, ToolError};
+use crate::agent::AgentError;
+use crate::wire::Sexp;
+
+/// Source text accepted in one call; the agent's frame limit is 1 MiB.
+const MAX_CODE_BYTES: usize = 256 * 1024;
+
+#[derive(Debug, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct EvalArgs {
+    /// Lisp source: all its forms are read and evaluated in order, as a REPL does.
+    pub code: String,
+    /// Package to read and evaluate in (default CL-USER).
+    pub package: Option<String>,
+    /// Seconds before the evaluation is stopped (0.1..300, default 10).
+    #[serde(default, alias = "timeout-s", alias = "timeout")]
+    pub timeout_s: Option<f64>,
+    /// Characters of standard output to keep (1..1048576, default 65536).
+    #[serde(default, alias = "max-output")]
+    pub max_output: Option<u64>,
+    /// Which image, when sbmon watches several (see `sbmon targets`).
+    pub target: Option<String>,
+}
+
+/// A condition signalled by the evaluated code (or TIMEOUT when it was stopped).
+#[derive(Debug, Serialize, JsonSchema)]
+pub struct LispError {
+    #[serde(rename = "type")]
+    pub kind: String,
+    pub message: String,
+    pub backtrace: Vec<String>,
+}
+
+#[derive(Debug, Serialize, Deserialize, JsonSchema)]
+pub struct Evaluation {
+    /// Printed values of the last form.
+    #[serde(default)]
+    pub values: Vec<String>,
+    /// Standard output of the evaluation (bounded).
+    #[serde(default)]
+    pub output: String,
+    #[serde(default)]
+    pub output_truncated: bool,
+    /// Forms evaluated.
+    #[serde(default)]
+    pub forms: u64,
+    #[serde(default)]
+    pub seconds: f64,
+}
+
+#[derive(Debug, Serialize, JsonSchema)]
+pub struct EvalResult {
+    pub ok: bool,
+    #[serde(flatten)]
+    pub evaluation: Option<Evaluation>,
+    /// Set when the code signalled an error or ran out of time.
+    pub error: Option<LispError>,
+}
+
+/// An error the evaluated code caused, as opposed to a failure to reach the agent.
+fn code_error(e: AgentError) -> Result<EvalResult, ToolError> {
+    match e {
+        AgentError::Remote {
+            kind,
+            message,
+            backtrace,
+        } if kind != "BAD-ARGUMENT" && kind != "BUSY" => Ok(EvalResult {
+            ok: false,
+            evaluation: None,
+            error: Some(LispError {
+                kind,
+                message,
+                backtrace,
+            }),
+        }),
+        other => Err(other.into()),
+    }
+}
+
+pub async fn repl_eval(ctx: &Context, args: EvalArgs) -> Result<EvalResult, ToolError> {
+    if args.code.len() > MAX_CODE_BYTES {
+        return Err(ToolError::invalid(
+            "repl_eval",
+            format!(
+                "code is {} bytes; the limit is {MAX_CODE_BYTES}",
+                args.code.len()
+            ),
+        ));
+    }
+    let timeout_s = args.timeout_s.unwrap_or(10.0);
+    if !(0.1..=300.0).contains(&timeout_s) {
+        return Err(ToolError::invalid(
+            "repl_eval",
+            "timeout_s must be 0.1..300",
+        ));
+    }
+    let max_output = args.max_output.unwrap_or(65536);
+    if !(1..=1_048_576).contains(&max_output) {
+        return Err(ToolError::invalid(
+            "repl_eval",
+            "max_output must be 1..1048576",
+        ));
+    }
+    let mut request = vec![
+        ("code", Sexp::string(args.code)),
+        ("timeout-s", Sexp::Float(timeout_s)),
+        ("max-output", Sexp::Int(max_output as i64)),
+    ];
+    if let Some(package) = args.package {
+        request.push(("package", Sexp::string(package)));
+    }
+    let target = ctx.target(args.target.as_deref())?;
+    // The agent stops the evaluation at timeout_s; wait a little longer for its answer.
+    let wait = Duration::from_secs_f64(timeout_s) + Duration::from_secs(10);
+    match target
+        .client
+        .slow_call::<Evaluation>("eval", Sexp::plist(request), wait)
+        .await
+    {
+        Ok(evaluation) => Ok(EvalResult {
+            ok: true,
+            evaluation: Some(evaluation),
+            error: None,
+        }),
+        Err(e) => code_error(e),
+    }
+}
+
+#[derive(Debug, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct ReloadArgs {
+    /// ASDF system name.
+    pub system: String,
+    /// Reload every file of the system, not only changed ones.
+    #[serde(default)]
+    pub force: bool,
+    /// Which image, when sbmon watches several (see `sbmon targets`).
+    pub target: Option<String>,
+}
+
+#[derive(Debug, Serialize, Deserialize, JsonSchema)]
+pub struct Reload {
+    pub system: String,
+    pub forced: bool,
+    pub seconds: f64,
+    /// Warnings signalled while compiling and loading (at most 100).
+    #[serde(default)]
+    pub warnings: Vec<String>,
+    #[serde(default)]
+    pub output: String,
+    #[serde(default)]
+    pub output_truncated: bool,
+}
+
+pub async fn code_reload_system(ctx: &Context, args: ReloadArgs) -> Result<Reload, ToolError> {
+    let target = ctx.target(args.target.as_deref())?;
+    let request = Sexp::plist([
+        ("system", Sexp::string(args.system)),
+        ("force", if args.force { Sexp::T } else { Sexp::Nil }),
+    ]);
+    // Loading a large system compiles it: allow minutes, not forever.
+    Ok(target
+        .client
+        .slow_call("reload-system", request, Duration::from_secs(600))
+        .await?)
+}
