@@ -33,6 +33,10 @@ pub fn summarize(tool: &str, value: &Value) -> String {
         "thread_inspect" => thread_inspect(value),
         "thread_dump_all" => thread_dump(value),
         "repl_eval" => repl_eval(value),
+        "memory_gc" => memory_gc(value),
+        "gc_tune" => gc_tune(value),
+        "thread_kill" => thread_kill(value),
+        "code_reload_system" => reload(value),
         "profile_cpu" => profile(value),
         // The exposition is its own summary; the bound below keeps long ones readable.
         "metrics_export" => value["text"].as_str().unwrap_or_default().to_string(),
@@ -321,6 +325,84 @@ fn thread_dump(v: &Value) -> String {
 
 // ---- reading the JSON without failing ----
 
+fn memory_gc(v: &Value) -> String {
+    let what = if v.get("full") == Some(&Value::Bool(true)) {
+        "full GC".to_string()
+    } else {
+        format!("GC of generations 0..{}", num_or(v, "generation"))
+    };
+    format!(
+        "{what}: heap {} -> {} ({} freed) in {} s",
+        bytes(v, "heap_before"),
+        bytes(v, "heap_after"),
+        bytes(v, "bytes_freed"),
+        num_or(v, "pause_seconds")
+    )
+}
+
+fn gc_tune(v: &Value) -> String {
+    let mut out = format!(
+        "nursery {} -> {}",
+        bytes(&v["before"], "nursery_size"),
+        bytes(&v["after"], "nursery_size")
+    );
+    for (before, after) in arr(&v["before"], "generations")
+        .iter()
+        .zip(arr(&v["after"], "generations"))
+    {
+        if before != after {
+            out.push_str(&format!(
+                "\ngeneration {}: bytes between GCs {} -> {}, GCs before promotion {} -> {}, \
+                 minimum age {} -> {}",
+                num_or(after, "generation"),
+                bytes(before, "bytes_consed_between_gcs"),
+                bytes(after, "bytes_consed_between_gcs"),
+                num_or(before, "number_of_gcs_before_promotion"),
+                num_or(after, "number_of_gcs_before_promotion"),
+                num_or(before, "minimum_age_before_gc"),
+                num_or(after, "minimum_age_before_gc"),
+            ));
+        }
+    }
+    out
+}
+
+fn thread_kill(v: &Value) -> String {
+    let ended = if v.get("ended") == Some(&Value::Bool(true)) {
+        "ended"
+    } else {
+        "did NOT end within the timeout"
+    };
+    format!(
+        "thread {} ({}) {ended} after {} s",
+        num_or(v, "tid"),
+        cut(str_or(v, "name", "unnamed"), MAX_FIELD_CHARS),
+        num_or(v, "waited_seconds")
+    )
+}
+
+fn reload(v: &Value) -> String {
+    let warnings = arr(v, "warnings");
+    let mut out = format!(
+        "{} {} in {} s, {} warning(s)",
+        if v.get("forced") == Some(&Value::Bool(true)) {
+            "reloaded"
+        } else {
+            "loaded"
+        },
+        cut(str_or(v, "system", "?"), MAX_FIELD_CHARS),
+        num_or(v, "seconds"),
+        warnings.len()
+    );
+    for w in warnings.iter().take(10) {
+        out.push_str(&format!(
+            "\n  {}",
+            cut(w.as_str().unwrap_or(""), MAX_FIELD_CHARS)
+        ));
+    }
+    out
+}
+
 fn repl_eval(v: &Value) -> String {
     if let Some(error) = v.get("error").filter(|e| !e.is_null()) {
         let mut out = format!(
@@ -482,6 +564,45 @@ fn bound(s: String, max: usize) -> String {
 
 #[cfg(test)]
 mod tests {
+
+    #[test]
+    fn control_and_eval_summaries_carry_their_figures() {
+        let gc = summarize(
+            "memory_gc",
+            &json!({"generation": 6, "full": true, "heap_before": 104857600,
+                    "heap_after": 20971520, "bytes_freed": 83886080, "pause_seconds": 0.012}),
+        );
+        assert!(
+            gc.starts_with("full GC: heap 100 MiB -> 20 MiB (80 MiB freed) in 0.012 s"),
+            "{gc}"
+        );
+        let kill = summarize(
+            "thread_kill",
+            &json!({"tid": 42, "name": "worker", "ended": false, "waited_seconds": 2.0}),
+        );
+        assert!(kill.contains("42 (worker) did NOT end"), "{kill}");
+        let eval = summarize(
+            "repl_eval",
+            &json!({"ok": false, "error": {"type": "DIVISION-BY-ZERO", "message": "x",
+                    "backtrace": ["(OOPS 0)"]}}),
+        );
+        assert!(
+            eval.starts_with("error DIVISION-BY-ZERO: x\n  (OOPS 0)"),
+            "{eval}"
+        );
+        let tune = summarize(
+            "gc_tune",
+            &json!({"before": {"nursery_size": 1048576, "generations": [
+                        {"generation": 1, "bytes_consed_between_gcs": 1048576,
+                         "number_of_gcs_before_promotion": 1, "minimum_age_before_gc": 0.75}]},
+                    "after": {"nursery_size": 2097152, "generations": [
+                        {"generation": 1, "bytes_consed_between_gcs": 1048576,
+                         "number_of_gcs_before_promotion": 3, "minimum_age_before_gc": 0.75}]}}),
+        );
+        assert!(tune.contains("nursery 1 MiB -> 2 MiB"), "{tune}");
+        assert!(tune.contains("GCs before promotion 1 -> 3"), "{tune}");
+    }
+
     use serde_json::json;
 
     use super::*;
