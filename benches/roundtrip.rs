@@ -106,6 +106,8 @@ async fn main() {
         Address::Unix(socket.clone()),
         ClientOptions::default(),
         Config::default(),
+        Default::default(),
+        Default::default(),
     );
     println!(
         "sbmon round trips against SBCL {} (pid {}), {iterations} calls each, one at a time",

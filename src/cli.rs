@@ -350,10 +350,21 @@ async fn launch(args: LaunchArgs) -> ExitCode {
     }
 }
 
-/// A catalog over one target, as `call` and `demo` use it.
-pub fn single_target_catalog(address: Address, options: ClientOptions, config: Config) -> Catalog {
+/// A catalog over one target, as `call`, `demo` and the benchmark use it.
+pub fn single_target_catalog(
+    address: Address,
+    options: ClientOptions,
+    config: Config,
+    allow: Allow,
+    audit: Audit,
+) -> Catalog {
     let target = Target::new(default_name(&address), address, options);
-    Catalog::new(Arc::new(Targets::new(vec![target])), Arc::new(config))
+    Catalog::with_policy(
+        Arc::new(Targets::new(vec![target])),
+        Arc::new(config),
+        allow,
+        audit,
+    )
 }
 
 async fn call(args: CallArgs) -> ExitCode {
@@ -385,13 +396,7 @@ async fn call(args: CallArgs) -> ExitCode {
         Ok(a) => a,
         Err((code, message)) => return fail(code, message),
     };
-    let target = Target::new(default_name(&address), address, options);
-    let catalog = Catalog::with_policy(
-        Arc::new(Targets::new(vec![target])),
-        Arc::new(config),
-        args.policy.allow(),
-        audit,
-    );
+    let catalog = single_target_catalog(address, options, config, args.policy.allow(), audit);
     if let Err(e) = catalog.check(&args.tool) {
         return fail(USAGE, e);
     }

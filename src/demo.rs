@@ -61,6 +61,8 @@ pub async fn run(args: DemoArgs) -> ExitCode {
         sbcl.address.clone(),
         ClientOptions::default(),
         Config::default(),
+        Default::default(),
+        Default::default(),
     );
     let outcome = tokio::select! {
         code = show(&catalog, &mut sbcl, args.duration) => code,

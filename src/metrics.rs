@@ -335,7 +335,9 @@ fn image_metrics(e: &mut Exposition, target: &str, r: &Readings) {
         }
     }
     if let Ok(threads) = &r.threads {
-        let tasks = r.tasks.as_ref().ok();
+        // Per-task states only matter here: health checks do not read /proc/PID/task.
+        let tasks = crate::process::tasks(r.welcome.pid).ok();
+        let tasks = tasks.as_ref();
         let mut counts: HashMap<&str, u32> = HashMap::new();
         for thread in threads {
             let os_state = tasks.and_then(|tasks| {

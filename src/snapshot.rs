@@ -1,12 +1,12 @@
 //! One reading of a target: everything health checks and metrics need, fetched once and
-//! concurrently (agent ping, heap, GC, threads; /proc for the process and its tasks), so a
+//! concurrently (agent ping, heap, GC, threads; /proc for the process), so a
 //! scrape or a health check asks the agent each question once.
 
 use std::time::Duration;
 
 use crate::agent::AgentError;
 use crate::agent::reply::{Gc, LispThread, Memory, Welcome};
-use crate::process::{self, ProcessError, ProcessSnapshot, TaskInfo};
+use crate::process::{self, ProcessError, ProcessSnapshot};
 use crate::targets::Target;
 
 pub struct Snapshot {
@@ -22,7 +22,6 @@ pub struct Readings {
     pub gc: Result<Gc, AgentError>,
     pub threads: Result<Vec<LispThread>, AgentError>,
     pub process: Result<ProcessSnapshot, ProcessError>,
-    pub tasks: Result<Vec<TaskInfo>, ProcessError>,
 }
 
 impl Snapshot {
@@ -57,7 +56,6 @@ impl Snapshot {
                 gc,
                 threads,
                 process: process::snapshot(pid),
-                tasks: process::tasks(pid),
             }),
         }
     }
