@@ -71,53 +71,34 @@ async fn control_and_eval_tools_exist_only_when_allowed() {
 
     // The CLI refuses with the flag's name (usage error) and allows with it.
     let target = image.sbcl.address.to_string();
-    let out = Command::new(env!("CARGO_BIN_EXE_sbmon"))
-        .args(["call", "memory_gc", "--target", &target])
-        .output()
-        .unwrap();
+    let sbmon = |args: &[&str]| {
+        Command::new(env!("CARGO_BIN_EXE_sbmon"))
+            .args(args)
+            .args(["--target", &target])
+            .output()
+            .unwrap()
+    };
+    let out = sbmon(&["call", "memory_gc"]);
     assert_eq!(out.status.code(), Some(2));
     assert!(String::from_utf8_lossy(&out.stderr).contains("--allow control"));
     let audit = image.dir.path().join("audit.jsonl");
-    let out = Command::new(env!("CARGO_BIN_EXE_sbmon"))
-        .args([
+    let audit_arg = audit.to_str().unwrap();
+    let long_code = json!({"code": format!("(length \"{}\")", "x".repeat(2000))}).to_string();
+    for args in [
+        [
             "call",
             "memory_gc",
             r#"{"full": true}"#,
-            "--target",
-            &target,
-        ])
-        .args([
             "--allow",
             "control,eval",
-            "--audit-log",
-            audit.to_str().unwrap(),
-        ])
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    assert!(String::from_utf8_lossy(&out.stderr).contains("sbmon audit:"));
-    let long_code = format!("(length \"{}\")", "x".repeat(2000));
-    let out = Command::new(env!("CARGO_BIN_EXE_sbmon"))
-        .args(["call", "repl_eval", &json!({"code": long_code}).to_string()])
-        .args([
-            "--target",
-            &target,
-            "--allow",
-            "eval",
-            "--audit-log",
-            audit.to_str().unwrap(),
-        ])
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+        ],
+        ["call", "repl_eval", &long_code, "--allow", "eval"],
+    ] {
+        let out = sbmon(&[&args[..], &["--audit-log", audit_arg]].concat());
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert!(out.status.success(), "{stderr}");
+        assert!(stderr.contains("sbmon audit:"), "{stderr}");
+    }
     let lines: Vec<Value> = std::fs::read_to_string(&audit)
         .unwrap()
         .lines()

@@ -135,6 +135,25 @@ async fn metrics_pass_promtool_and_match_proc() {
         6,
         "every thread state is present"
     );
+    // Threads by state add up to the Lisp threads thread_list shows (agent connection
+    // threads come and go, so retry until a scrape and a listing agree).
+    let mut agreed = false;
+    for _ in 0..20 {
+        let scraped = sum(
+            &parse(&sbmon.get("/metrics?target=app").await.1),
+            "sbcl_threads",
+            &[app],
+        );
+        let listed = sbmon
+            .rpc(json!({"jsonrpc": "2.0", "id": 1, "method": "thread_list", "params": {"target": "app"}}))
+            .await;
+        if listed["result"]["count"].as_f64() == Some(scraped) {
+            agreed = true;
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert!(agreed, "sbcl_threads never added up to thread_list's count");
     let version = Command::new("sbcl").arg("--version").output().unwrap();
     let version = String::from_utf8_lossy(&version.stdout);
     let version = version.trim().trim_start_matches("SBCL ");

@@ -161,6 +161,22 @@ pub fn proc_status_bytes(pid: i32, field: &str) -> u64 {
     kb * 1024
 }
 
+/// User + system CPU seconds of a process (`/proc/PID/stat`) or one of its threads
+/// (`/proc/PID/task/TID/stat`).
+pub fn proc_cpu_seconds(stat_path: &str) -> f64 {
+    let stat = std::fs::read_to_string(stat_path).expect("stat");
+    let fields: Vec<&str> = stat
+        .rsplit_once(')')
+        .expect("comm")
+        .1
+        .split_whitespace()
+        .collect();
+    // After the comm: state is field 0, utime 11, stime 12.
+    let ticks: f64 = fields[11].parse::<f64>().unwrap() + fields[12].parse::<f64>().unwrap();
+    // SAFETY: sysconf has no preconditions.
+    ticks / unsafe { libc::sysconf(libc::_SC_CLK_TCK) } as f64
+}
+
 /// The tids in /proc/PID/task.
 pub fn proc_tids(pid: i32) -> Vec<i32> {
     let mut tids: Vec<i32> = std::fs::read_dir(format!("/proc/{pid}/task"))
