@@ -171,6 +171,9 @@ async fn gc_events_are_pushed_to_subscribers() {
     })
     .await;
     let client = image.client();
+    // Read the count before subscribing: a GC of the image's own (start-up allocation can
+    // trigger one) then arrives with a seq above it instead of looking like a stale event.
+    let before = client.gc().await.unwrap().pauses.count;
     let conn = client.connection().await.unwrap();
     let mut events = conn.events();
     let reply = conn
@@ -182,7 +185,6 @@ async fn gc_events_are_pushed_to_subscribers() {
         .await
         .unwrap();
     assert!(reply.to_string().contains(":gc"), "{reply}");
-    let before = client.gc().await.unwrap().pauses.count;
     image.collect().await;
     let (kind, record) = tokio::time::timeout(Duration::from_secs(10), events.recv())
         .await
