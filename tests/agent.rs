@@ -425,3 +425,48 @@ async fn stop_removes_the_socket_and_every_agent_thread() {
         "{after:?}"
     );
 }
+
+#[tokio::test]
+async fn replies_carry_any_text_exactly_and_oversized_replies_become_errors() {
+    // Quotes, backslashes, two-, three- and four-byte UTF-8 all survive the agent's printer.
+    let awkward = "wörker \"q\" \\ ✓ 😀";
+    // A thread named with 17 MB of text, made when the test asks (trigger file), turns the
+    // :threads reply into more than the 16 MiB frame limit.
+    let scratch = tempfile::tempdir().unwrap();
+    let trigger = scratch.path().join("big");
+    let big_thread_on_trigger = format!(
+        r#"(sb-thread:make-thread
+             (lambda ()
+               (loop until (probe-file {trigger}) do (sleep 0.02))
+               (sb-thread:make-thread #'sbmon-test::sbmon-test-sleeper
+                                      :name (make-string 17000000 :initial-element #\x)))
+             :name "big-maker")"#,
+        trigger = Sexp::string(trigger.to_string_lossy())
+    );
+    let image = Image::start(Setup {
+        forms: vec![common::sleeper(awkward), big_thread_on_trigger],
+        ..Setup::default()
+    })
+    .await;
+    let client = image.client();
+    let threads = client.threads().await.unwrap();
+    assert!(
+        threads.iter().any(|t| t.name.as_deref() == Some(awkward)),
+        "{threads:?}"
+    );
+
+    std::fs::write(&trigger, "").unwrap();
+    let deadline = Instant::now() + Duration::from_secs(20);
+    let err = loop {
+        match client.threads().await {
+            Err(err) => break err,
+            Ok(_) => {
+                assert!(Instant::now() < deadline, "the big thread never appeared");
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+        }
+    };
+    assert!(err.to_string().contains("TOO-LARGE"), "{err}");
+    assert!(err.to_string().contains("frame limit"), "{err}");
+    client.ping().await.unwrap();
+}
