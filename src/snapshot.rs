@@ -4,8 +4,8 @@
 
 use std::time::Duration;
 
-use crate::agent::AgentError;
 use crate::agent::reply::{Gc, LispThread, Memory, Welcome};
+use crate::agent::{AgentError, alongside};
 use crate::process::{self, ProcessError, ProcessSnapshot};
 use crate::targets::Target;
 
@@ -46,8 +46,9 @@ impl Snapshot {
                 };
             }
         };
-        let (memory, gc, threads) = tokio::join!(c.memory(), c.gc(), c.threads());
         let pid = welcome.pid;
+        let calls = async { tokio::join!(c.memory(), c.gc(), c.threads()) };
+        let ((memory, gc, threads), process) = alongside(calls, || process::snapshot(pid)).await;
         Snapshot {
             rtt: Ok(rtt),
             image: Some(Readings {
@@ -55,7 +56,7 @@ impl Snapshot {
                 memory,
                 gc,
                 threads,
-                process: process::snapshot(pid),
+                process,
             }),
         }
     }

@@ -252,3 +252,15 @@ impl AgentClient {
         self.call(op, args, Some(timeout)).await
     }
 }
+
+/// Runs `read` (a /proc read of some tens of µs) while the agent call `call` is in flight.
+///
+/// The call is polled first and queues its request; `read` waits one scheduler turn, in which
+/// the connection's writer sends that request, and then runs on this task while the agent
+/// works, so the two costs overlap instead of adding up.
+pub async fn alongside<A, R>(call: impl Future<Output = A>, read: impl FnOnce() -> R) -> (A, R) {
+    tokio::join!(call, async {
+        tokio::task::yield_now().await;
+        read()
+    })
+}

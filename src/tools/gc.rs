@@ -4,6 +4,7 @@ use schemars::JsonSchema;
 use serde::{Deserialize, Serialize};
 
 use super::{Context, ToolError, ratio};
+use crate::agent::alongside;
 use crate::agent::reply::{Gc, MeasuredBy, PauseRecord};
 use crate::process;
 
@@ -80,8 +81,8 @@ pub struct GenerationPauses {
 pub async fn gc_stats(ctx: &Context, args: Args) -> Result<GcStats, ToolError> {
     let target = ctx.target(args.target.as_deref())?;
     let pid = target.pid().await?;
-    let gc = target.client.gc().await?;
-    let proc = process::snapshot(pid)?;
+    let (gc, proc) = alongside(target.client.gc(), || process::times(pid)).await;
+    let (gc, proc) = (gc?, proc?);
     let recent_rate = target.gc_rate(gc.gc_cpu_seconds);
     Ok(summarize(
         target.name.clone(),
@@ -96,7 +97,7 @@ fn summarize(
     target: String,
     pid: i32,
     gc: Gc,
-    proc: &process::ProcessSnapshot,
+    proc: &process::ProcessTimes,
     last_minute: Option<f64>,
 ) -> GcStats {
     let mut counts = vec![0u64; gc.buckets.len() + 1];

@@ -4,6 +4,7 @@ use schemars::JsonSchema;
 use serde::{Deserialize, Serialize};
 
 use super::{Context, ToolError, ratio};
+use crate::agent::alongside;
 use crate::agent::reply::Generation;
 use crate::process;
 
@@ -43,8 +44,8 @@ pub struct MemoryStats {
 pub async fn memory_stats(ctx: &Context, args: Args) -> Result<MemoryStats, ToolError> {
     let target = ctx.target(args.target.as_deref())?;
     let pid = target.pid().await?;
-    let mem = target.client.memory().await?;
-    let proc = process::snapshot(pid)?;
+    let (mem, proc) = alongside(target.client.memory(), || process::memory(pid)).await;
+    let (mem, proc) = (mem?, proc?);
     Ok(MemoryStats {
         target: target.name.clone(),
         pid,

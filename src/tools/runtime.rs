@@ -5,6 +5,7 @@ use schemars::JsonSchema;
 use serde::{Deserialize, Serialize};
 
 use super::{Context, ToolError, ratio};
+use crate::agent::alongside;
 use crate::agent::reply::Runtime;
 use crate::process;
 
@@ -39,8 +40,9 @@ pub struct RuntimeStats {
 pub async fn runtime_stats(ctx: &Context, args: Args) -> Result<RuntimeStats, ToolError> {
     let target = ctx.target(args.target.as_deref())?;
     let pid = target.pid().await?;
-    let (rt, gc) = tokio::try_join!(target.client.runtime(), target.client.gc())?;
-    let proc = process::snapshot(pid)?;
+    let calls = async { tokio::try_join!(target.client.runtime(), target.client.gc()) };
+    let (calls, proc) = alongside(calls, || process::snapshot(pid)).await;
+    let ((rt, gc), proc) = (calls?, proc?);
     Ok(RuntimeStats {
         target: target.name.clone(),
         image: rt,
