@@ -2,6 +2,7 @@
 //! the tool catalog for scripts: JSON on stdout, errors on stderr, exit codes 0 (success),
 //! 1 (the tool failed) and 2 (usage: unknown tool, malformed arguments, bad flags).
 
+use std::io::Write;
 use std::path::PathBuf;
 use std::process::ExitCode;
 use std::sync::Arc;
@@ -9,6 +10,8 @@ use std::time::Duration;
 
 use clap::{Args, Parser, Subcommand};
 use serde::Serialize;
+
+use tokio::sync::broadcast::error::RecvError;
 
 use crate::agent::{Address, AgentClient, ClientOptions, address};
 use crate::audit::Audit;
@@ -42,6 +45,8 @@ pub enum Command {
     Launch(LaunchArgs),
     /// Start a demo workload in SBCL with the agent and show a live summary.
     Demo(DemoArgs),
+    /// Print each garbage collection of an image as it happens, one JSON object per line.
+    Events(EventsArgs),
 }
 
 /// How to talk to agents, shared by the commands that do.
@@ -110,6 +115,25 @@ pub struct CallArgs {
     pub client: ClientArgs,
     #[command(flatten)]
     pub policy: PolicyArgs,
+}
+
+#[derive(Debug, Args)]
+pub struct EventsArgs {
+    /// The agent: unix:PATH, tcp:HOST:PORT or pid:N. Default: the only live agent in the
+    /// runtime directory.
+    #[arg(long, value_name = "SPEC")]
+    pub target: Option<String>,
+    /// File holding the token of a TCP agent (default ~/.sbmon-secret).
+    #[arg(long, value_name = "FILE")]
+    pub token_file: Option<PathBuf>,
+    /// Stop after N events.
+    #[arg(long, value_name = "N")]
+    pub count: Option<u64>,
+    /// Stop after SECONDS.
+    #[arg(long, value_name = "SECONDS")]
+    pub duration: Option<f64>,
+    #[command(flatten)]
+    pub client: ClientArgs,
 }
 
 #[derive(Debug, Args)]
@@ -189,6 +213,7 @@ pub fn run(cli: Cli) -> ExitCode {
             Command::Targets { json } => targets(json).await,
             Command::Tools => tools(),
             Command::Demo(args) => crate::demo::run(args).await,
+            Command::Events(args) => events(args).await,
         }
     })
 }
@@ -405,6 +430,57 @@ async fn call(args: CallArgs) -> ExitCode {
         Err(e) if e.is_usage() => fail(USAGE, e),
         Err(e) => fail(1, e),
     }
+}
+
+async fn events(args: EventsArgs) -> ExitCode {
+    let options = match client_options(&args.client, args.token_file.as_ref()) {
+        Ok(o) => o,
+        Err(e) => return fail(USAGE, e),
+    };
+    let duration = match args.duration {
+        Some(s) if !(s.is_finite() && s > 0.0 && s <= 1e9) => {
+            return fail(USAGE, "--duration must be a positive number of seconds");
+        }
+        d => d.map(Duration::from_secs_f64),
+    };
+    let address = match choose_address(args.target.as_deref()) {
+        Ok(a) => a,
+        Err((code, message)) => return fail(code, message),
+    };
+    let target = Target::new(default_name(&address), address, options);
+    // Fail at once on an agent that is not there; later outages are ridden out.
+    if let Err(e) = target.client.welcome().await {
+        return fail(1, e);
+    }
+    let feed = target.gc_feed();
+    let mut rx = feed.follow();
+    let until = async {
+        match duration {
+            Some(d) => tokio::time::sleep(d).await,
+            None => std::future::pending().await,
+        }
+    };
+    tokio::pin!(until);
+    let mut seen = 0;
+    while args.count.is_none_or(|n| seen < n) {
+        tokio::select! {
+            event = rx.recv() => match event {
+                Ok(gc) => {
+                    let line = serde_json::to_string(&gc).unwrap_or_default();
+                    // A closed pipe (`| head -3`) ends the command quietly.
+                    if writeln!(std::io::stdout(), "{line}").is_err() {
+                        break;
+                    }
+                    seen += 1;
+                }
+                Err(RecvError::Lagged(n)) => tracing::warn!("this terminal fell behind: {n} events not shown"),
+                Err(RecvError::Closed) => break,
+            },
+            () = &mut until => break,
+            _ = tokio::signal::ctrl_c() => break,
+        }
+    }
+    ExitCode::SUCCESS
 }
 
 #[derive(Debug, Serialize)]

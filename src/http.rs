@@ -1,7 +1,9 @@
 //! The HTTP front end: MCP Streamable HTTP at `/mcp`, JSON-RPC at `/rpc`, Prometheus metrics
 //! at `/metrics` (with `/sd` for HTTP service discovery), health endpoints for orchestrators
-//! and people, and a landing page at `/`. It adapts the catalog; it holds no tool logic.
+//! and people, live GC events at `/events` (Server-Sent Events), and a landing page at `/`.
+//! It adapts the catalog; it holds no tool logic.
 
+use std::convert::Infallible;
 use std::sync::Arc;
 use std::time::Instant;
 
@@ -11,10 +13,14 @@ use axum::body::Bytes;
 use axum::extract::{DefaultBodyLimit, Path, Query, Request, State};
 use axum::http::{HeaderMap, StatusCode, header};
 use axum::middleware::{self, Next};
+use axum::response::sse::{Event, KeepAlive, Sse};
 use axum::response::{Html, IntoResponse, Response};
 use axum::routing::{get, post};
+use futures::StreamExt;
 use serde::Deserialize;
 use serde_json::{Value, json};
+use tokio::sync::Semaphore;
+use tokio::sync::broadcast::error::RecvError;
 use tokio_util::sync::CancellationToken;
 
 use crate::metrics::Scope;
@@ -23,6 +29,8 @@ use crate::tools::{Catalog, Class};
 
 /// Largest request body accepted on any endpoint.
 pub const MAX_BODY: usize = 1024 * 1024;
+/// Open `/events` streams at most; each holds a broadcast receiver and, per target, a feed.
+pub const MAX_EVENT_STREAMS: usize = 32;
 
 /// The whole HTTP surface; cancelling `stop` ends open MCP sessions and streams, so a
 /// graceful shutdown is not held up by a connected client.
@@ -30,12 +38,15 @@ pub fn router(catalog: Arc<Catalog>, stop: CancellationToken, token: Option<Stri
     let state = AppState {
         catalog: catalog.clone(),
         started: Instant::now(),
+        event_streams: Arc::new(Semaphore::new(MAX_EVENT_STREAMS)),
+        stop: stop.clone(),
     };
     let mut guarded = Router::new()
         .route("/", get(landing))
         .route("/rpc", post(rpc))
         .route("/metrics", get(metrics))
         .route("/sd", get(service_discovery))
+        .route("/events", get(events))
         .route("/health", get(health_all))
         .route("/health/ready", get(ready))
         .route("/health/targets/{name}", get(health_one))
@@ -87,6 +98,9 @@ fn same(a: &[u8], b: &[u8]) -> bool {
 struct AppState {
     catalog: Arc<Catalog>,
     started: Instant,
+    /// One permit per open `/events` stream.
+    event_streams: Arc<Semaphore>,
+    stop: CancellationToken,
 }
 
 async fn rpc(State(state): State<AppState>, body: Bytes) -> Response {
@@ -129,6 +143,57 @@ async fn metrics(State(state): State<AppState>, Query(q): Query<MetricsQuery>) -
     };
     let text = crate::metrics::render(ctx, scope).await;
     ([(header::CONTENT_TYPE, crate::metrics::CONTENT_TYPE)], text).into_response()
+}
+
+#[derive(Deserialize)]
+struct EventsQuery {
+    target: Option<String>,
+}
+
+/// Server-Sent Events: `event: gc` with a [`GcEvent`](crate::events::GcEvent) as JSON for
+/// each collection of the chosen target (`?target=NAME`) or of every target watched when the
+/// stream opened; `event: lagged` when this client fell behind and missed some.
+async fn events(State(state): State<AppState>, Query(q): Query<EventsQuery>) -> Response {
+    let targets = match q.target.as_deref() {
+        Some(name) => match state.catalog.context().targets.resolve(Some(name)) {
+            Ok(t) => vec![t],
+            Err(e) => return (StatusCode::NOT_FOUND, format!("{e}\n")).into_response(),
+        },
+        None => state.catalog.context().targets.all(),
+    };
+    if targets.is_empty() {
+        let none = "no target is watched yet: start an agent with (sbmon-agent:start)\n";
+        return (StatusCode::NOT_FOUND, none).into_response();
+    }
+    let Ok(permit) = state.event_streams.clone().try_acquire_owned() else {
+        let busy = format!("{MAX_EVENT_STREAMS} event streams are open already; try later\n");
+        return (StatusCode::SERVICE_UNAVAILABLE, busy).into_response();
+    };
+    let streams = targets.iter().map(|target| {
+        let feed = target.gc_feed();
+        let rx = feed.follow();
+        futures::stream::unfold((feed, rx), |(feed, mut rx)| async move {
+            let event = match rx.recv().await {
+                Ok(gc) => Event::default().event("gc").json_data(&gc).ok()?,
+                Err(RecvError::Lagged(n)) => Event::default()
+                    .event("lagged")
+                    .data(json!({ "missed": n }).to_string()),
+                Err(RecvError::Closed) => return None,
+            };
+            Some((Ok::<_, Infallible>(event), (feed, rx)))
+        })
+        .boxed()
+    });
+    let stream = futures::stream::select_all(streams)
+        .take_until(state.stop.cancelled_owned())
+        // The permit is released when the client goes and the stream is dropped.
+        .map(move |event| {
+            let _held = &permit;
+            event
+        });
+    Sse::new(stream)
+        .keep_alive(KeepAlive::default())
+        .into_response()
 }
 
 /// Prometheus HTTP service discovery: one entry per target, each scraped through
@@ -295,6 +360,7 @@ async fn landing(State(state): State<AppState>) -> Html<String> {
 <li><code>/mcp</code>: MCP (Streamable HTTP) for AI assistants and editors</li>
 <li><code>/metrics</code>: Prometheus metrics (<code>?target=NAME</code> for one image), <code>/sd</code>: service discovery</li>
 <li><code>/health</code>, <code>/health/live</code>, <code>/health/ready</code>, <code>/health/targets/NAME</code></li>
+<li><code>/events</code>: each garbage collection as it happens (Server-Sent Events; <code>?target=NAME</code> for one image), e.g. <code>curl -N localhost:9405/events</code></li>
 <li><code>POST /rpc</code>: JSON-RPC 2.0, <code>method</code> = tool name, <code>params</code> = its arguments, e.g.
 <pre>curl -s localhost:9405/rpc -d '{{"jsonrpc":"2.0","id":1,"method":"health_check"}}'</pre></li>
 </ul>

@@ -7,6 +7,7 @@ pub mod audit;
 pub mod cli;
 pub mod config;
 pub mod demo;
+pub mod events;
 pub mod histogram;
 pub mod http;
 pub mod launch;

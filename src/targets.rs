@@ -2,11 +2,12 @@
 //! that rate-based health checks need (GC CPU seconds sampled over the last minutes).
 
 use std::collections::VecDeque;
-use std::sync::{Arc, Mutex, RwLock};
+use std::sync::{Arc, Mutex, RwLock, Weak};
 use std::time::{Duration, Instant};
 
 use crate::agent::address::Found;
 use crate::agent::{Address, AgentClient, AgentError, ClientOptions};
+use crate::events::GcFeed;
 
 /// Samples older than this are dropped; rates look back one minute.
 const HISTORY_SPAN: Duration = Duration::from_secs(300);
@@ -17,6 +18,8 @@ pub struct Target {
     pub name: String,
     pub client: AgentClient,
     gc_samples: Mutex<VecDeque<(Instant, f64)>>,
+    /// The GC event feed while anyone follows it.
+    gc_feed: Mutex<Weak<GcFeed>>,
 }
 
 /// GC CPU seconds per wall second between an earlier sample and now.
@@ -32,7 +35,23 @@ impl Target {
             name: name.into(),
             client: AgentClient::new(address, options),
             gc_samples: Mutex::new(VecDeque::new()),
+            gc_feed: Mutex::new(Weak::new()),
         }
+    }
+
+    /// The GC events of this image as they happen; followers share one feed (and one agent
+    /// connection), which ends when the last of them drops it.
+    pub fn gc_feed(&self) -> Arc<GcFeed> {
+        let mut feed = self
+            .gc_feed
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner());
+        if let Some(live) = feed.upgrade() {
+            return live;
+        }
+        let started = Arc::new(GcFeed::start(self));
+        *feed = Arc::downgrade(&started);
+        started
     }
 
     /// The pid of the image, as the agent reported it in its welcome.

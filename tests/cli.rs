@@ -257,3 +257,84 @@ fn tools_lists_the_read_catalog() {
         );
     }
 }
+
+#[tokio::test]
+async fn events_prints_each_collection_the_image_makes() {
+    let image = Image::start(Setup {
+        collector: true,
+        ..Setup::default()
+    })
+    .await;
+    let nowhere = tempfile::tempdir().unwrap();
+    let target = format!("{}", image.sbcl.address);
+
+    // Nothing listens there: a clear error at once, not a silent wait.
+    let out = sbmon(
+        &["events", "--target", "unix:/nonexistent/agent.sock"],
+        nowhere.path(),
+    );
+    assert_eq!(out.status.code(), Some(1));
+    assert!(text(&out.stderr).contains("/nonexistent/agent.sock"));
+
+    let mut child = std::process::Command::new(env!("CARGO_BIN_EXE_sbmon"))
+        .args([
+            "events",
+            "--count",
+            "3",
+            "--duration",
+            "60",
+            "--target",
+            &target,
+        ])
+        .env("XDG_RUNTIME_DIR", nowhere.path())
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let stdout = child.stdout.take().unwrap();
+    let reader = std::thread::spawn(move || {
+        use std::io::BufRead;
+        std::io::BufReader::new(stdout)
+            .lines()
+            .map_while(Result::ok)
+            .collect::<Vec<_>>()
+    });
+    // The command subscribes on its own schedule: make garbage until it has printed 3 events.
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(50);
+    while child.try_wait().unwrap().is_none() {
+        assert!(std::time::Instant::now() < deadline, "no 3 events");
+        image.collect().await;
+    }
+    assert!(child.wait().unwrap().success());
+    let events: Vec<Value> = reader
+        .join()
+        .unwrap()
+        .iter()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    assert_eq!(events.len(), 3, "{events:?}");
+
+    // Each event is one of the collections the agent recorded, with the same figures.
+    let gc = sbmon(&["call", "gc_stats", "--target", &target], nowhere.path());
+    let gc: Value = serde_json::from_slice(&gc.stdout).unwrap();
+    let recent = gc["recent"].as_array().unwrap();
+    let mut previous = None;
+    for e in &events {
+        let seq = e["seq"].as_u64().unwrap();
+        let r = recent
+            .iter()
+            .find(|r| r["seq"].as_u64() == Some(seq))
+            .unwrap_or_else(|| panic!("seq {seq} not among the recorded pauses"));
+        assert_eq!(e["generation"], r["generation"]);
+        assert_eq!(e["wall_seconds"], r["wall_seconds"]);
+        assert_eq!(e["heap_before_bytes"], r["heap_before"]);
+        assert_eq!(e["heap_after_bytes"], r["heap_after"]);
+        assert_eq!(e["time"], r["time"]);
+        assert!(e["wall_seconds"].as_f64().unwrap() > 0.0);
+        // Consecutive collections, none skipped.
+        if let Some(p) = previous {
+            assert_eq!(seq, p + 1, "{events:?}");
+        }
+        assert_eq!(e["missed"], 0);
+        previous = Some(seq);
+    }
+}

@@ -1,0 +1,171 @@
+//! Live GC events: each collection the agent measures, delivered as it happens.
+//!
+//! The agent pushes `(:event :gc RECORD)` to the connections that sent `:subscribe`. A
+//! [`GcFeed`] holds such a connection of its own for one target (so pushed events never queue
+//! behind tool calls), subscribes again after a reconnect, and fans the events out to any
+//! number of followers (`GET /events`, `sbmon events`). Dropping the feed closes its
+//! connection, which is all the agent needs to stop sending.
+
+use std::time::Duration;
+
+use schemars::JsonSchema;
+use serde::Serialize;
+use tokio::sync::broadcast;
+
+use crate::agent::AgentClient;
+use crate::agent::reply::PauseRecord;
+use crate::targets::Target;
+use crate::wire::Sexp;
+
+/// Events a follower may fall behind by before it is told it missed some.
+const FOLLOWER_BACKLOG: usize = 256;
+/// How often a broken subscription is retried, and how often a quiet one checks its connection.
+const RETRY: Duration = Duration::from_secs(1);
+
+/// One garbage collection of one target, as measured inside the image.
+#[derive(Debug, Clone, PartialEq, Serialize, JsonSchema)]
+pub struct GcEvent {
+    /// The target's name.
+    pub target: String,
+    /// Number of this collection among those the agent measured since it started.
+    pub seq: u64,
+    /// Generation collected (6 or more: a full collection).
+    pub generation: u8,
+    /// Wall-clock pause of the image, in seconds.
+    pub wall_seconds: f64,
+    /// CPU time of the collection, in seconds.
+    pub cpu_seconds: f64,
+    pub heap_before_bytes: u64,
+    pub heap_after_bytes: u64,
+    /// heap_before_bytes - heap_after_bytes (negative when promotion grew the heap).
+    pub freed_bytes: i64,
+    /// When the collection ended, in Unix seconds.
+    pub time: f64,
+    /// Collections between the previous event and this one that were not delivered (the
+    /// agent keeps the last 64 for a slow subscriber; a reconnect loses those in between).
+    pub missed: u64,
+}
+
+impl GcEvent {
+    fn new(target: &str, record: PauseRecord, previous_seq: Option<u64>) -> Self {
+        // A seq at or below the previous one means the image (or its agent) restarted.
+        let missed = previous_seq
+            .filter(|&p| record.seq > p)
+            .map_or(0, |p| record.seq - p - 1);
+        GcEvent {
+            target: target.to_string(),
+            seq: record.seq,
+            generation: record.generation,
+            wall_seconds: record.wall_seconds,
+            cpu_seconds: record.cpu_seconds,
+            heap_before_bytes: record.heap_before,
+            heap_after_bytes: record.heap_after,
+            freed_bytes: record.heap_before as i64 - record.heap_after as i64,
+            time: record.time,
+            missed,
+        }
+    }
+}
+
+/// The GC events of one target, shared by all who follow them.
+pub struct GcFeed {
+    events: broadcast::Sender<GcEvent>,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl GcFeed {
+    /// Subscribe to `target`'s GC events and stay subscribed until the feed is dropped.
+    pub fn start(target: &Target) -> Self {
+        let (events, _) = broadcast::channel(FOLLOWER_BACKLOG);
+        let client = AgentClient::new(
+            target.client.address().clone(),
+            target.client.options().clone(),
+        );
+        let task = tokio::spawn(follow(target.name.clone(), client, events.clone()));
+        GcFeed { events, task }
+    }
+
+    /// A receiver of the events from now on.
+    pub fn follow(&self) -> broadcast::Receiver<GcEvent> {
+        self.events.subscribe()
+    }
+}
+
+impl Drop for GcFeed {
+    fn drop(&mut self) {
+        // The task owns the feed's client; ending it closes the connection.
+        self.task.abort();
+    }
+}
+
+async fn follow(name: String, client: AgentClient, out: broadcast::Sender<GcEvent>) {
+    let mut previous_seq = None;
+    loop {
+        match client.connection().await {
+            Ok(conn) => {
+                // Listen before subscribing, so nothing pushed right after is lost.
+                let mut pushed = conn.events();
+                let gc = Sexp::plist([("events", Sexp::List(vec![Sexp::keyword("gc")]))]);
+                match conn
+                    .call("subscribe", gc, client.options().call_timeout)
+                    .await
+                {
+                    Ok(_) => loop {
+                        tokio::select! {
+                            event = pushed.recv() => match event {
+                                Ok((kind, value)) if kind == "gc" => {
+                                    match crate::wire::from_sexp::<PauseRecord>(&value) {
+                                        Ok(record) => {
+                                            let seq = record.seq;
+                                            let _ = out.send(GcEvent::new(&name, record, previous_seq));
+                                            previous_seq = Some(seq);
+                                        }
+                                        Err(e) => tracing::warn!("malformed GC event from {name}: {e}"),
+                                    }
+                                }
+                                Ok(_) => {}
+                                // The seq numbers show the gap to followers.
+                                Err(broadcast::error::RecvError::Lagged(_)) => {}
+                                Err(broadcast::error::RecvError::Closed) => break,
+                            },
+                            () = tokio::time::sleep(RETRY) => {
+                                if conn.is_closed() {
+                                    break;
+                                }
+                            }
+                        }
+                    },
+                    Err(e) => tracing::debug!("cannot subscribe to {name}: {e}"),
+                }
+            }
+            Err(e) => tracing::debug!("GC events of {name} unavailable: {e}"),
+        }
+        tokio::time::sleep(RETRY).await;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn record(seq: u64) -> PauseRecord {
+        PauseRecord {
+            seq,
+            generation: 0,
+            wall_seconds: 0.001,
+            cpu_seconds: 0.001,
+            heap_before: 300,
+            heap_after: 100,
+            time: 1.0,
+        }
+    }
+
+    #[test]
+    fn missed_counts_the_gap_and_a_restart_starts_over() {
+        assert_eq!(GcEvent::new("t", record(5), None).missed, 0);
+        assert_eq!(GcEvent::new("t", record(6), Some(5)).missed, 0);
+        assert_eq!(GcEvent::new("t", record(9), Some(5)).missed, 3);
+        assert_eq!(GcEvent::new("t", record(1), Some(40)).missed, 0);
+        assert_eq!(GcEvent::new("t", record(6), None).freed_bytes, 200);
+    }
+}
