@@ -14,6 +14,7 @@ use sbmon::audit::Audit;
 use sbmon::config::Config;
 use sbmon::targets::{Target, Targets};
 use sbmon::tools::{Allow, Catalog, ToolError};
+use sbmon::wire::Sexp;
 use serde_json::{Value, json};
 
 const ALL: Allow = Allow {
@@ -229,10 +230,22 @@ async fn thread_kill_ends_threads_and_refuses_main_and_agent_threads() {
 
 #[tokio::test]
 async fn profile_names_the_busy_function() {
+    let scratch = tempfile::tempdir().unwrap();
+    let churn_trigger = scratch.path().join("churn");
     let image = Image::start(Setup {
         forms: vec![
             "(defun sbmon-test::busy-loop () (loop (sqrt (random 1d0))))".into(),
             "(sb-thread:make-thread #'sbmon-test::busy-loop :name \"busy\")".into(),
+            // Conses lists and nothing else: what an allocation profile must point at. The
+            // lists go to a global, or the compiler drops the allocation as dead code. It
+            // starts only when the file `churn` appears, after the CPU profile.
+            "(defvar sbmon-test::*sink* nil)".into(),
+            "(defun sbmon-test::churn () (loop (setf sbmon-test::*sink* (make-list 10))))".into(),
+            format!(
+                "(sb-thread:make-thread (lambda () (loop until (probe-file {}) do (sleep 0.02)) \
+                 (sbmon-test::churn)) :name \"churner\")",
+                Sexp::string(churn_trigger.to_string_lossy())
+            ),
         ],
         ..Setup::default()
     })
@@ -259,6 +272,32 @@ async fn profile_names_the_busy_function() {
         rows.iter()
             .any(|r| r["function"].as_str().unwrap_or("").contains("BUSY-LOOP")),
         "{rows:?}"
+    );
+
+    // Allocation mode samples where memory is allocated: the churner's lists, not the busy
+    // loop's CPU (its boxed doubles are a small share of the bytes).
+    std::fs::write(&churn_trigger, "").unwrap();
+    let profile = c
+        .call(
+            "profile_cpu",
+            json!({"seconds": 1.0, "mode": "alloc", "max_rows": 40}),
+        )
+        .await
+        .unwrap();
+    assert!(profile["samples"].as_u64().unwrap() > 10, "{profile}");
+    let rows = profile["rows"].as_array().unwrap();
+    assert_eq!(rows[0]["function"], "MAKE-LIST", "{profile}");
+    assert!(
+        rows[0]["self_percent"].as_f64().unwrap() > 50.0,
+        "{profile}"
+    );
+    let churn = rows
+        .iter()
+        .find(|r| r["function"].as_str().unwrap_or("").contains("CHURN"))
+        .unwrap_or_else(|| panic!("CHURN not among the rows: {profile}"));
+    assert!(
+        churn["cumulative_percent"].as_f64().unwrap() > 50.0,
+        "{profile}"
     );
 }
 
