@@ -8,7 +8,7 @@ use std::sync::Arc;
 use std::time::Instant;
 
 use crate::histogram::Reading;
-use crate::snapshot::{Readings, Snapshot};
+use crate::snapshot::{Detail, Readings, Snapshot};
 use crate::targets::Target;
 use crate::tools::Context;
 use crate::tools::health::{self, Status};
@@ -169,7 +169,8 @@ pub async fn render(ctx: &Context, scope: Scope) -> String {
         Scope::Target(t) => vec![t],
         Scope::Own => Vec::new(),
     };
-    let snapshots = futures::future::join_all(targets.iter().map(|t| Snapshot::take(t))).await;
+    let snapshots =
+        futures::future::join_all(targets.iter().map(|t| Snapshot::take(t, Detail::Tasks))).await;
     let mut e = Exposition::default();
     if all {
         e.gauge(
@@ -335,9 +336,7 @@ fn image_metrics(e: &mut Exposition, target: &str, r: &Readings) {
         }
     }
     if let Ok(threads) = &r.threads {
-        // Per-task states only matter here: health checks do not read /proc/PID/task.
-        let tasks = crate::process::tasks(r.welcome.pid).ok();
-        let tasks = tasks.as_ref();
+        let tasks = r.tasks.as_ref().and_then(|t| t.as_ref().ok());
         let mut counts: HashMap<&str, u32> = HashMap::new();
         for thread in threads {
             let os_state = tasks.and_then(|tasks| {

@@ -1,12 +1,12 @@
 //! One reading of a target: everything health checks and metrics need, fetched once and
-//! concurrently (agent ping, heap, GC, threads; /proc for the process), so a
-//! scrape or a health check asks the agent each question once.
+//! concurrently (agent ping, heap, GC, threads; /proc for the process, read while the agent
+//! answers), so a scrape or a health check asks the agent each question once.
 
 use std::time::Duration;
 
 use crate::agent::reply::{Gc, LispThread, Memory, Welcome};
 use crate::agent::{AgentError, alongside};
-use crate::process::{self, ProcessError, ProcessSnapshot};
+use crate::process::{self, ProcessError, ProcessSnapshot, TaskInfo};
 use crate::targets::Target;
 
 pub struct Snapshot {
@@ -22,21 +22,24 @@ pub struct Readings {
     pub gc: Result<Gc, AgentError>,
     pub threads: Result<Vec<LispThread>, AgentError>,
     pub process: Result<ProcessSnapshot, ProcessError>,
+    /// The process's tasks, when asked for ([`Detail::Tasks`]).
+    pub tasks: Option<Result<Vec<TaskInfo>, ProcessError>>,
+}
+
+/// How much of /proc a reading covers.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Detail {
+    /// The process files: what health checks need.
+    Process,
+    /// Also one `stat` per task (thread states for metrics); a file per thread, so only when
+    /// it is used.
+    Tasks,
 }
 
 impl Snapshot {
-    pub async fn take(target: &Target) -> Snapshot {
+    pub async fn take(target: &Target, detail: Detail) -> Snapshot {
         let c = &target.client;
-        // Ping first: an unreachable agent then costs one timeout, not one per question.
-        let rtt = match c.ping().await {
-            Ok(rtt) => rtt,
-            Err(e) => {
-                return Snapshot {
-                    rtt: Err(e),
-                    image: None,
-                };
-            }
-        };
+        // Connects if need be; an unreachable agent ends the reading here, after one timeout.
         let welcome = match c.welcome().await {
             Ok(w) => w,
             Err(e) => {
@@ -47,17 +50,29 @@ impl Snapshot {
             }
         };
         let pid = welcome.pid;
-        let calls = async { tokio::join!(c.memory(), c.gc(), c.threads()) };
-        let ((memory, gc, threads), process) = alongside(calls, || process::snapshot(pid)).await;
-        Snapshot {
-            rtt: Ok(rtt),
-            image: Some(Readings {
-                welcome,
-                memory,
-                gc,
-                threads,
-                process,
-            }),
+        let calls = async { tokio::join!(c.ping(), c.memory(), c.gc(), c.threads()) };
+        let read_proc = || {
+            let tasks = (detail == Detail::Tasks).then(|| process::tasks(pid));
+            (process::snapshot(pid), tasks)
+        };
+        let ((rtt, memory, gc, threads), (process, tasks)) = alongside(calls, read_proc).await;
+        match rtt {
+            // An agent that stopped answering: report it down rather than half its figures.
+            Err(e) => Snapshot {
+                rtt: Err(e),
+                image: None,
+            },
+            Ok(rtt) => Snapshot {
+                rtt: Ok(rtt),
+                image: Some(Readings {
+                    welcome,
+                    memory,
+                    gc,
+                    threads,
+                    process,
+                    tasks,
+                }),
+            },
         }
     }
 }
