@@ -98,12 +98,9 @@ impl PolicyArgs {
     }
 }
 
+/// Which one agent a command talks to.
 #[derive(Debug, Args)]
-pub struct CallArgs {
-    /// Tool name (see `sbmon tools`).
-    pub tool: String,
-    /// Arguments as a JSON object, e.g. '{"thread_id": "worker-1"}'.
-    pub args: Option<String>,
+pub struct TargetArgs {
     /// The agent: unix:PATH, tcp:HOST:PORT or pid:N. Default: the only live agent in the
     /// runtime directory.
     #[arg(long, value_name = "SPEC")]
@@ -111,6 +108,16 @@ pub struct CallArgs {
     /// File holding the token of a TCP agent (default ~/.sbmon-secret).
     #[arg(long, value_name = "FILE")]
     pub token_file: Option<PathBuf>,
+}
+
+#[derive(Debug, Args)]
+pub struct CallArgs {
+    /// Tool name (see `sbmon tools`).
+    pub tool: String,
+    /// Arguments as a JSON object, e.g. '{"thread_id": "worker-1"}'.
+    pub args: Option<String>,
+    #[command(flatten)]
+    pub agent: TargetArgs,
     #[command(flatten)]
     pub client: ClientArgs,
     #[command(flatten)]
@@ -119,13 +126,8 @@ pub struct CallArgs {
 
 #[derive(Debug, Args)]
 pub struct EventsArgs {
-    /// The agent: unix:PATH, tcp:HOST:PORT or pid:N. Default: the only live agent in the
-    /// runtime directory.
-    #[arg(long, value_name = "SPEC")]
-    pub target: Option<String>,
-    /// File holding the token of a TCP agent (default ~/.sbmon-secret).
-    #[arg(long, value_name = "FILE")]
-    pub token_file: Option<PathBuf>,
+    #[command(flatten)]
+    pub agent: TargetArgs,
     /// Stop after N events.
     #[arg(long, value_name = "N")]
     pub count: Option<u64>,
@@ -400,7 +402,7 @@ async fn call(args: CallArgs) -> ExitCode {
             Err(e) => return fail(USAGE, format!("arguments are not valid JSON: {e}")),
         },
     };
-    let (options, config) = match client_and_config(&args.client, args.token_file.as_ref()) {
+    let (options, config) = match client_and_config(&args.client, args.agent.token_file.as_ref()) {
         Ok(both) => both,
         Err(e) => return fail(USAGE, e),
     };
@@ -417,7 +419,7 @@ async fn call(args: CallArgs) -> ExitCode {
         Ok(a) => a,
         Err(e) => return fail(USAGE, e),
     };
-    let address = match choose_address(args.target.as_deref()) {
+    let address = match choose_address(args.agent.target.as_deref()) {
         Ok(a) => a,
         Err((code, message)) => return fail(code, message),
     };
@@ -433,7 +435,7 @@ async fn call(args: CallArgs) -> ExitCode {
 }
 
 async fn events(args: EventsArgs) -> ExitCode {
-    let options = match client_options(&args.client, args.token_file.as_ref()) {
+    let options = match client_options(&args.client, args.agent.token_file.as_ref()) {
         Ok(o) => o,
         Err(e) => return fail(USAGE, e),
     };
@@ -443,7 +445,7 @@ async fn events(args: EventsArgs) -> ExitCode {
         }
         d => d.map(Duration::from_secs_f64),
     };
-    let address = match choose_address(args.target.as_deref()) {
+    let address = match choose_address(args.agent.target.as_deref()) {
         Ok(a) => a,
         Err((code, message)) => return fail(code, message),
     };
