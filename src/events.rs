@@ -10,12 +10,12 @@ use std::time::Duration;
 
 use schemars::JsonSchema;
 use serde::Serialize;
-use tokio::sync::broadcast;
+use tokio::sync::{broadcast, watch};
 
-use crate::agent::AgentClient;
 use crate::agent::reply::PauseRecord;
+use crate::agent::{AgentClient, Connection};
 use crate::targets::Target;
-use crate::wire::Sexp;
+use crate::wire::{Sexp, from_sexp};
 
 /// Events a follower may fall behind by before it is told it missed some.
 const FOLLOWER_BACKLOG: usize = 256;
@@ -70,6 +70,8 @@ impl GcEvent {
 /// The GC events of one target, shared by all who follow them.
 pub struct GcFeed {
     events: broadcast::Sender<GcEvent>,
+    /// True while the agent is sending this feed's events.
+    subscribed: watch::Receiver<bool>,
     task: tokio::task::JoinHandle<()>,
 }
 
@@ -81,8 +83,27 @@ impl GcFeed {
             target.client.address().clone(),
             target.client.options().clone(),
         );
-        let task = tokio::spawn(follow(target.name.clone(), client, events.clone()));
-        GcFeed { events, task }
+        let (set_subscribed, subscribed) = watch::channel(false);
+        let task = tokio::spawn(follow(
+            target.name.clone(),
+            client,
+            events.clone(),
+            set_subscribed,
+        ));
+        GcFeed {
+            events,
+            subscribed,
+            task,
+        }
+    }
+
+    /// Wait until the agent sends this feed's events (at most `timeout`); false if it does not.
+    pub async fn subscribed(&self, timeout: Duration) -> bool {
+        let mut subscribed = self.subscribed.clone();
+        matches!(
+            tokio::time::timeout(timeout, subscribed.wait_for(|on| *on)).await,
+            Ok(Ok(_))
+        )
     }
 
     /// A receiver of the events from now on.
@@ -98,49 +119,69 @@ impl Drop for GcFeed {
     }
 }
 
-async fn follow(name: String, client: AgentClient, out: broadcast::Sender<GcEvent>) {
+async fn follow(
+    name: String,
+    client: AgentClient,
+    out: broadcast::Sender<GcEvent>,
+    subscribed: watch::Sender<bool>,
+) {
     let mut previous_seq = None;
     loop {
         match client.connection().await {
             Ok(conn) => {
                 // Listen before subscribing, so nothing pushed right after is lost.
-                let mut pushed = conn.events();
+                let pushed = conn.events();
                 let gc = Sexp::plist([("events", Sexp::List(vec![Sexp::keyword("gc")]))]);
                 match conn
                     .call("subscribe", gc, client.options().call_timeout)
                     .await
                 {
-                    Ok(_) => loop {
-                        tokio::select! {
-                            event = pushed.recv() => match event {
-                                Ok((kind, value)) if kind == "gc" => {
-                                    match crate::wire::from_sexp::<PauseRecord>(&value) {
-                                        Ok(record) => {
-                                            let seq = record.seq;
-                                            let _ = out.send(GcEvent::new(&name, record, previous_seq));
-                                            previous_seq = Some(seq);
-                                        }
-                                        Err(e) => tracing::warn!("malformed GC event from {name}: {e}"),
-                                    }
-                                }
-                                Ok(_) => {}
-                                // The seq numbers show the gap to followers.
-                                Err(broadcast::error::RecvError::Lagged(_)) => {}
-                                Err(broadcast::error::RecvError::Closed) => break,
-                            },
-                            () = tokio::time::sleep(RETRY) => {
-                                if conn.is_closed() {
-                                    break;
-                                }
-                            }
-                        }
-                    },
+                    Ok(_) => {
+                        subscribed.send_replace(true);
+                        relay(&name, &conn, pushed, &out, &mut previous_seq).await;
+                    }
                     Err(e) => tracing::debug!("cannot subscribe to {name}: {e}"),
                 }
             }
             Err(e) => tracing::debug!("GC events of {name} unavailable: {e}"),
         }
+        subscribed.send_replace(false);
         tokio::time::sleep(RETRY).await;
+    }
+}
+
+/// Pass the GC events pushed on `conn` to `out` until the connection closes.
+async fn relay(
+    name: &str,
+    conn: &Connection,
+    mut pushed: broadcast::Receiver<(String, Sexp)>,
+    out: &broadcast::Sender<GcEvent>,
+    previous_seq: &mut Option<u64>,
+) {
+    loop {
+        let event = tokio::select! {
+            event = pushed.recv() => event,
+            () = tokio::time::sleep(RETRY) => {
+                if conn.is_closed() {
+                    return;
+                }
+                continue;
+            }
+        };
+        match event {
+            Ok((kind, value)) if kind == "gc" => match from_sexp::<PauseRecord>(&value) {
+                Ok(record) => {
+                    let seq = record.seq;
+                    let _ = out.send(GcEvent::new(name, record, *previous_seq));
+                    *previous_seq = Some(seq);
+                }
+                Err(e) => tracing::warn!("malformed GC event from {name}: {e}"),
+            },
+            Ok(_) => {}
+            // The seq numbers show followers the gap.
+            Err(broadcast::error::RecvError::Lagged(_)) => {}
+            Err(broadcast::error::RecvError::Closed) => return,
+        }
     }
 }
 

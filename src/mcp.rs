@@ -631,9 +631,10 @@ fn gc_pressure(ex: &Example, l: &Limits) -> String {
          how; percentiles are estimated from the histogram). Pauses of tens of milliseconds \
          hurt interactive latency; `collections_by_generation` shows which generations are \
          collected and how long they take.\n\
-         3. Call {gc} again after 10-60 s. The rise of `gc_count` over the interval is the \
-         collection rate; many collections per second means a small nursery for this \
-         allocation rate.\n\
+         3. Call {watch}: the collections of the next 10 s as they happen, each with its \
+         generation, pause and bytes freed. `count` over `seconds` is the collection rate; \
+         many collections per second means a small nursery for this allocation rate, and \
+         `pause_max_seconds` is the worst pause of the window.\n\
          4. Call {memory}: `nursery_size_bytes` (bytes consed between GCs) and the \
          generations' parameters explain the rate.\n\n\
          Answer with the GC time share against its thresholds, the pause figures, the \
@@ -641,6 +642,7 @@ fn gc_pressure(ex: &Example, l: &Limits) -> String {
          allocation would help.",
         intro = ex.intro("Assess the garbage collection pressure"),
         gc = ex.call("gc_stats", json!({})),
+        watch = ex.call("gc_watch", json!({"seconds": 10})),
         memory = ex.call("memory_stats", json!({})),
         gc_limit = l.gc(),
     )

@@ -244,6 +244,7 @@ fn tools_lists_the_read_catalog() {
         "health_check",
         "memory_stats",
         "gc_stats",
+        "gc_watch",
         "runtime_stats",
         "thread_list",
         "thread_inspect",

@@ -33,11 +33,12 @@ type Client = RunningService<RoleClient, ()>;
 
 const HEAP_MB: u64 = 448;
 const WORKERS: usize = 8;
-const READ_TOOLS: [&str; 8] = [
+const READ_TOOLS: [&str; 9] = [
     "health_check",
     "metrics_export",
     "memory_stats",
     "gc_stats",
+    "gc_watch",
     "runtime_stats",
     "thread_list",
     "thread_inspect",
@@ -297,6 +298,23 @@ async fn read_tools(client: &Client, image: &Image) {
         "{summary}"
     );
 
+    // The watch sees a collection the test's collector causes while it runs.
+    let (watched, summary) = {
+        let watch = call(client, "gc_watch", json!({"seconds": 30, "max_events": 1}));
+        let make_garbage = async {
+            loop {
+                image.collect().await;
+            }
+        };
+        tokio::select! {
+            w = watch => ok("gc_watch", w),
+            () = make_garbage => unreachable!(),
+        }
+    };
+    assert_eq!(watched["count"], 1, "{watched}");
+    assert!(watched["events"][0]["wall_seconds"].as_f64().unwrap() > 0.0);
+    assert!(summary.starts_with("1 collection in "), "{summary}");
+
     let (rt, summary) = ok(
         "runtime_stats",
         call(client, "runtime_stats", json!({})).await,
@@ -448,7 +466,7 @@ async fn prompts(client: &Client) {
         match name {
             "basic_health_check" => &["health_check", "memory_stats", "runtime_stats"],
             "memory_investigation" => &["memory_stats", "gc_stats"],
-            "gc_pressure" => &["gc_stats", "memory_stats"],
+            "gc_pressure" => &["gc_stats", "gc_watch", "memory_stats"],
             "thread_health" => &["thread_list", "thread_inspect"],
             _ => &[
                 "health_check",

@@ -507,3 +507,83 @@ async fn health_check_of_a_dead_image_is_critical() {
     let err = catalog.call("memory_stats", Value::Null).await.unwrap_err();
     assert!(err.to_string().contains("(sbmon-agent:start)"), "{err}");
 }
+
+#[tokio::test]
+async fn gc_watch_reports_the_collections_the_test_makes() {
+    let image = Image::start(Setup {
+        collector: true,
+        ..Setup::default()
+    })
+    .await;
+    let catalog = image.catalog();
+
+    for bad in [
+        json!({"seconds": 0}),
+        json!({"seconds": 61}),
+        json!({"max_events": 0}),
+        json!({"max_events": 1001}),
+        json!({"seconds": "ten"}),
+    ] {
+        let err = catalog.call("gc_watch", bad.clone()).await.unwrap_err();
+        assert!(err.is_usage(), "{bad}: {err}");
+    }
+
+    // A window in which the test makes garbage: the watch ends at max_events.
+    let watch = catalog.call("gc_watch", json!({"seconds": 30, "max_events": 3}));
+    let make_garbage = async {
+        loop {
+            image.collect().await;
+        }
+    };
+    let watched = tokio::select! {
+        w = watch => w.unwrap(),
+        () = make_garbage => unreachable!(),
+    };
+    assert_eq!(watched["count"], 3, "{watched}");
+    assert!(watched["seconds"].as_f64().unwrap() < 30.0);
+    let events = watched["events"].as_array().unwrap();
+    assert_eq!(events.len(), 3);
+    let wall: Vec<f64> = events
+        .iter()
+        .map(|e| e["wall_seconds"].as_f64().unwrap())
+        .collect();
+    assert_eq!(
+        watched["pause_sum_seconds"].as_f64().unwrap(),
+        wall.iter().sum::<f64>()
+    );
+    assert_eq!(
+        watched["pause_max_seconds"].as_f64().unwrap(),
+        wall.iter().cloned().fold(0.0, f64::max)
+    );
+    // Each event is the agent's own record of that collection, and none was skipped.
+    let stats = catalog.call("gc_stats", Value::Null).await.unwrap();
+    let recent = stats["recent"].as_array().unwrap();
+    for pair in events.windows(2) {
+        assert_eq!(
+            pair[1]["seq"].as_u64(),
+            pair[0]["seq"].as_u64().map(|s| s + 1)
+        );
+    }
+    for e in events {
+        let r = recent
+            .iter()
+            .find(|r| r["seq"] == e["seq"])
+            .unwrap_or_else(|| panic!("{e} not among the recorded pauses"));
+        assert_eq!(e["wall_seconds"], r["wall_seconds"]);
+        assert_eq!(e["heap_before_bytes"], r["heap_before"]);
+        assert_eq!(e["heap_after_bytes"], r["heap_after"]);
+    }
+    assert_eq!(watched["missed"], 0);
+
+    // A short window ends on time whatever happens in it.
+    let quiet = catalog
+        .call("gc_watch", json!({"seconds": 0.5}))
+        .await
+        .unwrap();
+    let seconds = quiet["seconds"].as_f64().unwrap();
+    assert!((0.5..5.0).contains(&seconds), "{quiet}");
+    assert_eq!(
+        quiet["count"].as_u64(),
+        Some(quiet["events"].as_array().unwrap().len() as u64)
+    );
+}

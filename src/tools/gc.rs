@@ -1,11 +1,17 @@
-//! `gc_stats`: collections, GC CPU time and the pauses the agent measured around each one.
+//! `gc_stats`: collections, GC CPU time and the pauses the agent measured around each one;
+//! `gc_watch`: the collections of the next few seconds, as they happen.
+
+use std::time::{Duration, Instant};
 
 use schemars::JsonSchema;
 use serde::{Deserialize, Serialize};
 
 use super::{Context, ToolError, ratio};
-use crate::agent::alongside;
+use tokio::sync::broadcast::error::RecvError;
+
 use crate::agent::reply::{Gc, MeasuredBy, PauseRecord};
+use crate::agent::{AgentError, alongside};
+use crate::events::GcEvent;
 use crate::process;
 
 #[derive(Debug, Default, Deserialize, JsonSchema)]
@@ -202,4 +208,79 @@ mod tests {
         assert_eq!(quantile(&bounds, &[0, 0, 0, 3], 0.5, 7.0), Some(7.0));
         assert_eq!(quantile(&bounds, &[0, 0, 0, 0], 0.5, 0.0), None);
     }
+}
+
+#[derive(Debug, Default, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct WatchArgs {
+    /// Which image, when sbmon watches several (see `sbmon targets`).
+    pub target: Option<String>,
+    /// How long to watch, in seconds: 0.1..60 (default 10).
+    pub seconds: Option<f64>,
+    /// Return early once this many collections were seen: 1..1000 (default 100).
+    pub max_events: Option<usize>,
+}
+
+#[derive(Debug, Serialize, JsonSchema)]
+pub struct GcWatch {
+    pub target: String,
+    /// Seconds watched (less than asked when max_events was reached first).
+    pub seconds: f64,
+    /// Collections seen, in order.
+    pub events: Vec<GcEvent>,
+    pub count: usize,
+    /// Sum and maximum of the wall-clock pauses seen.
+    pub pause_sum_seconds: f64,
+    pub pause_max_seconds: f64,
+    /// Net bytes the collections seen freed.
+    pub freed_bytes: i64,
+    /// Collections that happened while watching but were not delivered.
+    pub missed: u64,
+}
+
+/// Watch the collections of one image as they happen, for a bounded time.
+pub async fn gc_watch(ctx: &Context, args: WatchArgs) -> Result<GcWatch, ToolError> {
+    let seconds = args.seconds.unwrap_or(10.0);
+    if !(0.1..=60.0).contains(&seconds) {
+        return Err(ToolError::invalid("gc_watch", "seconds must be 0.1..60"));
+    }
+    let max_events = args.max_events.unwrap_or(100);
+    if !(1..=1000).contains(&max_events) {
+        return Err(ToolError::invalid("gc_watch", "max_events must be 1..1000"));
+    }
+    let target = ctx.target(args.target.as_deref())?;
+    // An image that is not there is an error now, not an empty watch.
+    target.client.welcome().await?;
+    let feed = target.gc_feed();
+    let mut events = feed.follow();
+    let timeout = target.client.options().call_timeout;
+    if !feed.subscribed(timeout).await {
+        return Err(ToolError::Agent(AgentError::Timeout {
+            op: "subscribe".into(),
+            timeout,
+        }));
+    }
+    let started = Instant::now();
+    let deadline = tokio::time::Instant::now() + Duration::from_secs_f64(seconds);
+    let mut seen = Vec::new();
+    let mut lagged = 0;
+    while seen.len() < max_events {
+        match tokio::time::timeout_at(deadline, events.recv()).await {
+            Err(_) => break,
+            Ok(Ok(event)) => seen.push(event),
+            Ok(Err(RecvError::Lagged(n))) => lagged += n,
+            Ok(Err(RecvError::Closed)) => break,
+        }
+    }
+    Ok(GcWatch {
+        target: target.name.clone(),
+        seconds: started.elapsed().as_secs_f64(),
+        count: seen.len(),
+        pause_sum_seconds: seen.iter().map(|e| e.wall_seconds).sum(),
+        pause_max_seconds: seen.iter().map(|e| e.wall_seconds).fold(0.0, f64::max),
+        freed_bytes: seen.iter().map(|e| e.freed_bytes).sum(),
+        // The first event's gap predates the watch.
+        missed: seen.iter().skip(1).map(|e| e.missed).sum::<u64>() + lagged,
+        events: seen,
+    })
 }

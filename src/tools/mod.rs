@@ -123,6 +123,16 @@ pub static TOOLS: &[ToolDef] = &[
          recent collections with heap before/after."
     ),
     tool!(
+        "gc_watch",
+        "Watch garbage collections",
+        Read,
+        gc::WatchArgs,
+        gc::GcWatch,
+        "The garbage collections of the next few seconds as they happen (0.1..60 s, or until \
+         max_events): generation, measured pause, CPU, heap before and after, bytes freed; \
+         with the sum and maximum of the pauses seen."
+    ),
+    tool!(
         "runtime_stats",
         "Runtime statistics",
         Read,
@@ -418,6 +428,7 @@ impl Catalog {
             "health_check" => run(name, args, |a| health::health_check(ctx, a)).await,
             "memory_stats" => run(name, args, |a| memory::memory_stats(ctx, a)).await,
             "gc_stats" => run(name, args, |a| gc::gc_stats(ctx, a)).await,
+            "gc_watch" => run(name, args, |a| gc::gc_watch(ctx, a)).await,
             "runtime_stats" => run(name, args, |a| runtime::runtime_stats(ctx, a)).await,
             "metrics_export" => run(name, args, |a| export::metrics_export(ctx, a)).await,
             "thread_list" => run(name, args, |a| threads::thread_list(ctx, a)).await,

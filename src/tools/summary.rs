@@ -38,6 +38,7 @@ pub fn summarize(tool: &str, value: &Value) -> String {
         "thread_kill" => thread_kill(value),
         "code_reload_system" => reload(value),
         "profile_cpu" => profile(value),
+        "gc_watch" => gc_watch(value),
         // The exposition is its own summary; the bound below keeps long ones readable.
         "metrics_export" => value["text"].as_str().unwrap_or_default().to_string(),
         // A tool without a summary of its own: its JSON, cut to size.
@@ -423,6 +424,30 @@ fn repl_eval(v: &Value) -> String {
     let output = str_or(v, "output", "");
     if !output.is_empty() {
         out.push_str(&format!("\noutput:\n{output}"));
+    }
+    out
+}
+
+fn gc_watch(v: &Value) -> String {
+    let count = v.get("count").and_then(Value::as_u64).unwrap_or(0);
+    let mut out = format!(
+        "{count} collection{} in {:.1} s: pauses sum {}, max {}; freed {}",
+        if count == 1 { "" } else { "s" },
+        v.get("seconds").and_then(Value::as_f64).unwrap_or(0.0),
+        seconds(v.get("pause_sum_seconds")),
+        seconds(v.get("pause_max_seconds")),
+        bytes(v, "freed_bytes"),
+    );
+    if let Some(missed) = v.get("missed").and_then(Value::as_u64).filter(|&m| m > 0) {
+        out.push_str(&format!(" ({missed} more not delivered)"));
+    }
+    for e in arr(v, "events").iter().take(20) {
+        out.push_str(&format!(
+            "\n  gen {} pause {} freed {}",
+            num_or(e, "generation"),
+            seconds(e.get("wall_seconds")),
+            bytes(e, "freed_bytes"),
+        ));
     }
     out
 }
