@@ -370,9 +370,6 @@ Runs of plain ASCII are copied in one pass: this is most of what a reply is made
                    (put-char buf (if downcase (char-downcase c) c))
                    (incf i)))))))
 
-(defun put-text (buf string)
-  (put-chars buf string))
-
 (defun put-string-literal (buf string)
   (put-byte buf 34)
   (put-chars buf string :escape t)
@@ -394,7 +391,7 @@ Runs of plain ASCII are copied in one pass: this is most of what a reply is made
               do (multiple-value-bind (q r) (truncate v 10)
                    (setf (aref octets i) (+ 48 r) v q)))
         (setf (outbuf-fill buf) (+ start digits)))
-      (put-text buf (let ((*print-base* 10) (*print-radix* nil)) (princ-to-string n)))))
+      (put-chars buf (let ((*print-base* 10) (*print-radix* nil)) (princ-to-string n)))))
 
 (defun put-short-decimal (buf d)
   "Print D (a finite double) as up to 6 decimals when those read back as exactly D, as with
@@ -422,15 +419,15 @@ float printer costs about 0.35 us a number and most figures (ages, ratios) are s
                                do (multiple-value-bind (digit rest) (floor fraction q)
                                     (put-byte buf (+ 48 digit))
                                     (setf fraction rest))))
-                     (put-text buf "d0")
+                     (put-chars buf "d0")
                      (return t))))))))
 
 (defun put-real (buf x)
   "X as a double the peer reads back exactly (e.g. 0.75d0); NIL when it is not finite."
   (let ((d (handler-case (coerce x 'double-float) (error () nil))))
-    (cond ((not (and d (finite-double-p d))) (put-text buf "nil"))
+    (cond ((not (and d (finite-double-p d))) (put-chars buf "nil"))
           ((put-short-decimal buf d))
-          (t (put-text buf (let ((*read-default-float-format* 'single-float))
+          (t (put-chars buf (let ((*read-default-float-format* 'single-float))
                              (prin1-to-string d)))))))
 
 (defun put-keyword-name (buf name)
@@ -439,12 +436,12 @@ float printer costs about 0.35 us a number and most figures (ages, ratios) are s
 
 (defun put-payload (buf x &optional (depth 0))
   (declare (type outbuf buf) (type fixnum depth))
-  (cond ((null x) (put-text buf "nil"))
+  (cond ((null x) (put-chars buf "nil"))
         ((eq x t) (put-byte buf 116))
         ((keywordp x) (put-keyword-name buf (symbol-name x)))
         ((unknown-keyword-p x)
          (put-byte buf 58)
-         (put-text buf (unknown-keyword-name x)))
+         (put-chars buf (unknown-keyword-name x)))
         ((stringp x) (put-string-literal buf x))
         ((integerp x) (put-integer buf x))
         ((realp x) (put-real buf x))
