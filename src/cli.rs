@@ -456,6 +456,7 @@ async fn events(args: EventsArgs) -> ExitCode {
     }
     let feed = target.gc_feed();
     let mut rx = feed.follow();
+    let mut status = feed.status();
     let until = async {
         match duration {
             Some(d) => tokio::time::sleep(d).await,
@@ -478,6 +479,14 @@ async fn events(args: EventsArgs) -> ExitCode {
                 Err(RecvError::Lagged(n)) => tracing::warn!("this terminal fell behind: {n} events not shown"),
                 Err(RecvError::Closed) => break,
             },
+            Ok(()) = status.changed() => {
+                // Only stdout is data; say on stderr when the stream goes blind and back.
+                if *status.borrow_and_update() {
+                    tracing::info!("following the GC events of {}", target.name);
+                } else {
+                    tracing::warn!("lost the agent of {}; reconnecting", target.name);
+                }
+            }
             () = &mut until => break,
             _ = tokio::signal::ctrl_c() => break,
         }

@@ -106,6 +106,11 @@ impl GcFeed {
         )
     }
 
+    /// Whether the agent is sending this feed's events, as it changes.
+    pub fn status(&self) -> watch::Receiver<bool> {
+        self.subscribed.clone()
+    }
+
     /// A receiver of the events from now on.
     pub fn follow(&self) -> broadcast::Receiver<GcEvent> {
         self.events.subscribe()

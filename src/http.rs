@@ -152,7 +152,8 @@ struct EventsQuery {
 
 /// Server-Sent Events: `event: gc` with a [`GcEvent`](crate::events::GcEvent) as JSON for
 /// each collection of the chosen target (`?target=NAME`) or of every target watched when the
-/// stream opened; `event: lagged` when this client fell behind and missed some.
+/// stream opened; `event: status` when a target's events start or stop flowing (agent
+/// reached or lost); `event: lagged` when this client fell behind and missed some.
 async fn events(State(state): State<AppState>, Query(q): Query<EventsQuery>) -> Response {
     let targets = match q.target.as_deref() {
         Some(name) => match state.catalog.context().targets.resolve(Some(name)) {
@@ -171,16 +172,25 @@ async fn events(State(state): State<AppState>, Query(q): Query<EventsQuery>) -> 
     };
     let streams = targets.iter().map(|target| {
         let feed = target.gc_feed();
-        let rx = feed.follow();
-        futures::stream::unfold((feed, rx), |(feed, mut rx)| async move {
-            let event = match rx.recv().await {
-                Ok(gc) => Event::default().event("gc").json_data(&gc).ok()?,
-                Err(RecvError::Lagged(n)) => Event::default()
-                    .event("lagged")
-                    .data(json!({ "missed": n }).to_string()),
-                Err(RecvError::Closed) => return None,
+        let state = (feed.follow(), feed.status(), target.name.clone(), feed);
+        futures::stream::unfold(state, |(mut rx, mut status, name, feed)| async move {
+            let event = tokio::select! {
+                gc = rx.recv() => match gc {
+                    Ok(gc) => Event::default().event("gc").json_data(&gc).ok()?,
+                    Err(RecvError::Lagged(n)) => Event::default()
+                        .event("lagged")
+                        .data(json!({ "target": name, "missed": n }).to_string()),
+                    Err(RecvError::Closed) => return None,
+                },
+                changed = status.changed() => {
+                    changed.ok()?;
+                    let connected = *status.borrow_and_update();
+                    Event::default()
+                        .event("status")
+                        .data(json!({ "target": name, "connected": connected }).to_string())
+                }
             };
-            Some((Ok::<_, Infallible>(event), (feed, rx)))
+            Some((Ok::<_, Infallible>(event), (rx, status, name, feed)))
         })
         .boxed()
     });
