@@ -570,9 +570,22 @@ async fn gc_watch_reports_the_collections_the_test_makes() {
             .find(|r| r["seq"] == e["seq"])
             .unwrap_or_else(|| panic!("{e} not among the recorded pauses"));
         assert_eq!(e["wall_seconds"], r["wall_seconds"]);
+        assert_eq!(e["cpu_seconds"], r["cpu_seconds"]);
         assert_eq!(e["heap_before_bytes"], r["heap_before"]);
         assert_eq!(e["heap_after_bytes"], r["heap_after"]);
+        assert_eq!(e["time"], r["time"]);
+        assert_eq!(
+            e["freed_bytes"].as_i64().unwrap(),
+            r["heap_before"].as_i64().unwrap() - r["heap_after"].as_i64().unwrap()
+        );
     }
+    assert_eq!(
+        watched["freed_bytes"].as_i64().unwrap(),
+        events
+            .iter()
+            .map(|e| e["freed_bytes"].as_i64().unwrap())
+            .sum::<i64>()
+    );
     assert_eq!(watched["missed"], 0);
 
     // A short window ends on time whatever happens in it.
