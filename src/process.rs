@@ -36,7 +36,7 @@ pub struct ProcessSnapshot {
     pub rss_bytes: u64,
     /// Peak resident set size (`VmHWM`), in bytes.
     pub rss_peak_bytes: u64,
-    /// Virtual memory size (`vsize` in /proc/PID/stat), in bytes.
+    /// Virtual memory size (`VmSize` in /proc/PID/status), in bytes.
     pub virtual_bytes: u64,
     /// CPU time spent in user mode, in seconds.
     pub cpu_user_seconds: f64,
@@ -114,9 +114,7 @@ pub enum ProcessError {
 
 /// Reads everything sbmon reports about process `pid`.
 pub fn snapshot(pid: i32) -> Result<ProcessSnapshot, ProcessError> {
-    check_pid(pid)?;
-    let gone = || ProcessError::NotFound { pid };
-    let process = Process::new(pid).map_err(|e| from_proc(e, proc_path(pid, ""), gone))?;
+    let process = open(pid)?;
     let stat = read_parsed::<Stat>(&process, pid, "stat")?;
     let status = read_parsed::<Status>(&process, pid, "status")?;
     if status.tgid != pid {
@@ -128,16 +126,15 @@ pub fn snapshot(pid: i32) -> Result<ProcessSnapshot, ProcessError> {
     }
     let max_fds = max_open_files(&process, pid)?;
     let (open_fds, socket_count) = count_fds(pid)?;
-    let memory_limit = process_memory_limit(&process)?;
-
+    let memory = memory_of(&process, &status)?;
     let times = stat_times(&stat)?;
 
     Ok(ProcessSnapshot {
         pid,
         comm: stat.comm,
-        rss_bytes: status.vmrss.unwrap_or(0).saturating_mul(1024),
-        rss_peak_bytes: status.vmhwm.unwrap_or(0).saturating_mul(1024),
-        virtual_bytes: stat.vsize,
+        rss_bytes: memory.rss_bytes,
+        rss_peak_bytes: memory.rss_peak_bytes,
+        virtual_bytes: memory.virtual_bytes,
         cpu_user_seconds: times.cpu_user_seconds,
         cpu_system_seconds: times.cpu_system_seconds,
         start_time_unix: times.start_time_unix,
@@ -146,7 +143,7 @@ pub fn snapshot(pid: i32) -> Result<ProcessSnapshot, ProcessError> {
         open_fds,
         max_fds,
         socket_count,
-        memory_limit,
+        memory_limit: memory.memory_limit,
     })
 }
 
@@ -166,15 +163,18 @@ pub struct ProcessMemory {
 /// What `memory_stats` needs of process `pid`: a third of the files [`snapshot`] reads (no
 /// fd directory walk), so a memory reading costs little more than its agent round trip.
 pub fn memory(pid: i32) -> Result<ProcessMemory, ProcessError> {
-    check_pid(pid)?;
-    let gone = || ProcessError::NotFound { pid };
-    let process = Process::new(pid).map_err(|e| from_proc(e, proc_path(pid, ""), gone))?;
+    let process = open(pid)?;
     let status = read_parsed::<Status>(&process, pid, "status")?;
+    memory_of(&process, &status)
+}
+
+fn memory_of(process: &Process, status: &Status) -> Result<ProcessMemory, ProcessError> {
+    let kib = |v: Option<u64>| v.unwrap_or(0).saturating_mul(1024);
     Ok(ProcessMemory {
-        rss_bytes: status.vmrss.unwrap_or(0).saturating_mul(1024),
-        rss_peak_bytes: status.vmhwm.unwrap_or(0).saturating_mul(1024),
-        virtual_bytes: status.vmsize.unwrap_or(0).saturating_mul(1024),
-        memory_limit: process_memory_limit(&process)?,
+        rss_bytes: kib(status.vmrss),
+        rss_peak_bytes: kib(status.vmhwm),
+        virtual_bytes: kib(status.vmsize),
+        memory_limit: process_memory_limit(process)?,
     })
 }
 
@@ -193,9 +193,7 @@ pub struct ProcessTimes {
 
 /// What `gc_stats` needs of process `pid` (its CPU time and age), from one file.
 pub fn times(pid: i32) -> Result<ProcessTimes, ProcessError> {
-    check_pid(pid)?;
-    let gone = || ProcessError::NotFound { pid };
-    let process = Process::new(pid).map_err(|e| from_proc(e, proc_path(pid, ""), gone))?;
+    let process = open(pid)?;
     let stat = read_parsed::<Stat>(&process, pid, "stat")?;
     stat_times(&stat)
 }
@@ -214,9 +212,8 @@ fn stat_times(stat: &Stat) -> Result<ProcessTimes, ProcessError> {
 /// Every task (thread) of process `pid`, ordered by thread id. A task that exits while the list
 /// is being read is left out.
 pub fn tasks(pid: i32) -> Result<Vec<TaskInfo>, ProcessError> {
-    check_pid(pid)?;
+    let process = open(pid)?;
     let gone = || ProcessError::NotFound { pid };
-    let process = Process::new(pid).map_err(|e| from_proc(e, proc_path(pid, ""), gone))?;
     let iter = process
         .tasks()
         .map_err(|e| from_proc(e, proc_path(pid, "task"), gone))?;
@@ -243,12 +240,10 @@ pub fn tasks(pid: i32) -> Result<Vec<TaskInfo>, ProcessError> {
 
 /// One task (thread) `tid` of process `pid`.
 pub fn task(pid: i32, tid: i32) -> Result<TaskInfo, ProcessError> {
-    check_pid(pid)?;
+    let process = open(pid)?;
     if tid <= 0 {
         return Err(ProcessError::TaskNotFound { pid, tid });
     }
-    let process = Process::new(pid)
-        .map_err(|e| from_proc(e, proc_path(pid, ""), || ProcessError::NotFound { pid }))?;
     let task_gone = || ProcessError::TaskNotFound { pid, tid };
     let task = process
         .task_from_tid(tid)
@@ -294,6 +289,13 @@ pub fn state_name(code: char) -> String {
 
 // ---------------------------------------------------------------------------------------------
 // Internals
+
+/// The /proc directory of process `pid`, or why it cannot be read.
+fn open(pid: i32) -> Result<Process, ProcessError> {
+    check_pid(pid)?;
+    let gone = || ProcessError::NotFound { pid };
+    Process::new(pid).map_err(|e| from_proc(e, proc_path(pid, ""), gone))
+}
 
 fn check_pid(pid: i32) -> Result<(), ProcessError> {
     if pid <= 0 {
