@@ -240,16 +240,7 @@ fn tools_lists_the_read_catalog() {
     let out = sbmon(&["tools"], runtime.path());
     assert!(out.status.success());
     let listing = text(&out.stdout);
-    for name in [
-        "health_check",
-        "memory_stats",
-        "gc_stats",
-        "gc_watch",
-        "runtime_stats",
-        "thread_list",
-        "thread_inspect",
-        "thread_dump_all",
-    ] {
+    for name in common::READ_TOOLS {
         assert!(
             listing
                 .lines()

@@ -14,7 +14,7 @@ use std::process::Stdio;
 use std::sync::Arc;
 use std::time::Duration;
 
-use common::{Image, Setup, held_mutex, proc_status_bytes, proc_tids, sleeper};
+use common::{Image, READ_TOOLS, Setup, held_mutex, proc_status_bytes, proc_tids, sleeper};
 use rmcp::model::{
     CallToolRequestParams, CallToolResult, ErrorCode, GetPromptRequestParams, JsonObject,
     ReadResourceRequestParams, ResourceContents,
@@ -33,17 +33,6 @@ type Client = RunningService<RoleClient, ()>;
 
 const HEAP_MB: u64 = 448;
 const WORKERS: usize = 8;
-const READ_TOOLS: [&str; 9] = [
-    "health_check",
-    "metrics_export",
-    "memory_stats",
-    "gc_stats",
-    "gc_watch",
-    "runtime_stats",
-    "thread_list",
-    "thread_inspect",
-    "thread_dump_all",
-];
 const PROMPTS: [&str; 5] = [
     "basic_health_check",
     "memory_investigation",

@@ -44,6 +44,19 @@ const FIXTURE: [&str; 2] = [
      :name "test-collector")))"#,
 ];
 
+/// Every read tool of the catalog: what a read-only sbmon lists.
+pub const READ_TOOLS: [&str; 9] = [
+    "health_check",
+    "metrics_export",
+    "memory_stats",
+    "gc_stats",
+    "gc_watch",
+    "runtime_stats",
+    "thread_list",
+    "thread_inspect",
+    "thread_dump_all",
+];
+
 pub struct Image {
     pub sbcl: Sbcl,
     pub dir: tempfile::TempDir,
