@@ -143,9 +143,15 @@ pub struct FrontEndArgs {
     /// MCP on stdin/stdout (stdout then carries protocol only; logs go to stderr).
     #[arg(long)]
     pub stdio: bool,
-    /// Serve HTTP on ADDR: MCP at /mcp, JSON-RPC at /rpc, a landing page at /.
-    #[arg(long, value_name = "ADDR", num_args = 0..=1, default_missing_value = "127.0.0.1:9405")]
+    /// Serve HTTP on ADDR (IP:PORT, localhost:PORT or [::1]:PORT): MCP at /mcp, JSON-RPC at
+    /// /rpc, a landing page at /.
+    #[arg(long, value_name = "ADDR", num_args = 0..=1, default_missing_value = "127.0.0.1:9405",
+          value_parser = parse_listen)]
     pub http: Option<std::net::SocketAddr>,
+    /// The URL Prometheus and people reach this sbmon at, when not the listen address (behind
+    /// a proxy, or listening on 0.0.0.0); `/sd` advertises its host and port.
+    #[arg(long, value_name = "URL")]
+    pub external_url: Option<String>,
     /// Require `Authorization: Bearer TOKEN` on every HTTP endpoint but /health/live; needed
     /// to bind an address other than loopback.
     #[arg(long, value_name = "TOKEN", conflicts_with = "token_file")]
@@ -299,6 +305,39 @@ fn client_and_config(
     Ok((options, config))
 }
 
+/// An HTTP token that is long, and made of visible characters only: a header value is
+/// trimmed, so a token of spaces would be a token anyone could send.
+fn check_token(token: &str) -> Result<(), String> {
+    if token.chars().count() < 16 {
+        return Err("the HTTP token must be at least 16 characters".into());
+    }
+    if !token.chars().all(|c| c.is_ascii_graphic()) {
+        return Err(
+            "the HTTP token must be visible ASCII characters only (no spaces or control \
+             characters); e.g. openssl rand -hex 16"
+                .into(),
+        );
+    }
+    Ok(())
+}
+
+/// `IP:PORT`, or `localhost:PORT` (loopback, the name people type).
+fn parse_listen(text: &str) -> Result<std::net::SocketAddr, String> {
+    if let Ok(addr) = text.parse() {
+        return Ok(addr);
+    }
+    match text.rsplit_once(':') {
+        Some((host, port)) if host.eq_ignore_ascii_case("localhost") => port
+            .parse::<u16>()
+            .map(|port| std::net::SocketAddr::from(([127, 0, 0, 1], port)))
+            .map_err(|_| format!("{port:?} is not a port number")),
+        _ => Err(format!(
+            "{text:?} is not an address: use IP:PORT (127.0.0.1:9405, [::1]:9405) or \
+             localhost:PORT"
+        )),
+    }
+}
+
 fn serve_options(front: &FrontEndArgs) -> Result<ServeOptions, String> {
     let (client, config) = client_and_config(&front.client, front.agent_token_file.as_ref())?;
     let token = match (&front.token, &front.token_file) {
@@ -311,13 +350,21 @@ fn serve_options(front: &FrontEndArgs) -> Result<ServeOptions, String> {
         ),
         (None, None) => None,
     };
-    if token.as_deref().is_some_and(|t| t.len() < 16) {
-        return Err("the HTTP token must be at least 16 characters".into());
+    if let Some(token) = &token {
+        check_token(token)?;
+    }
+    if let Some(url) = &front.external_url
+        && crate::serve::url_authority(url).is_none()
+    {
+        return Err(format!(
+            "--external-url {url:?} has no host: give e.g. http://mon.example:9405"
+        ));
     }
     Ok(ServeOptions {
         allow: front.policy.allow(),
         audit: front.policy.audit()?,
         token,
+        external_url: front.external_url.clone(),
         stdio: front.stdio,
         // Neither front end named: serve HTTP on the default address.
         http: match (front.stdio, front.http) {
@@ -583,5 +630,27 @@ mod tests {
     fn command_line_definition_is_consistent() {
         // clap checks names, conflicts and defaults of every subcommand here, not at run time.
         super::Cli::command().debug_assert();
+    }
+
+    #[test]
+    fn http_accepts_localhost_and_refuses_garbage() {
+        use super::parse_listen;
+        assert_eq!(
+            parse_listen("localhost:9405").unwrap().to_string(),
+            "127.0.0.1:9405"
+        );
+        assert_eq!(parse_listen("[::1]:80").unwrap().to_string(), "[::1]:80");
+        assert_eq!(parse_listen("0.0.0.0:1").unwrap().to_string(), "0.0.0.0:1");
+        assert!(parse_listen("localhost:http").is_err());
+        assert!(parse_listen("evil.com:80").is_err());
+    }
+
+    #[test]
+    fn blank_or_short_tokens_are_refused() {
+        use super::check_token;
+        assert!(check_token(&" ".repeat(16)).is_err());
+        assert!(check_token("0123456789abcde").is_err());
+        assert!(check_token("0123456789abcdef\t").is_err());
+        assert!(check_token("0123456789abcdef").is_ok());
     }
 }

@@ -10,9 +10,9 @@ use std::time::Instant;
 use axum::Json;
 use axum::Router;
 use axum::body::Bytes;
-use axum::extract::{DefaultBodyLimit, Path, Query, Request, State};
+use axum::extract::{DefaultBodyLimit, Path, Query, State};
 use axum::http::{HeaderMap, StatusCode, header};
-use axum::middleware::{self, Next};
+use axum::middleware;
 use axum::response::sse::{Event, KeepAlive, Sse};
 use axum::response::{Html, IntoResponse, Response};
 use axum::routing::{get, post};
@@ -23,6 +23,10 @@ use tokio::sync::Semaphore;
 use tokio::sync::broadcast::error::RecvError;
 use tokio_util::sync::CancellationToken;
 
+mod guard;
+
+pub use guard::is_loopback_authority;
+
 use crate::metrics::Scope;
 use crate::tools::health::{self, HealthReport, Status};
 use crate::tools::{Catalog, Class};
@@ -32,16 +36,29 @@ pub const MAX_BODY: usize = 1024 * 1024;
 /// Open `/events` streams at most; each holds a broadcast receiver and, per target, a feed.
 pub const MAX_EVENT_STREAMS: usize = 32;
 
+/// How the HTTP front end is reached and guarded.
+#[derive(Debug, Clone)]
+pub struct HttpOptions {
+    /// Bearer token required on every endpoint but `/health/live`.
+    pub token: Option<String>,
+    /// `host:port` that Prometheus should scrape, as `/sd` advertises it: the listen address,
+    /// or the authority of `--external-url`. Never taken from a request's `Host`.
+    pub advertised: String,
+}
+
 /// The whole HTTP surface; cancelling `stop` ends open MCP sessions and streams, so a
 /// graceful shutdown is not held up by a connected client.
-pub fn router(catalog: Arc<Catalog>, stop: CancellationToken, token: Option<String>) -> Router {
+pub fn router(catalog: Arc<Catalog>, stop: CancellationToken, options: HttpOptions) -> Router {
     let state = AppState {
         catalog: catalog.clone(),
         started: Instant::now(),
         event_streams: Arc::new(Semaphore::new(MAX_EVENT_STREAMS)),
         stop: stop.clone(),
+        advertised: Arc::from(options.advertised.as_str()),
     };
-    let mut guarded = Router::new()
+    let authenticated = options.token.is_some();
+    Router::new()
+        .route(guard::LIVENESS, get(live))
         .route("/", get(landing))
         .route("/rpc", post(rpc))
         .route("/metrics", get(metrics))
@@ -53,45 +70,13 @@ pub fn router(catalog: Arc<Catalog>, stop: CancellationToken, token: Option<Stri
         .with_state(state)
         .nest_service(
             "/mcp",
-            crate::mcp::http_service_with_cancel(catalog, stop, token.is_some()),
-        );
-    if let Some(token) = token {
-        guarded = guarded.layer(middleware::from_fn_with_state(
-            Arc::new(token),
-            require_bearer,
-        ));
-    }
-    // Liveness depends on nothing, not even on knowing the token.
-    Router::new()
-        .route("/health/live", get(live))
-        .merge(guarded)
-        .layer(DefaultBodyLimit::max(MAX_BODY))
-}
-
-async fn require_bearer(
-    State(token): State<Arc<String>>,
-    request: Request,
-    next: Next,
-) -> Response {
-    let given = request
-        .headers()
-        .get(header::AUTHORIZATION)
-        .and_then(|v| v.to_str().ok())
-        .and_then(|v| v.strip_prefix("Bearer "));
-    match given {
-        Some(given) if same(given.as_bytes(), token.as_bytes()) => next.run(request).await,
-        _ => (
-            StatusCode::UNAUTHORIZED,
-            [(header::WWW_AUTHENTICATE, "Bearer")],
-            "this sbmon requires Authorization: Bearer TOKEN\n",
+            crate::mcp::http_service_with_cancel(catalog, stop, authenticated),
         )
-            .into_response(),
-    }
-}
-
-/// Equality whose time does not depend on where the inputs differ.
-fn same(a: &[u8], b: &[u8]) -> bool {
-    a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
+        .layer(middleware::from_fn_with_state(
+            guard::Policy::new(options.token),
+            guard::admit,
+        ))
+        .layer(DefaultBodyLimit::max(MAX_BODY))
 }
 
 #[derive(Clone)]
@@ -101,15 +86,29 @@ struct AppState {
     /// One permit per open `/events` stream.
     event_streams: Arc<Semaphore>,
     stop: CancellationToken,
+    advertised: Arc<str>,
 }
 
-async fn rpc(State(state): State<AppState>, body: Bytes) -> Response {
-    match crate::rpc::handle(&state.catalog, &body).await {
-        Some(answer) => (
-            [(header::CONTENT_TYPE, "application/json")],
-            answer.to_string(),
+/// JSON-RPC takes JSON only: a browser can send `text/plain` or a form cross-origin without
+/// asking first, but never `application/json`.
+fn is_json(headers: &HeaderMap) -> bool {
+    headers
+        .get(header::CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.split(';').next())
+        .is_some_and(|mime| mime.trim().eq_ignore_ascii_case("application/json"))
+}
+
+async fn rpc(State(state): State<AppState>, headers: HeaderMap, body: Bytes) -> Response {
+    if !is_json(&headers) {
+        return (
+            StatusCode::UNSUPPORTED_MEDIA_TYPE,
+            "/rpc takes JSON-RPC with Content-Type: application/json\n",
         )
-            .into_response(),
+            .into_response();
+    }
+    match crate::rpc::handle(&state.catalog, &body).await {
+        Some(answer) => ([(header::CONTENT_TYPE, "application/json")], answer).into_response(),
         None => StatusCode::NO_CONTENT.into_response(),
     }
 }
@@ -207,13 +206,10 @@ async fn events(State(state): State<AppState>, Query(q): Query<EventsQuery>) -> 
 }
 
 /// Prometheus HTTP service discovery: one entry per target, each scraped through
-/// `/metrics?target=NAME` on the address the discovering Prometheus used to reach us.
-async fn service_discovery(State(state): State<AppState>, headers: HeaderMap) -> Json<Value> {
-    let host = headers
-        .get(header::HOST)
-        .and_then(|h| h.to_str().ok())
-        .unwrap_or("127.0.0.1:9405")
-        .to_string();
+/// `/metrics?target=NAME` at sbmon's advertised address (the request's `Host` is never
+/// echoed: a rebound name would send Prometheus elsewhere).
+async fn service_discovery(State(state): State<AppState>) -> Json<Value> {
+    let host = state.advertised.to_string();
     let entries: Vec<Value> = state
         .catalog
         .context()

@@ -44,6 +44,9 @@ pub struct ServeOptions {
     pub http: Option<SocketAddr>,
     /// Bearer token required on HTTP (all but /health/live); required beyond loopback.
     pub token: Option<String>,
+    /// The URL Prometheus and people reach this sbmon at, when it is not the listen address
+    /// (behind a proxy, or listening on 0.0.0.0); `/sd` advertises its host and port.
+    pub external_url: Option<String>,
     pub client: ClientOptions,
     pub config: Config,
     pub allow: Allow,
@@ -103,7 +106,11 @@ pub async fn serve(options: ServeOptions, targets: Option<Vec<Target>>) -> Resul
                 .map_err(|source| ServeError::Bind { addr, source })?;
             let local = listener.local_addr().unwrap_or(addr);
             eprintln!("sbmon: serving http://{local} (MCP at /mcp, JSON-RPC at /rpc)");
-            let app = crate::http::router(catalog.clone(), stop.clone(), options.token.clone());
+            let http_options = crate::http::HttpOptions {
+                token: options.token.clone(),
+                advertised: advertised(local, options.external_url.as_deref()),
+            };
+            let app = crate::http::router(catalog.clone(), stop.clone(), http_options);
             let stop = stop.clone();
             Some(tokio::spawn(async move {
                 let shutdown = async move { stop.cancelled().await };
@@ -170,6 +177,30 @@ pub async fn launch(
     outcome
 }
 
+/// The `host:port` that `/sd` hands to Prometheus: that of `--external-url`, else the listen
+/// address (a wildcard address is no place to scrape, so it becomes loopback, with a hint).
+fn advertised(local: SocketAddr, external_url: Option<&str>) -> String {
+    if let Some(authority) = external_url.and_then(url_authority) {
+        return authority.to_string();
+    }
+    if local.ip().is_unspecified() {
+        tracing::warn!(
+            "listening on {local}: /sd advertises 127.0.0.1:{}; pass --external-url to \
+             advertise the address Prometheus should scrape",
+            local.port()
+        );
+        return SocketAddr::new([127, 0, 0, 1].into(), local.port()).to_string();
+    }
+    local.to_string()
+}
+
+/// `host:port` of `scheme://host:port/path`, or of a bare `host:port`.
+pub fn url_authority(url: &str) -> Option<&str> {
+    let rest = url.split_once("://").map_or(url, |(_, rest)| rest);
+    let authority = rest.split(['/', '?', '#']).next()?;
+    (!authority.is_empty() && !authority.contains('@')).then_some(authority)
+}
+
 /// SBCL's runtime options must come before `--end-runtime-options`, everything else after the
 /// agent has started.
 fn split_sbcl_args(args: &[String]) -> (Vec<String>, Vec<String>) {
@@ -218,7 +249,21 @@ async fn shutdown_signal() {
 
 #[cfg(test)]
 mod tests {
-    use super::split_sbcl_args;
+    use super::{advertised, split_sbcl_args, url_authority};
+
+    #[test]
+    fn sd_advertises_the_configured_address() {
+        let local = "127.0.0.1:9405".parse().unwrap();
+        assert_eq!(advertised(local, None), "127.0.0.1:9405");
+        let any = "0.0.0.0:9405".parse().unwrap();
+        assert_eq!(advertised(any, None), "127.0.0.1:9405");
+        assert_eq!(
+            advertised(any, Some("https://mon.example:443/sbmon")),
+            "mon.example:443"
+        );
+        assert_eq!(url_authority("mon:9405"), Some("mon:9405"));
+        assert_eq!(url_authority("http://user@mon:9405/"), None);
+    }
 
     #[test]
     fn runtime_options_go_first() {

@@ -450,6 +450,7 @@ async fn http_requires_the_bearer_token_when_one_is_set() {
     let right: Value = client
         .post(format!("{}/rpc", sbmon.base))
         .bearer_auth(token)
+        .header("content-type", "application/json")
         .body(rpc)
         .send()
         .await
