@@ -21,11 +21,51 @@ pub struct ListArgs {
 }
 
 /// A thread named by its OS tid (number) or its name (string).
-#[derive(Debug, Clone, Deserialize, JsonSchema)]
-#[serde(untagged)]
+#[derive(Debug, Clone, JsonSchema)]
+#[schemars(untagged)]
 pub enum ThreadId {
     Tid(i64),
     Name(String),
+}
+
+const THREAD_ID_EXPECTED: &str = "thread_id must be an OS tid (integer) or a thread name";
+
+/// By hand, so that a float, a boolean, null or a tid out of range gets a message that says
+/// what to send instead of serde's "did not match any variant".
+impl<'de> Deserialize<'de> for ThreadId {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct Visitor;
+        impl serde::de::Visitor<'_> for Visitor {
+            type Value = ThreadId;
+            fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+                f.write_str("an OS tid (integer) or a thread name")
+            }
+            fn visit_i64<E: serde::de::Error>(self, v: i64) -> Result<ThreadId, E> {
+                Ok(ThreadId::Tid(v))
+            }
+            fn visit_u64<E: serde::de::Error>(self, v: u64) -> Result<ThreadId, E> {
+                i64::try_from(v)
+                    .map(ThreadId::Tid)
+                    .map_err(|_| E::custom(THREAD_ID_EXPECTED))
+            }
+            fn visit_str<E: serde::de::Error>(self, v: &str) -> Result<ThreadId, E> {
+                Ok(ThreadId::Name(v.to_string()))
+            }
+            fn visit_string<E: serde::de::Error>(self, v: String) -> Result<ThreadId, E> {
+                Ok(ThreadId::Name(v))
+            }
+            fn visit_f64<E: serde::de::Error>(self, _: f64) -> Result<ThreadId, E> {
+                Err(E::custom(THREAD_ID_EXPECTED))
+            }
+            fn visit_bool<E: serde::de::Error>(self, _: bool) -> Result<ThreadId, E> {
+                Err(E::custom(THREAD_ID_EXPECTED))
+            }
+            fn visit_unit<E: serde::de::Error>(self) -> Result<ThreadId, E> {
+                Err(E::custom(THREAD_ID_EXPECTED))
+            }
+        }
+        d.deserialize_any(Visitor)
+    }
 }
 
 #[derive(Debug, Deserialize, JsonSchema)]
@@ -194,7 +234,7 @@ pub(crate) fn find_thread<'a>(
                     // "1234" from a shell or a model: a tid written as a string.
                     Ok(tid) => find_thread(threads, &ThreadId::Tid(tid)),
                     Err(_) => Err(ToolError::UnknownThread {
-                        query: format!("named {name:?}"),
+                        query: format!("named {:?}", super::clip(name)),
                         known: known(),
                     }),
                 },
