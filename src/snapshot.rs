@@ -62,17 +62,20 @@ impl Snapshot {
                 rtt: Err(e),
                 image: None,
             },
-            Ok(rtt) => Snapshot {
-                rtt: Ok(rtt),
-                image: Some(Readings {
-                    welcome,
-                    memory,
-                    gc,
-                    threads,
-                    process,
-                    tasks,
-                }),
-            },
+            Ok(rtt) => {
+                target.calls.reached();
+                Snapshot {
+                    rtt: Ok(rtt),
+                    image: Some(Readings {
+                        welcome,
+                        memory,
+                        gc,
+                        threads,
+                        process,
+                        tasks,
+                    }),
+                }
+            }
         }
     }
 }

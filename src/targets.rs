@@ -1,5 +1,6 @@
 //! The SBCL images sbmon watches: each target is a named agent client plus the short history
-//! that rate-based health checks need (GC CPU seconds sampled over the last minutes).
+//! that rate-based health checks need (GC CPU seconds sampled over the last minutes, and the
+//! outcomes of the tool calls it served).
 
 use std::collections::VecDeque;
 use std::sync::{Arc, Mutex, RwLock, Weak};
@@ -20,6 +21,61 @@ pub struct Target {
     gc_samples: Mutex<VecDeque<(Instant, f64)>>,
     /// The GC event feed while anyone follows it.
     gc_feed: Mutex<Weak<GcFeed>>,
+    /// Tool calls this target served or failed, for the `availability.errors` check.
+    pub calls: CallWindow,
+}
+
+/// How a tool call went, as far as the target is concerned.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Outcome {
+    Ok,
+    /// The target failed: its agent answered with an error that is not the caller's.
+    Failed,
+    /// The target could not be reached (down, hung, connection lost).
+    Unreachable,
+}
+
+/// The outcomes of the last minute's tool calls on one target. A caller's own mistakes
+/// (unknown thread, bad arguments, unknown target) are never recorded here, so no client can
+/// make a healthy image look broken; and failures to reach the target are forgotten as soon
+/// as it answers again, so recovery shows at once.
+#[derive(Default)]
+pub struct CallWindow {
+    recent: Mutex<VecDeque<(Instant, Outcome)>>,
+}
+
+const CALL_WINDOW_MAX: usize = 10_000;
+
+impl CallWindow {
+    pub fn record(&self, outcome: Outcome) {
+        let mut recent = self.recent.lock().unwrap_or_else(|p| p.into_inner());
+        if outcome == Outcome::Ok {
+            recent.retain(|(_, o)| *o != Outcome::Unreachable);
+        }
+        if recent.len() >= CALL_WINDOW_MAX {
+            recent.pop_front();
+        }
+        recent.push_back((Instant::now(), outcome));
+    }
+
+    /// The target answered (a health probe's ping): earlier failures to reach it are over.
+    pub fn reached(&self) {
+        let mut recent = self.recent.lock().unwrap_or_else(|p| p.into_inner());
+        recent.retain(|(_, o)| *o != Outcome::Unreachable);
+    }
+
+    /// (failed, total) over the last minute.
+    pub fn last_minute(&self) -> (usize, usize) {
+        let mut recent = self.recent.lock().unwrap_or_else(|p| p.into_inner());
+        while recent
+            .front()
+            .is_some_and(|(t, _)| t.elapsed() > RATE_WINDOW)
+        {
+            recent.pop_front();
+        }
+        let failed = recent.iter().filter(|(_, o)| *o != Outcome::Ok).count();
+        (failed, recent.len())
+    }
 }
 
 /// GC CPU seconds per wall second between an earlier sample and now.
@@ -36,6 +92,7 @@ impl Target {
             client: AgentClient::new(address, options),
             gc_samples: Mutex::new(VecDeque::new()),
             gc_feed: Mutex::new(Weak::new()),
+            calls: CallWindow::default(),
         }
     }
 
@@ -177,7 +234,7 @@ impl Targets {
                 .find(|t| t.name == name)
                 .cloned()
                 .ok_or_else(|| TargetError::Unknown {
-                    name: name.to_string(),
+                    name: crate::tools::clip(name),
                     known: Self::names(&list),
                 }),
             None => match list.as_slice() {
@@ -242,6 +299,20 @@ mod tests {
         assert!(Arc::ptr_eq(&first, &ts.resolve(Some("pid-1")).unwrap()));
         ts.sync_discovered(&[found(3, true)], &options);
         assert_eq!(names(&ts), ["pid-3"]);
+    }
+
+    #[test]
+    fn call_window_forgets_unreachability_once_the_target_answers() {
+        let w = CallWindow::default();
+        w.record(Outcome::Unreachable);
+        w.record(Outcome::Unreachable);
+        w.record(Outcome::Failed);
+        assert_eq!(w.last_minute(), (3, 3));
+        w.reached();
+        assert_eq!(w.last_minute(), (1, 1));
+        w.record(Outcome::Unreachable);
+        w.record(Outcome::Ok);
+        assert_eq!(w.last_minute(), (1, 2));
     }
 
     #[test]

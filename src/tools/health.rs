@@ -138,7 +138,7 @@ pub fn grade(ctx: &Context, target: &Target, snap: &Snapshot) -> HealthReport {
         }
     }
 
-    let (failed, total) = ctx.calls.last_minute();
+    let (failed, total) = target.calls.last_minute();
     let error_ratio = ratio(failed as f64, total as f64);
     checks.push(check(
         "availability.errors",
@@ -147,7 +147,7 @@ pub fn grade(ctx: &Context, target: &Target, snap: &Snapshot) -> HealthReport {
         if total == 0 {
             "no tool calls in the last minute".into()
         } else {
-            format!("{failed} of {total} tool calls failed in the last minute")
+            format!("{failed} of {total} tool calls failed in the last minute (callers' own mistakes are not counted)")
         },
     ));
 
