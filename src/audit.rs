@@ -31,24 +31,37 @@ impl Audit {
         })
     }
 
-    pub fn record<T>(
+    /// Record one call. The outcome is what happened to the image: a tool that ran but whose
+    /// action failed (an evaluation that signalled an error or timed out reports
+    /// `"ok": false` in its result) is `failed`, with the condition's type and message.
+    pub fn record(
         &self,
         front_end: &str,
         tool: &str,
         args: &Value,
-        outcome: &Result<T, crate::tools::ToolError>,
+        outcome: &Result<Value, crate::tools::ToolError>,
         elapsed: Duration,
     ) {
+        let (verdict, error) = match outcome {
+            Ok(result) if result.get("ok") == Some(&Value::Bool(false)) => {
+                let e = &result["error"];
+                let kind = e["type"].as_str().unwrap_or("unknown condition");
+                let message = e["message"].as_str().unwrap_or("");
+                ("failed", Some(format!("{kind}: {message}")))
+            }
+            Ok(_) => ("ok", None),
+            Err(e) => ("error", Some(e.to_string())),
+        };
         let mut entry = json!({
             "time": humantime::format_rfc3339_millis(SystemTime::now()).to_string(),
             "front_end": front_end,
             "tool": tool,
             "arguments": shorten(args),
-            "outcome": if outcome.is_ok() { "ok" } else { "error" },
+            "outcome": verdict,
             "seconds": elapsed.as_secs_f64(),
         });
-        if let Err(e) = outcome {
-            entry["error"] = Value::String(e.to_string());
+        if let Some(error) = error {
+            entry["error"] = Value::String(shorten_text(&error));
         }
         let line = entry.to_string();
         eprintln!("sbmon audit: {line}");
@@ -61,12 +74,18 @@ impl Audit {
     }
 }
 
+fn shorten_text(s: &str) -> String {
+    if s.chars().count() > MAX_ARG_CHARS {
+        let cut: String = s.chars().take(MAX_ARG_CHARS).collect();
+        format!("{cut}... ({} chars)", s.chars().count())
+    } else {
+        s.to_string()
+    }
+}
+
 fn shorten(v: &Value) -> Value {
     match v {
-        Value::String(s) if s.chars().count() > MAX_ARG_CHARS => {
-            let cut: String = s.chars().take(MAX_ARG_CHARS).collect();
-            Value::String(format!("{cut}... ({} chars)", s.chars().count()))
-        }
+        Value::String(s) => Value::String(shorten_text(s)),
         Value::Object(map) => {
             Value::Object(map.iter().map(|(k, v)| (k.clone(), shorten(v))).collect())
         }

@@ -90,8 +90,55 @@ pub struct TuneArgs {
         alias = "promotion_thresholds"
     )]
     pub promotion_thresholds: Vec<f64>,
+    /// Set sizes below the 1 MiB floor anyway (see `MIN_GC_BYTES`).
+    #[serde(default)]
+    pub force: bool,
     /// Which image, when sbmon watches several (see `sbmon targets`).
     pub target: Option<String>,
+}
+
+/// The smallest nursery or per-generation allocation budget gc_tune sets without `force`:
+/// 32 of SBCL's 32 KiB GC pages. Below it the image collects after every few allocation
+/// regions: a 1-byte nursery made a test image run 660 collections a second and spend 64 %
+/// of its wall time in GC.
+pub const MIN_GC_BYTES: u64 = 1024 * 1024;
+
+/// Refuse allocation budgets under [`MIN_GC_BYTES`] unless the caller insists.
+fn check_floor(args: &TuneArgs) -> Result<(), ToolError> {
+    if args.force {
+        return Ok(());
+    }
+    let sizes = args
+        .nursery_size_bytes
+        .map(|n| ("nursery_size_bytes".to_string(), n))
+        .into_iter()
+        .chain(args.generations.iter().filter_map(|g| {
+            g.bytes_consed_between_gcs.map(|b| {
+                (
+                    format!("bytes_consed_between_gcs of generation {}", g.generation),
+                    b,
+                )
+            })
+        }))
+        .chain(
+            args.generation_sizes
+                .iter()
+                .enumerate()
+                .map(|(g, b)| (format!("generation-sizes[{g}]"), *b)),
+        );
+    for (what, bytes) in sizes {
+        if bytes < MIN_GC_BYTES {
+            return Err(ToolError::invalid(
+                "gc_tune",
+                format!(
+                    "{what} = {bytes} is below the floor of {MIN_GC_BYTES} bytes (1 MiB, 32 GC \
+                     pages): the image would collect after every few allocations and spend \
+                     most of its time in GC. Pass \"force\": true to set it anyway"
+                ),
+            ));
+        }
+    }
+    Ok(())
 }
 
 /// GC parameters of the image.
@@ -180,6 +227,7 @@ fn generation_index(i: usize) -> Result<u8, ToolError> {
 }
 
 pub async fn gc_tune(ctx: &Context, args: TuneArgs) -> Result<TuneOutcome, ToolError> {
+    check_floor(&args)?;
     let generations = generation_plists(&args)?;
     if generations.is_empty() && args.nursery_size_bytes.is_none() {
         return Err(ToolError::invalid(

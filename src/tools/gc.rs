@@ -262,10 +262,25 @@ pub async fn gc_watch(ctx: &Context, args: WatchArgs) -> Result<GcWatch, ToolErr
     }
     let started = Instant::now();
     let deadline = tokio::time::Instant::now() + Duration::from_secs_f64(seconds);
+    let mut status = feed.status();
     let mut seen = Vec::new();
     let mut lagged = 0;
     while seen.len() < max_events {
-        match tokio::time::timeout_at(deadline, events.recv()).await {
+        let next = tokio::select! {
+            next = tokio::time::timeout_at(deadline, events.recv()) => next,
+            // Events stop flowing when the image dies or its agent goes: a watch that went on
+            // quietly would report "no collections", which is not what happened.
+            _ = status.wait_for(|on| !*on) => {
+                return Err(ToolError::Agent(AgentError::Lost(format!(
+                    "{} stopped sending events {:.1} s into a {seconds} s watch, after {} \
+                     collection(s)",
+                    target.name,
+                    started.elapsed().as_secs_f64(),
+                    seen.len()
+                ))));
+            }
+        };
+        match next {
             Err(_) => break,
             Ok(Ok(event)) => seen.push(event),
             Ok(Err(RecvError::Lagged(n))) => lagged += n,

@@ -12,7 +12,7 @@ pub mod runtime;
 pub mod summary;
 pub mod threads;
 
-use std::collections::{BTreeMap, VecDeque};
+use std::collections::BTreeMap;
 use std::future::Future;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -27,7 +27,7 @@ use crate::audit::Audit;
 use crate::config::Config;
 use crate::histogram::Histogram;
 use crate::process::ProcessError;
-use crate::targets::{RATE_WINDOW, Target, TargetError, Targets};
+use crate::targets::{Outcome, Target, TargetError, Targets};
 
 /// What a tool may do to the image; `control` and `eval` must be allowed explicitly.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize)]
@@ -239,7 +239,7 @@ pub static TOOLS: &[ToolDef] = &[
 
 #[derive(Debug, thiserror::Error)]
 pub enum ToolError {
-    #[error("unknown tool {0:?}; `sbmon tools` lists the available tools")]
+    #[error("unknown tool {:?}; `sbmon tools` lists the available tools", clip(.0))]
     UnknownTool(String),
     #[error(
         "{tool} is a {class} tool and this sbmon was started without it: restart sbmon with \
@@ -260,22 +260,53 @@ pub enum ToolError {
     AmbiguousThread { name: String, matches: String },
 }
 
+/// Agent error kinds that mean the caller asked for something wrong or impossible, not that
+/// the image failed (docs/protocol.md).
+const CALLER_KINDS: &[&str] = &["BAD-ARGUMENT", "UNKNOWN-THREAD", "NOT-ALLOWED", "REFUSED"];
+
 impl ToolError {
     /// Errors in what the caller asked (as opposed to failures while doing it).
     pub fn is_usage(&self) -> bool {
-        matches!(
-            self,
+        match self {
             ToolError::UnknownTool(_)
-                | ToolError::NotAllowed { .. }
-                | ToolError::InvalidArguments { .. }
-        )
+            | ToolError::NotAllowed { .. }
+            | ToolError::InvalidArguments { .. } => true,
+            ToolError::Agent(AgentError::Remote { kind, .. }) => kind == "BAD-ARGUMENT",
+            _ => false,
+        }
+    }
+
+    /// What this failure says about the target: `None` when it is the caller's own mistake
+    /// (which must not make a healthy image look broken).
+    pub fn target_outcome(&self) -> Option<Outcome> {
+        match self {
+            ToolError::Agent(e) if e.is_unreachable() => Some(Outcome::Unreachable),
+            ToolError::Agent(AgentError::Remote { kind, .. })
+                if CALLER_KINDS.contains(&kind.as_str()) =>
+            {
+                None
+            }
+            ToolError::Agent(_) | ToolError::Process(_) => Some(Outcome::Failed),
+            _ => None,
+        }
     }
 
     pub(crate) fn invalid(tool: &str, message: impl Into<String>) -> Self {
         ToolError::InvalidArguments {
             tool: tool.to_string(),
-            message: message.into(),
+            message: clip(&message.into()),
         }
+    }
+}
+
+/// Echoed input longer than this is cut, so a huge argument cannot make a huge error.
+const ECHO_CHARS: usize = 300;
+
+/// `text` cut to a few hundred characters, saying how long it was.
+pub fn clip(text: &str) -> String {
+    match text.char_indices().nth(ECHO_CHARS) {
+        None => text.to_string(),
+        Some((end, _)) => format!("{}... ({} chars)", &text[..end], text.chars().count()),
     }
 }
 
@@ -287,25 +318,15 @@ pub struct ToolCounters {
     pub duration: Histogram,
 }
 
-/// Tool calls: the last minute's outcomes (for the `availability.errors` health check) and
-/// per-tool totals (for metrics).
+/// Per-tool totals of calls (for metrics). What a target's own failures do to its health
+/// is kept per target ([`Target::calls`](crate::targets::Target)).
 #[derive(Default)]
 pub struct CallLog {
-    recent: Mutex<VecDeque<(Instant, bool)>>,
     per_tool: Mutex<BTreeMap<&'static str, ToolCounters>>,
 }
 
-const CALL_LOG_MAX: usize = 10_000;
-
 impl CallLog {
     pub fn record(&self, tool: &'static str, ok: bool, elapsed: Duration) {
-        {
-            let mut recent = self.recent.lock().unwrap_or_else(|p| p.into_inner());
-            if recent.len() >= CALL_LOG_MAX {
-                recent.pop_front();
-            }
-            recent.push_back((Instant::now(), ok));
-        }
         let mut per_tool = self.per_tool.lock().unwrap_or_else(|p| p.into_inner());
         let counters = per_tool.entry(tool).or_default();
         if ok {
@@ -314,19 +335,6 @@ impl CallLog {
             counters.error += 1;
         }
         counters.duration.observe(elapsed);
-    }
-
-    /// (failed, total) over the last minute.
-    pub fn last_minute(&self) -> (usize, usize) {
-        let mut recent = self.recent.lock().unwrap_or_else(|p| p.into_inner());
-        while recent
-            .front()
-            .is_some_and(|(t, _)| t.elapsed() > RATE_WINDOW)
-        {
-            recent.pop_front();
-        }
-        let failed = recent.iter().filter(|(_, ok)| !ok).count();
-        (failed, recent.len())
     }
 
     /// Per tool: (name, ok, error, duration reading), in name order.
@@ -422,6 +430,10 @@ impl Catalog {
     ) -> Result<Value, ToolError> {
         let tool = self.check(name)?;
         let audited = (tool.class != Class::Read).then(|| args.clone());
+        let target = args
+            .get("target")
+            .and_then(Value::as_str)
+            .map(str::to_owned);
         let ctx = &*self.ctx;
         let started = Instant::now();
         let result = match tool.name {
@@ -445,6 +457,15 @@ impl Catalog {
         if !matches!(&result, Err(e) if e.is_usage()) {
             ctx.calls
                 .record(tool.name, result.is_ok(), started.elapsed());
+        }
+        let outcome = match &result {
+            Ok(_) => Some(Outcome::Ok),
+            Err(e) => e.target_outcome(),
+        };
+        if let Some(outcome) = outcome
+            && let Ok(target) = ctx.targets.resolve(target.as_deref())
+        {
+            target.calls.record(outcome);
         }
         if let Some(args) = audited {
             self.audit
