@@ -14,7 +14,6 @@ use support::Latencies;
 mod support;
 
 use sbmon::agent::{Address, AgentClient, ClientOptions};
-use sbmon::cli::single_target_catalog;
 use sbmon::config::Config;
 use sbmon::launch::{LaunchOptions, Sbcl};
 use sbmon::wire::Sexp;
@@ -102,7 +101,7 @@ async fn main() {
         .expect("agent ready");
 
     let client = AgentClient::new(Address::Unix(socket.clone()), ClientOptions::default());
-    let catalog = single_target_catalog(
+    let catalog = sbmon::tools::Catalog::single_target(
         Address::Unix(socket.clone()),
         ClientOptions::default(),
         Config::default(),

@@ -12,6 +12,18 @@ use serde_json::{Value, json};
 /// Strings in audited arguments longer than this are cut (eval code can be large).
 const MAX_ARG_CHARS: usize = 500;
 
+/// How an audited call went.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Verdict {
+    /// The tool did what was asked.
+    Done,
+    /// The tool ran but its action did not succeed (an evaluation that signalled an error or
+    /// timed out): the condition's type and message.
+    Failed(String),
+    /// The tool itself failed (refused, target down): the error.
+    Error(String),
+}
+
 #[derive(Default)]
 pub struct Audit {
     file: Option<Mutex<std::fs::File>>,
@@ -31,26 +43,19 @@ impl Audit {
         })
     }
 
-    /// Record one call. The outcome is what happened to the image: a tool that ran but whose
-    /// action failed (an evaluation that signalled an error or timed out reports
-    /// `"ok": false` in its result) is `failed`, with the condition's type and message.
+    /// Record one call: `outcome` is `ok`, `failed` or `error` as [`Verdict`] says.
     pub fn record(
         &self,
         front_end: &str,
         tool: &str,
         args: &Value,
-        outcome: &Result<Value, crate::tools::ToolError>,
+        verdict: &Verdict,
         elapsed: Duration,
     ) {
-        let (verdict, error) = match outcome {
-            Ok(result) if result.get("ok") == Some(&Value::Bool(false)) => {
-                let e = &result["error"];
-                let kind = e["type"].as_str().unwrap_or("unknown condition");
-                let message = e["message"].as_str().unwrap_or("");
-                ("failed", Some(format!("{kind}: {message}")))
-            }
-            Ok(_) => ("ok", None),
-            Err(e) => ("error", Some(e.to_string())),
+        let (verdict, error) = match verdict {
+            Verdict::Done => ("ok", None),
+            Verdict::Failed(why) => ("failed", Some(why)),
+            Verdict::Error(why) => ("error", Some(why)),
         };
         let mut entry = json!({
             "time": humantime::format_rfc3339_millis(SystemTime::now()).to_string(),
@@ -61,7 +66,7 @@ impl Audit {
             "seconds": elapsed.as_secs_f64(),
         });
         if let Some(error) = error {
-            entry["error"] = Value::String(shorten_text(&error));
+            entry["error"] = Value::String(shorten_text(error));
         }
         let line = entry.to_string();
         eprintln!("sbmon audit: {line}");

@@ -5,7 +5,6 @@
 use std::io::Write;
 use std::path::PathBuf;
 use std::process::ExitCode;
-use std::sync::Arc;
 use std::time::Duration;
 
 use clap::{Args, Parser, Subcommand};
@@ -17,7 +16,7 @@ use crate::agent::{Address, AgentClient, ClientOptions, address};
 use crate::audit::Audit;
 use crate::config::Config;
 use crate::serve::{ServeError, ServeOptions};
-use crate::targets::{Target, Targets, default_name};
+use crate::targets::{Target, default_name};
 use crate::tools::{self, Allow, Catalog};
 
 #[derive(Debug, Parser)]
@@ -220,7 +219,7 @@ pub fn run(cli: Cli) -> ExitCode {
             Command::Launch(args) => launch(args).await,
             Command::Targets { json } => targets(json).await,
             Command::Tools => tools(),
-            Command::Demo(args) => crate::demo::run(args).await,
+            Command::Demo(args) => crate::demo::run(args.sbcl, args.duration).await,
             Command::Events(args) => events(args).await,
         }
     })
@@ -424,23 +423,6 @@ async fn launch(args: LaunchArgs) -> ExitCode {
     }
 }
 
-/// A catalog over one target, as `call`, `demo` and the benchmark use it.
-pub fn single_target_catalog(
-    address: Address,
-    options: ClientOptions,
-    config: Config,
-    allow: Allow,
-    audit: Audit,
-) -> Catalog {
-    let target = Target::new(default_name(&address), address, options);
-    Catalog::with_policy(
-        Arc::new(Targets::new(vec![target])),
-        Arc::new(config),
-        allow,
-        audit,
-    )
-}
-
 async fn call(args: CallArgs) -> ExitCode {
     let tool_args: serde_json::Value = match &args.args {
         None => serde_json::Value::Null,
@@ -470,12 +452,12 @@ async fn call(args: CallArgs) -> ExitCode {
         Ok(a) => a,
         Err((code, message)) => return fail(code, message),
     };
-    let catalog = single_target_catalog(address, options, config, args.policy.allow(), audit);
+    let catalog = Catalog::single_target(address, options, config, args.policy.allow(), audit);
     if let Err(e) = catalog.check(&args.tool) {
         return fail(USAGE, e);
     }
     match catalog.call_from("cli", &args.tool, tool_args).await {
-        Ok(value) => print_json(&value),
+        Ok(called) => print_json(&called.value),
         Err(e) if e.is_usage() => fail(USAGE, e),
         Err(e) => fail(1, e),
     }

@@ -8,7 +8,6 @@ use std::time::{Duration, Instant};
 use serde_json::Value;
 
 use crate::agent::ClientOptions;
-use crate::cli::{DemoArgs, single_target_catalog};
 use crate::config::Config;
 use crate::launch::{LaunchOptions, Sbcl, WORKLOAD_SOURCE};
 use crate::tools::Catalog;
@@ -16,8 +15,9 @@ use crate::wire::Sexp;
 
 const INTERVAL: Duration = Duration::from_secs(2);
 
-pub async fn run(args: DemoArgs) -> ExitCode {
-    if let Some(d) = args.duration
+/// Run the demo with `sbcl` for `duration` seconds (until Ctrl-C without one).
+pub async fn run(sbcl: std::path::PathBuf, duration: Option<f64>) -> ExitCode {
+    if let Some(d) = duration
         && !(d.is_finite() && d > 0.0)
     {
         eprintln!("sbmon: --duration must be a positive number of seconds");
@@ -36,7 +36,7 @@ pub async fn run(args: DemoArgs) -> ExitCode {
         return ExitCode::FAILURE;
     }
     let options = LaunchOptions {
-        sbcl: args.sbcl.clone(),
+        sbcl,
         after_start: vec![format!(
             "(load {})",
             Sexp::string(workload.to_string_lossy())
@@ -57,7 +57,7 @@ pub async fn run(args: DemoArgs) -> ExitCode {
         eprintln!("sbmon: {e}");
         return ExitCode::FAILURE;
     }
-    let catalog = single_target_catalog(
+    let catalog = Catalog::single_target(
         sbcl.address.clone(),
         ClientOptions::default(),
         Config::default(),
@@ -65,7 +65,7 @@ pub async fn run(args: DemoArgs) -> ExitCode {
         Default::default(),
     );
     let outcome = tokio::select! {
-        code = show(&catalog, &mut sbcl, args.duration) => code,
+        code = show(&catalog, &mut sbcl, duration) => code,
         _ = tokio::signal::ctrl_c() => ExitCode::SUCCESS,
         _ = sigterm() => ExitCode::SUCCESS,
     };

@@ -14,7 +14,6 @@ use tokio::sync::{broadcast, watch};
 
 use crate::agent::reply::PauseRecord;
 use crate::agent::{AgentClient, Connection};
-use crate::targets::Target;
 use crate::wire::{Sexp, from_sexp};
 
 /// Events a follower may fall behind by before it is told it missed some.
@@ -76,16 +75,18 @@ pub struct GcFeed {
 }
 
 impl GcFeed {
-    /// Subscribe to `target`'s GC events and stay subscribed until the feed is dropped.
-    pub fn start(target: &Target) -> Self {
+    /// Subscribe to the GC events of the image `target_client` reaches (called `name` in
+    /// the events) and stay subscribed until the feed is dropped. The feed has a connection
+    /// of its own, so pushed events never queue behind tool calls.
+    pub fn start(name: &str, target_client: &AgentClient) -> Self {
         let (events, _) = broadcast::channel(FOLLOWER_BACKLOG);
         let client = AgentClient::new(
-            target.client.address().clone(),
-            target.client.options().clone(),
+            target_client.address().clone(),
+            target_client.options().clone(),
         );
         let (set_subscribed, subscribed) = watch::channel(false);
         let task = tokio::spawn(follow(
-            target.name.clone(),
+            name.to_string(),
             client,
             events.clone(),
             set_subscribed,

@@ -27,8 +27,8 @@ mod guard;
 
 pub use guard::is_loopback_authority;
 
+use crate::health::{self, HealthReport, Status};
 use crate::metrics::Scope;
-use crate::tools::health::{self, HealthReport, Status};
 use crate::tools::{Catalog, Class};
 
 /// Largest request body accepted on any endpoint.

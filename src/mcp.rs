@@ -31,7 +31,6 @@ use tokio_util::sync::CancellationToken;
 use crate::agent::address::runtime_dir;
 use crate::config::Threshold;
 use crate::tools::ToolError;
-use crate::tools::summary::summarize;
 use crate::tools::{Catalog, Class, ToolDef};
 
 /// How long `sbmon://targets` waits for each agent's welcome: a hung image must not stall
@@ -144,10 +143,9 @@ impl McpServer {
     async fn call(&self, name: &str, arguments: Option<JsonObject>) -> CallToolResult {
         let args = arguments.map_or(Value::Null, Value::Object);
         match self.catalog().call_from("mcp", name, args).await {
-            Ok(value) => {
-                let mut result =
-                    CallToolResult::success(vec![ContentBlock::text(summarize(name, &value))]);
-                result.structured_content = Some(value);
+            Ok(called) => {
+                let mut result = CallToolResult::success(vec![ContentBlock::text(called.summary)]);
+                result.structured_content = Some(called.value);
                 result
             }
             Err(e) => {

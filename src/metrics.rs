@@ -7,11 +7,11 @@ use std::fmt::Write as _;
 use std::sync::Arc;
 use std::time::Instant;
 
+use crate::context::Context;
+use crate::health::{self, Status};
 use crate::histogram::Reading;
 use crate::snapshot::{Detail, Readings, Snapshot};
 use crate::targets::Target;
-use crate::tools::Context;
-use crate::tools::health::{self, Status};
 
 pub const CONTENT_TYPE: &str = "text/plain; version=0.0.4; charset=utf-8";
 

@@ -8,7 +8,8 @@ use serde::{Deserialize, Deserializer, Serialize};
 use serde_json::Value;
 use serde_json::value::RawValue;
 
-use crate::tools::{Catalog, ToolError, clip};
+use crate::echo::clip;
+use crate::tools::{Catalog, ToolError};
 
 pub const PARSE_ERROR: i64 = -32700;
 pub const INVALID_REQUEST: i64 = -32600;
@@ -170,7 +171,10 @@ async fn one(catalog: &Catalog, raw: &RawValue) -> Option<String> {
             ));
         }
     };
-    let outcome = catalog.call_from("rpc", &method, params).await;
+    let outcome = catalog
+        .call_from("rpc", &method, params)
+        .await
+        .map(|called| called.value);
     request.id?;
     Some(answer(
         reply_id,

@@ -106,7 +106,7 @@ impl Target {
         if let Some(live) = feed.upgrade() {
             return live;
         }
-        let started = Arc::new(GcFeed::start(self));
+        let started = Arc::new(GcFeed::start(&self.name, &self.client));
         *feed = Arc::downgrade(&started);
         started
     }
@@ -234,7 +234,7 @@ impl Targets {
                 .find(|t| t.name == name)
                 .cloned()
                 .ok_or_else(|| TargetError::Unknown {
-                    name: crate::tools::clip(name),
+                    name: crate::echo::clip(name),
                     known: Self::names(&list),
                 }),
             None => match list.as_slice() {

@@ -302,7 +302,7 @@ async fn read_tools(client: &Client, image: &Image) {
     };
     assert_eq!(watched["count"], 1, "{watched}");
     assert!(watched["events"][0]["wall_seconds"].as_f64().unwrap() > 0.0);
-    assert!(summary.starts_with("1 collection in "), "{summary}");
+    assert!(summary.starts_with("target test: 1 collection in "), "{summary}");
 
     let (rt, summary) = ok(
         "runtime_stats",

@@ -75,7 +75,7 @@ impl Policy {
             return Err(Refusal::Forbidden(format!(
                 "Host {:?} is not a loopback name: an sbmon without a token answers only \
                  requests for localhost, 127.0.0.1 or [::1] (DNS rebinding protection)",
-                crate::tools::clip(host)
+                crate::echo::clip(host)
             )));
         }
         if headers
@@ -92,7 +92,7 @@ impl Policy {
                 return Err(Refusal::Forbidden(format!(
                     "Origin {:?} is refused: browsers may reach sbmon only from a loopback \
                      origin or from the address sbmon is served at",
-                    crate::tools::clip(origin)
+                    crate::echo::clip(origin)
                 )));
             }
         }

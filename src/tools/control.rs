@@ -7,8 +7,12 @@ use std::time::Duration;
 use schemars::JsonSchema;
 use serde::{Deserialize, Serialize};
 
+use std::fmt::Write as _;
+
+use super::summary::{MAX_FIELD_CHARS, bytes_i64, bytes_u64, cut};
 use super::threads::{ThreadId, find_thread};
-use super::{Context, ToolError};
+use super::{Class, Tool, ToolError};
+use crate::context::Context;
 use crate::wire::Sexp;
 
 #[derive(Debug, Default, Deserialize, JsonSchema)]
@@ -37,7 +41,7 @@ pub struct GcOutcome {
     pub gc_count_after: u64,
 }
 
-pub async fn memory_gc(ctx: &Context, args: GcArgs) -> Result<GcOutcome, ToolError> {
+async fn memory_gc(ctx: &Context, args: GcArgs) -> Result<GcOutcome, ToolError> {
     let target = ctx.target(args.target.as_deref())?;
     let request = if args.full {
         Sexp::plist([("full", Sexp::T)])
@@ -148,7 +152,7 @@ pub struct GcParameters {
     pub generations: Vec<GenerationParameters>,
 }
 
-#[derive(Debug, Serialize, Deserialize, JsonSchema)]
+#[derive(Debug, PartialEq, Serialize, Deserialize, JsonSchema)]
 pub struct GenerationParameters {
     pub generation: u8,
     pub bytes_consed_between_gcs: u64,
@@ -226,7 +230,7 @@ fn generation_index(i: usize) -> Result<u8, ToolError> {
         .ok_or_else(|| ToolError::invalid("gc_tune", "lists cover generations 0..5 at most"))
 }
 
-pub async fn gc_tune(ctx: &Context, args: TuneArgs) -> Result<TuneOutcome, ToolError> {
+async fn gc_tune(ctx: &Context, args: TuneArgs) -> Result<TuneOutcome, ToolError> {
     check_floor(&args)?;
     let generations = generation_plists(&args)?;
     if generations.is_empty() && args.nursery_size_bytes.is_none() {
@@ -272,7 +276,7 @@ pub struct KillOutcome {
     pub waited_seconds: f64,
 }
 
-pub async fn thread_kill(ctx: &Context, args: KillArgs) -> Result<KillOutcome, ToolError> {
+async fn thread_kill(ctx: &Context, args: KillArgs) -> Result<KillOutcome, ToolError> {
     let timeout_ms = args.timeout_ms.unwrap_or(2000);
     if !(1..=60_000).contains(&timeout_ms) {
         return Err(ToolError::invalid(
@@ -344,7 +348,7 @@ pub struct Profile {
     pub threads: Vec<String>,
 }
 
-pub async fn profile_cpu(ctx: &Context, args: ProfileArgs) -> Result<Profile, ToolError> {
+async fn profile_cpu(ctx: &Context, args: ProfileArgs) -> Result<Profile, ToolError> {
     let seconds = args.seconds.unwrap_or(5.0);
     if !(0.1..=60.0).contains(&seconds) {
         return Err(ToolError::invalid("profile_cpu", "seconds must be 0.1..60"));
@@ -366,4 +370,196 @@ pub async fn profile_cpu(ctx: &Context, args: ProfileArgs) -> Result<Profile, To
     ]);
     let timeout = Duration::from_secs_f64(seconds) + Duration::from_secs(30);
     Ok(target.client.slow_call("profile", request, timeout).await?)
+}
+
+pub struct MemoryGc;
+
+impl Tool for MemoryGc {
+    const NAME: &'static str = "memory_gc";
+    const TITLE: &'static str = "Run a garbage collection";
+    const DESCRIPTION: &'static str = "Collect generation N (default 0) or everything (full): \
+        heap before and after, bytes freed and the pause, measured in the image.";
+    const CLASS: Class = Class::Control;
+    type Args = GcArgs;
+    type Output = GcOutcome;
+
+    async fn run(ctx: &Context, args: GcArgs) -> Result<GcOutcome, ToolError> {
+        memory_gc(ctx, args).await
+    }
+
+    fn summary(g: &GcOutcome) -> String {
+        let what = if g.full {
+            "full GC".to_string()
+        } else {
+            format!("GC of generations 0..{}", g.generation)
+        };
+        format!(
+            "{what}: heap {} -> {} ({} freed) in {} s",
+            bytes_u64(g.heap_before),
+            bytes_u64(g.heap_after),
+            bytes_i64(g.bytes_freed),
+            g.pause_seconds
+        )
+    }
+}
+
+pub struct GcTune;
+
+impl Tool for GcTune {
+    const NAME: &'static str = "gc_tune";
+    const TITLE: &'static str = "Tune the garbage collector";
+    const DESCRIPTION: &'static str = "Set the nursery size and per-generation GC parameters \
+        (bytes between GCs, GCs before promotion, minimum age; also the guide's \
+        generation-sizes and promotion-thresholds lists). Every value is validated and nothing \
+        changes if one is invalid; sizes under 1 MiB need force. Returns the parameters before \
+        and after.";
+    const CLASS: Class = Class::Control;
+    type Args = TuneArgs;
+    type Output = TuneOutcome;
+
+    async fn run(ctx: &Context, args: TuneArgs) -> Result<TuneOutcome, ToolError> {
+        gc_tune(ctx, args).await
+    }
+
+    /// The nursery, then only the generations that changed.
+    fn summary(t: &TuneOutcome) -> String {
+        let mut out = format!(
+            "nursery {} -> {}",
+            bytes_u64(t.before.nursery_size),
+            bytes_u64(t.after.nursery_size)
+        );
+        for (before, after) in t.before.generations.iter().zip(&t.after.generations) {
+            if before != after {
+                let _ = write!(
+                    out,
+                    "\ngeneration {}: bytes between GCs {} -> {}, GCs before promotion {} -> \
+                     {}, minimum age {} -> {}",
+                    after.generation,
+                    bytes_u64(before.bytes_consed_between_gcs),
+                    bytes_u64(after.bytes_consed_between_gcs),
+                    before.number_of_gcs_before_promotion,
+                    after.number_of_gcs_before_promotion,
+                    before.minimum_age_before_gc,
+                    after.minimum_age_before_gc,
+                );
+            }
+        }
+        out
+    }
+}
+
+pub struct ThreadKill;
+
+impl Tool for ThreadKill {
+    const NAME: &'static str = "thread_kill";
+    const TITLE: &'static str = "Terminate a thread";
+    const DESCRIPTION: &'static str = "Terminate a thread (by OS tid or name) and report \
+        whether it ended within the timeout. The main thread and the agent's own threads are \
+        refused.";
+    const CLASS: Class = Class::Control;
+    type Args = KillArgs;
+    type Output = KillOutcome;
+
+    async fn run(ctx: &Context, args: KillArgs) -> Result<KillOutcome, ToolError> {
+        thread_kill(ctx, args).await
+    }
+
+    fn summary(k: &KillOutcome) -> String {
+        let ended = if k.ended {
+            "ended"
+        } else {
+            "did NOT end within the timeout"
+        };
+        format!(
+            "thread {} ({}) {ended} after {} s",
+            k.tid,
+            cut(k.name.as_deref().unwrap_or("unnamed"), MAX_FIELD_CHARS),
+            k.waited_seconds
+        )
+    }
+}
+
+pub struct ProfileCpu;
+
+impl Tool for ProfileCpu {
+    const NAME: &'static str = "profile_cpu";
+    const TITLE: &'static str = "Profile the image";
+    const DESCRIPTION: &'static str = "Statistical profile with sb-sprof for a few seconds \
+        (cpu, alloc or time mode): functions with self and cumulative share of samples, sample \
+        count, sampled threads. One profile at a time.";
+    const CLASS: Class = Class::Control;
+    type Args = ProfileArgs;
+    type Output = Profile;
+
+    async fn run(ctx: &Context, args: ProfileArgs) -> Result<Profile, ToolError> {
+        profile_cpu(ctx, args).await
+    }
+
+    fn summary(p: &Profile) -> String {
+        let mut out = format!(
+            "{} samples over {} s ({} mode); top functions by self samples:",
+            p.samples, p.seconds, p.mode
+        );
+        for row in p.rows.iter().take(20) {
+            let _ = write!(
+                out,
+                "\n  {:>5.1}% self {:>5.1}% cum  {}",
+                row.self_percent,
+                row.cumulative_percent,
+                cut(&row.function, MAX_FIELD_CHARS)
+            );
+        }
+        out
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn generation(promotion: u64) -> GenerationParameters {
+        GenerationParameters {
+            generation: 1,
+            bytes_consed_between_gcs: 1 << 20,
+            number_of_gcs_before_promotion: promotion,
+            minimum_age_before_gc: 0.75,
+        }
+    }
+
+    #[test]
+    fn summaries_carry_their_figures() {
+        let gc = MemoryGc::summary(&GcOutcome {
+            generation: 6,
+            full: true,
+            heap_before: 104_857_600,
+            heap_after: 20_971_520,
+            bytes_freed: 83_886_080,
+            pause_seconds: 0.012,
+            gc_count_before: 1,
+            gc_count_after: 2,
+        });
+        assert!(
+            gc.starts_with("full GC: heap 100 MiB -> 20 MiB (80 MiB freed) in 0.012 s"),
+            "{gc}"
+        );
+        let kill = ThreadKill::summary(&KillOutcome {
+            tid: 42,
+            name: Some("worker".into()),
+            ended: false,
+            waited_seconds: 2.0,
+        });
+        assert!(kill.contains("42 (worker) did NOT end"), "{kill}");
+        let tune = GcTune::summary(&TuneOutcome {
+            before: GcParameters {
+                nursery_size: 1 << 20,
+                generations: vec![generation(1)],
+            },
+            after: GcParameters {
+                nursery_size: 2 << 20,
+                generations: vec![generation(3)],
+            },
+        });
+        assert!(tune.contains("nursery 1 MiB -> 2 MiB"), "{tune}");
+        assert!(tune.contains("GCs before promotion 1 -> 3"), "{tune}");
+    }
 }

@@ -8,8 +8,13 @@ use std::time::Duration;
 use schemars::JsonSchema;
 use serde::{Deserialize, Serialize};
 
-use super::{Context, ToolError};
+use std::fmt::Write as _;
+
+use super::summary::{MAX_FIELD_CHARS, cut};
+use super::{Class, Tool, ToolError};
 use crate::agent::AgentError;
+use crate::audit::Verdict;
+use crate::context::Context;
 use crate::wire::Sexp;
 
 /// Source text accepted in one call; the agent's frame limit is 1 MiB.
@@ -87,7 +92,7 @@ fn code_error(e: AgentError) -> Result<EvalResult, ToolError> {
     }
 }
 
-pub async fn repl_eval(ctx: &Context, args: EvalArgs) -> Result<EvalResult, ToolError> {
+async fn repl_eval(ctx: &Context, args: EvalArgs) -> Result<EvalResult, ToolError> {
     if args.code.len() > MAX_CODE_BYTES {
         return Err(ToolError::invalid(
             "repl_eval",
@@ -162,7 +167,7 @@ pub struct Reload {
     pub output_truncated: bool,
 }
 
-pub async fn code_reload_system(ctx: &Context, args: ReloadArgs) -> Result<Reload, ToolError> {
+async fn code_reload_system(ctx: &Context, args: ReloadArgs) -> Result<Reload, ToolError> {
     let target = ctx.target(args.target.as_deref())?;
     let request = Sexp::plist([
         ("system", Sexp::string(args.system)),
@@ -173,4 +178,105 @@ pub async fn code_reload_system(ctx: &Context, args: ReloadArgs) -> Result<Reloa
         .client
         .slow_call("reload-system", request, Duration::from_secs(600))
         .await?)
+}
+
+pub struct ReplEval;
+
+impl Tool for ReplEval {
+    const NAME: &'static str = "repl_eval";
+    const TITLE: &'static str = "Evaluate Lisp code";
+    const DESCRIPTION: &'static str = "Read and evaluate all forms of code in a package \
+        (default CL-USER) with a timeout, on a thread of its own, never entering the debugger: \
+        printed values of the last form and captured output (bounded), or the condition with a \
+        bounded backtrace.";
+    const CLASS: Class = Class::Eval;
+    type Args = EvalArgs;
+    type Output = EvalResult;
+
+    async fn run(ctx: &Context, args: EvalArgs) -> Result<EvalResult, ToolError> {
+        repl_eval(ctx, args).await
+    }
+
+    fn summary(r: &EvalResult) -> String {
+        let mut out = String::new();
+        if let Some(error) = &r.error {
+            let _ = write!(
+                out,
+                "error {}: {}",
+                error.kind,
+                cut(&error.message, MAX_FIELD_CHARS)
+            );
+            for frame in error.backtrace.iter().take(10) {
+                let _ = write!(out, "\n  {}", cut(frame, MAX_FIELD_CHARS));
+            }
+        } else if let Some(e) = &r.evaluation {
+            let _ = write!(out, "=> {}", e.values.join(" ; "));
+        }
+        if let Some(e) = r.evaluation.as_ref().filter(|e| !e.output.is_empty()) {
+            let _ = write!(out, "\noutput:\n{}", e.output);
+        }
+        out
+    }
+
+    /// An evaluation that signalled an error or timed out did not do what was asked.
+    fn verdict(r: &EvalResult) -> Verdict {
+        match &r.error {
+            Some(e) => Verdict::Failed(format!("{}: {}", e.kind, e.message)),
+            None => Verdict::Done,
+        }
+    }
+}
+
+pub struct CodeReloadSystem;
+
+impl Tool for CodeReloadSystem {
+    const NAME: &'static str = "code_reload_system";
+    const TITLE: &'static str = "Reload an ASDF system";
+    const DESCRIPTION: &'static str = "Load (or with force, fully reload) an ASDF system in \
+        the image: warnings, output and duration; a clear error for a system ASDF cannot find.";
+    const CLASS: Class = Class::Eval;
+    type Args = ReloadArgs;
+    type Output = Reload;
+
+    async fn run(ctx: &Context, args: ReloadArgs) -> Result<Reload, ToolError> {
+        code_reload_system(ctx, args).await
+    }
+
+    fn summary(r: &Reload) -> String {
+        let mut out = format!(
+            "{} {} in {} s, {} warning(s)",
+            if r.forced { "reloaded" } else { "loaded" },
+            cut(&r.system, MAX_FIELD_CHARS),
+            r.seconds,
+            r.warnings.len()
+        );
+        for w in r.warnings.iter().take(10) {
+            let _ = write!(out, "\n  {}", cut(w, MAX_FIELD_CHARS));
+        }
+        out
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_failed_evaluation_is_summarized_and_audited_as_failed() {
+        let failed = EvalResult {
+            ok: false,
+            evaluation: None,
+            error: Some(LispError {
+                kind: "DIVISION-BY-ZERO".into(),
+                message: "x".into(),
+                backtrace: vec!["(OOPS 0)".into()],
+            }),
+        };
+        let text = ReplEval::summary(&failed);
+        assert!(
+            text.starts_with("error DIVISION-BY-ZERO: x\n  (OOPS 0)"),
+            "{text}"
+        );
+        assert!(matches!(ReplEval::verdict(&failed), Verdict::Failed(m) if m.contains("DIVISION")));
+    }
 }

@@ -3,7 +3,8 @@
 use schemars::JsonSchema;
 use serde::{Deserialize, Serialize};
 
-use super::{Context, ToolError};
+use super::{Class, Tool, ToolError};
+use crate::context::Context;
 use crate::metrics::Scope;
 
 #[derive(Debug, Default, Deserialize, JsonSchema)]
@@ -21,13 +22,31 @@ pub struct MetricsText {
     pub text: String,
 }
 
-pub async fn metrics_export(ctx: &Context, args: Args) -> Result<MetricsText, ToolError> {
-    let scope = match args.target.as_deref() {
-        Some(name) => Scope::Target(ctx.target(Some(name))?),
-        None => Scope::All,
-    };
-    Ok(MetricsText {
-        content_type: crate::metrics::CONTENT_TYPE.to_string(),
-        text: crate::metrics::render(ctx, scope).await,
-    })
+pub struct MetricsExport;
+
+impl Tool for MetricsExport {
+    const NAME: &'static str = "metrics_export";
+    const TITLE: &'static str = "Export Prometheus metrics";
+    const DESCRIPTION: &'static str = "The Prometheus text exposition that /metrics serves: \
+        heap, generations, GC counts, CPU and pause histograms, threads by state, process \
+        figures, health per check.";
+    const CLASS: Class = Class::Read;
+    type Args = Args;
+    type Output = MetricsText;
+
+    async fn run(ctx: &Context, args: Args) -> Result<MetricsText, ToolError> {
+        let scope = match args.target.as_deref() {
+            Some(name) => Scope::Target(ctx.target(Some(name))?),
+            None => Scope::All,
+        };
+        Ok(MetricsText {
+            content_type: crate::metrics::CONTENT_TYPE.to_string(),
+            text: crate::metrics::render(ctx, scope).await,
+        })
+    }
+
+    /// The exposition is its own summary; `bound` keeps a long one readable.
+    fn summary(m: &MetricsText) -> String {
+        m.text.clone()
+    }
 }

@@ -3,15 +3,20 @@
 
 use std::time::{Duration, Instant};
 
+use std::fmt::Write as _;
+
 use schemars::JsonSchema;
 use serde::{Deserialize, Serialize};
-
-use super::{Context, ToolError, ratio};
 use tokio::sync::broadcast::error::RecvError;
+
+use super::summary::{bytes_i64, maybe_seconds, percent, seconds, target_label};
+use super::{Class, Tool, ToolError};
 
 use crate::agent::reply::{Gc, MeasuredBy, PauseRecord};
 use crate::agent::{AgentError, alongside};
+use crate::context::Context;
 use crate::events::GcEvent;
+use crate::figures::ratio;
 use crate::process;
 
 #[derive(Debug, Default, Deserialize, JsonSchema)]
@@ -84,7 +89,65 @@ pub struct GenerationPauses {
     pub sum_seconds: f64,
 }
 
-pub async fn gc_stats(ctx: &Context, args: Args) -> Result<GcStats, ToolError> {
+pub struct GcStatsTool;
+
+impl Tool for GcStatsTool {
+    const NAME: &'static str = "gc_stats";
+    const TITLE: &'static str = "GC statistics";
+    const DESCRIPTION: &'static str = "Garbage collection: count, CPU seconds, share of CPU \
+        and wall time, measured pause times (count, sum, max, last, p50/p95/p99, histogram), \
+        collections per generation, recent collections with heap before/after.";
+    const CLASS: Class = Class::Read;
+    type Args = Args;
+    type Output = GcStats;
+
+    async fn run(ctx: &Context, args: Args) -> Result<GcStats, ToolError> {
+        gc_stats(ctx, args).await
+    }
+
+    fn summary(g: &GcStats) -> String {
+        let mut out = format!(
+            "{}: {} GCs, GC CPU {} ({} of wall time since start",
+            target_label(&g.target),
+            g.gc_count,
+            seconds(g.gc_cpu_seconds),
+            percent(g.gc_time_ratio),
+        );
+        if let Some(last_minute) = g.gc_time_ratio_last_minute {
+            let _ = write!(out, ", {} over the last minute", percent(last_minute));
+        }
+        let _ = write!(out, ", {} of process CPU)", percent(g.gc_cpu_share));
+        let p = &g.pauses;
+        if !p.measured {
+            out.push_str("\npauses: not measured on this SBCL");
+        } else if p.count == 0 {
+            out.push_str("\npauses: none measured yet (no collection since the agent started)");
+        } else {
+            let _ = write!(
+                out,
+                "\npauses: {} measured, last {}, mean {}, p50 {}, p95 {}, p99 {}, max {}",
+                p.count,
+                seconds(p.last_seconds),
+                seconds(p.mean_seconds),
+                maybe_seconds(p.p50_seconds),
+                maybe_seconds(p.p95_seconds),
+                maybe_seconds(p.p99_seconds),
+                seconds(p.max_seconds),
+            );
+        }
+        if !g.recent.is_empty() {
+            let _ = write!(
+                out,
+                "\nfreed {} in the last {} collections",
+                bytes_i64(g.bytes_freed_recent),
+                g.recent.len()
+            );
+        }
+        out
+    }
+}
+
+async fn gc_stats(ctx: &Context, args: Args) -> Result<GcStats, ToolError> {
     let target = ctx.target(args.target.as_deref())?;
     let pid = target.pid().await?;
     let (gc, proc) = alongside(target.client.gc(), || process::times(pid)).await;
@@ -238,8 +301,51 @@ pub struct GcWatch {
     pub missed: u64,
 }
 
+pub struct GcWatchTool;
+
+impl Tool for GcWatchTool {
+    const NAME: &'static str = "gc_watch";
+    const TITLE: &'static str = "Watch garbage collections";
+    const DESCRIPTION: &'static str = "The garbage collections of the next few seconds as they \
+        happen (0.1..60 s, or until max_events): generation, measured pause, CPU, heap before \
+        and after, bytes freed; with the sum and maximum of the pauses seen.";
+    const CLASS: Class = Class::Read;
+    type Args = WatchArgs;
+    type Output = GcWatch;
+
+    async fn run(ctx: &Context, args: WatchArgs) -> Result<GcWatch, ToolError> {
+        gc_watch(ctx, args).await
+    }
+
+    fn summary(w: &GcWatch) -> String {
+        let mut out = format!(
+            "{}: {} collection{} in {:.1} s: pauses sum {}, max {}; freed {}",
+            target_label(&w.target),
+            w.count,
+            if w.count == 1 { "" } else { "s" },
+            w.seconds,
+            seconds(w.pause_sum_seconds),
+            seconds(w.pause_max_seconds),
+            bytes_i64(w.freed_bytes),
+        );
+        if w.missed > 0 {
+            let _ = write!(out, " ({} more not delivered)", w.missed);
+        }
+        for e in w.events.iter().take(20) {
+            let _ = write!(
+                out,
+                "\n  gen {} pause {} freed {}",
+                e.generation,
+                seconds(e.wall_seconds),
+                bytes_i64(e.freed_bytes),
+            );
+        }
+        out
+    }
+}
+
 /// Watch the collections of one image as they happen, for a bounded time.
-pub async fn gc_watch(ctx: &Context, args: WatchArgs) -> Result<GcWatch, ToolError> {
+async fn gc_watch(ctx: &Context, args: WatchArgs) -> Result<GcWatch, ToolError> {
     let seconds = args.seconds.unwrap_or(10.0);
     if !(0.1..=60.0).contains(&seconds) {
         return Err(ToolError::invalid("gc_watch", "seconds must be 0.1..60"));

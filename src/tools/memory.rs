@@ -1,11 +1,16 @@
 //! `memory_stats`: the heap as the image sees it, and the process as /proc sees it.
 
+use std::fmt::Write as _;
+
 use schemars::JsonSchema;
 use serde::{Deserialize, Serialize};
 
-use super::{Context, ToolError, ratio};
+use super::summary::{MAX_FIELD_CHARS, bytes_u64, cut, percent, target_label};
+use super::{Class, Tool, ToolError};
 use crate::agent::alongside;
 use crate::agent::reply::Generation;
+use crate::context::Context;
+use crate::figures::ratio;
 use crate::process;
 
 #[derive(Debug, Default, Deserialize, JsonSchema)]
@@ -41,7 +46,59 @@ pub struct MemoryStats {
     pub rss_limit_ratio: f64,
 }
 
-pub async fn memory_stats(ctx: &Context, args: Args) -> Result<MemoryStats, ToolError> {
+pub struct MemoryStatsTool;
+
+impl Tool for MemoryStatsTool {
+    const NAME: &'static str = "memory_stats";
+    const TITLE: &'static str = "Memory statistics";
+    const DESCRIPTION: &'static str = "Heap used and limit, bytes per GC generation with its \
+        parameters, bytes consed, nursery size; RSS, peak RSS and virtual size from /proc; the \
+        memory limit that applies.";
+    const CLASS: Class = Class::Read;
+    type Args = Args;
+    type Output = MemoryStats;
+
+    async fn run(ctx: &Context, args: Args) -> Result<MemoryStats, ToolError> {
+        memory_stats(ctx, args).await
+    }
+
+    fn summary(m: &MemoryStats) -> String {
+        let mut out = format!(
+            "{}: heap {} of {} ({}), RSS {} of {} limit ({}; limit from {}), peak RSS {}",
+            target_label(&m.target),
+            bytes_u64(m.heap_used_bytes),
+            bytes_u64(m.heap_limit_bytes),
+            percent(m.heap_used_ratio),
+            bytes_u64(m.rss_bytes),
+            bytes_u64(m.memory_limit_bytes),
+            percent(m.rss_limit_ratio),
+            cut(&m.memory_limit_source, MAX_FIELD_CHARS),
+            bytes_u64(m.rss_peak_bytes),
+        );
+        let _ = write!(
+            out,
+            "\nnursery {}, consed since start {}",
+            bytes_u64(m.nursery_size_bytes),
+            bytes_u64(m.bytes_consed_total)
+        );
+        let generations: Vec<String> = m
+            .generations
+            .iter()
+            .map(|g| format!("{}: {}", g.generation, bytes_u64(g.bytes)))
+            .collect();
+        if !generations.is_empty() {
+            let _ = write!(
+                out,
+                "\n{} generations: {}",
+                generations.len(),
+                generations.join(", ")
+            );
+        }
+        out
+    }
+}
+
+async fn memory_stats(ctx: &Context, args: Args) -> Result<MemoryStats, ToolError> {
     let target = ctx.target(args.target.as_deref())?;
     let pid = target.pid().await?;
     let (mem, proc) = alongside(target.client.memory(), || process::memory(pid)).await;

@@ -1,6 +1,8 @@
-//! The tool catalog: every tool's name, description, safety class, argument and result
-//! schemas, and its handler. Front ends (CLI, MCP, HTTP) reach tools only through
-//! `Catalog::call`, so they can never disagree about what a tool does.
+//! The tool catalog. A tool is defined once, in its family file, as a type implementing
+//! [`Tool`]: name, title, description, class, argument and result types, handler and text
+//! summary together. This file only lists them ([`TOOLS`]) and runs them ([`Catalog`]), so
+//! the front ends (CLI, MCP, JSON-RPC, HTTP) can never disagree about what a tool does, and a
+//! listed tool without a handler or summary does not compile.
 
 pub mod control;
 pub mod eval;
@@ -12,22 +14,23 @@ pub mod runtime;
 pub mod summary;
 pub mod threads;
 
-use std::collections::BTreeMap;
 use std::future::Future;
-use std::sync::{Arc, Mutex};
-use std::time::{Duration, Instant};
+use std::pin::Pin;
+use std::sync::Arc;
+use std::time::Instant;
 
 use schemars::JsonSchema;
 use serde::Serialize;
 use serde::de::DeserializeOwned;
 use serde_json::Value;
 
-use crate::agent::AgentError;
-use crate::audit::Audit;
+use crate::agent::{Address, AgentError, ClientOptions};
+use crate::audit::{Audit, Verdict};
 use crate::config::Config;
-use crate::histogram::Histogram;
+use crate::context::Context;
+use crate::echo::clip;
 use crate::process::ProcessError;
-use crate::targets::{Outcome, Target, TargetError, Targets};
+use crate::targets::{Outcome, Target, TargetError, Targets, default_name};
 
 /// What a tool may do to the image; `control` and `eval` must be allowed explicitly.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize)]
@@ -66,6 +69,43 @@ impl Allow {
     }
 }
 
+/// One tool. Implemented by a unit type in the tool's family file; listed in [`TOOLS`].
+pub trait Tool: 'static {
+    const NAME: &'static str;
+    const TITLE: &'static str;
+    const DESCRIPTION: &'static str;
+    const CLASS: Class;
+    type Args: DeserializeOwned + JsonSchema;
+    type Output: Serialize + JsonSchema + Send + 'static;
+
+    fn run(
+        ctx: &Context,
+        args: Self::Args,
+    ) -> impl Future<Output = Result<Self::Output, ToolError>> + Send;
+
+    /// A few lines saying what the result shows (MCP's text content beside the JSON).
+    fn summary(output: &Self::Output) -> String;
+
+    /// How the action went, for the audit log of control and eval calls: a tool that ran but
+    /// whose action failed (an evaluation that signalled an error) overrides this.
+    fn verdict(_output: &Self::Output) -> Verdict {
+        Verdict::Done
+    }
+}
+
+/// A tool's result as every front end takes it: the JSON, and what a person reads.
+pub struct Called {
+    pub value: Value,
+    pub summary: String,
+    pub verdict: Verdict,
+}
+
+type Runner = for<'a> fn(
+    &'a Context,
+    Value,
+) -> Pin<Box<dyn Future<Output = Result<Called, ToolError>> + Send + 'a>>;
+
+/// A [`Tool`] with its types erased, so that one list can hold them all.
 pub struct ToolDef {
     pub name: &'static str,
     pub title: &'static str,
@@ -73,169 +113,121 @@ pub struct ToolDef {
     pub class: Class,
     pub input_schema: fn() -> Value,
     pub output_schema: fn() -> Value,
+    run: Runner,
 }
 
-fn schema<T: JsonSchema>() -> Value {
-    serde_json::to_value(schemars::schema_for!(T)).unwrap_or(Value::Null)
-}
-
-macro_rules! tool {
-    ($name:literal, $title:literal, $class:ident, $args:ty, $out:ty, $desc:literal) => {
+impl ToolDef {
+    pub const fn of<T: Tool>() -> ToolDef {
         ToolDef {
-            name: $name,
-            title: $title,
-            description: $desc,
-            class: Class::$class,
-            input_schema: schema::<$args>,
-            output_schema: schema::<$out>,
+            name: T::NAME,
+            title: T::TITLE,
+            description: T::DESCRIPTION,
+            class: T::CLASS,
+            input_schema: schema::<T::Args>,
+            output_schema: schema::<T::Output>,
+            run: run::<T>,
         }
-    };
+    }
 }
 
+/// Every tool, in the order they are listed.
 pub static TOOLS: &[ToolDef] = &[
-    tool!(
-        "health_check",
-        "Health check",
-        Read,
-        health::Args,
-        health::HealthReport,
-        "Overall health (healthy, degraded, critical) of an SBCL image, with every check's \
-         observed value, thresholds, status and reason: heap, RSS, GC time, threads, fds, \
-         agent reachability, tool-call errors."
-    ),
-    tool!(
-        "memory_stats",
-        "Memory statistics",
-        Read,
-        memory::Args,
-        memory::MemoryStats,
-        "Heap used and limit, bytes per GC generation with its parameters, bytes consed, \
-         nursery size; RSS, peak RSS and virtual size from /proc; the memory limit that applies."
-    ),
-    tool!(
-        "gc_stats",
-        "GC statistics",
-        Read,
-        gc::Args,
-        gc::GcStats,
-        "Garbage collection: count, CPU seconds, share of CPU and wall time, measured pause \
-         times (count, sum, max, last, p50/p95/p99, histogram), collections per generation, \
-         recent collections with heap before/after."
-    ),
-    tool!(
-        "gc_watch",
-        "Watch garbage collections",
-        Read,
-        gc::WatchArgs,
-        gc::GcWatch,
-        "The garbage collections of the next few seconds as they happen (0.1..60 s, or until \
-         max_events): generation, measured pause, CPU, heap before and after, bytes freed; \
-         with the sum and maximum of the pauses seen."
-    ),
-    tool!(
-        "runtime_stats",
-        "Runtime statistics",
-        Read,
-        runtime::Args,
-        runtime::RuntimeStats,
-        "Pid, uptime, Lisp and agent versions, features, packages, threads, CPU seconds, GC \
-         time share, open file descriptors and their limit, sockets."
-    ),
-    tool!(
-        "metrics_export",
-        "Export Prometheus metrics",
-        Read,
-        export::Args,
-        export::MetricsText,
-        "The Prometheus text exposition that /metrics serves: heap, generations, GC counts, \
-         CPU and pause histograms, threads by state, process figures, health per check."
-    ),
-    tool!(
-        "thread_list",
-        "List threads",
-        Read,
-        threads::ListArgs,
-        threads::ThreadList,
-        "Every Lisp thread with OS tid, name, main/agent flags, what it waits for (mutex name), \
-         OS state and CPU seconds from /proc; plus OS threads Lisp does not list."
-    ),
-    tool!(
-        "thread_inspect",
-        "Inspect a thread",
-        Read,
-        threads::InspectArgs,
-        threads::ThreadDetail,
-        "One thread (by OS tid or name): state, lock wait, CPU, kernel wait channel and its \
-         backtrace (bounded frames; a thread that cannot be interrupted is reported as such)."
-    ),
-    tool!(
-        "thread_dump_all",
-        "Dump all threads",
-        Read,
-        threads::DumpArgs,
-        threads::ThreadDump,
-        "Backtraces of all threads, each bounded in frames; the whole dump is bounded in time \
-         and threads that do not answer are reported, never waited for."
-    ),
-    tool!(
-        "memory_gc",
-        "Run a garbage collection",
-        Control,
-        control::GcArgs,
-        control::GcOutcome,
-        "Collect generation N (default 0) or everything (full): heap before and after, bytes \
-         freed and the pause, measured in the image."
-    ),
-    tool!(
-        "gc_tune",
-        "Tune the garbage collector",
-        Control,
-        control::TuneArgs,
-        control::TuneOutcome,
-        "Set the nursery size and per-generation GC parameters (bytes between GCs, GCs before \
-         promotion, minimum age; also the guide's generation-sizes and promotion-thresholds \
-         lists). Every value is validated and nothing changes if one is invalid; returns the \
-         parameters before and after."
-    ),
-    tool!(
-        "thread_kill",
-        "Terminate a thread",
-        Control,
-        control::KillArgs,
-        control::KillOutcome,
-        "Terminate a thread (by OS tid or name) and report whether it ended within the timeout. \
-         The main thread and the agent's own threads are refused."
-    ),
-    tool!(
-        "profile_cpu",
-        "Profile the image",
-        Control,
-        control::ProfileArgs,
-        control::Profile,
-        "Statistical profile with sb-sprof for a few seconds (cpu, alloc or time mode): \
-         functions with self and cumulative share of samples, sample count, sampled threads. \
-         One profile at a time."
-    ),
-    tool!(
-        "repl_eval",
-        "Evaluate Lisp code",
-        Eval,
-        eval::EvalArgs,
-        eval::EvalResult,
-        "Read and evaluate all forms of code in a package (default CL-USER) with a timeout, on \
-         a thread of its own, never entering the debugger: printed values of the last form and \
-         captured output (bounded), or the condition with a bounded backtrace."
-    ),
-    tool!(
-        "code_reload_system",
-        "Reload an ASDF system",
-        Eval,
-        eval::ReloadArgs,
-        eval::Reload,
-        "Load (or with force, fully reload) an ASDF system in the image: warnings, output and \
-         duration; a clear error for a system ASDF cannot find."
-    ),
+    ToolDef::of::<health::HealthCheck>(),
+    ToolDef::of::<memory::MemoryStatsTool>(),
+    ToolDef::of::<gc::GcStatsTool>(),
+    ToolDef::of::<gc::GcWatchTool>(),
+    ToolDef::of::<runtime::RuntimeStatsTool>(),
+    ToolDef::of::<export::MetricsExport>(),
+    ToolDef::of::<threads::ThreadListTool>(),
+    ToolDef::of::<threads::ThreadInspect>(),
+    ToolDef::of::<threads::ThreadDumpAll>(),
+    ToolDef::of::<control::MemoryGc>(),
+    ToolDef::of::<control::GcTune>(),
+    ToolDef::of::<control::ThreadKill>(),
+    ToolDef::of::<control::ProfileCpu>(),
+    ToolDef::of::<eval::ReplEval>(),
+    ToolDef::of::<eval::CodeReloadSystem>(),
 ];
+
+/// A JSON Schema (2020-12) of `T`, without the non-standard `format` values schemars gives
+/// Rust integer types (`uint64`, `int32`, ...), which MCP clients warn about: bounds say the
+/// same in standard terms.
+fn schema<T: JsonSchema>() -> Value {
+    let mut schema = serde_json::to_value(schemars::schema_for!(T)).unwrap_or(Value::Null);
+    standard_formats_only(&mut schema);
+    schema
+}
+
+/// Formats JSON Schema 2020-12 defines; any other `format` is dropped (it is only a hint).
+const STANDARD_FORMATS: &[&str] = &[
+    "date-time",
+    "date",
+    "time",
+    "duration",
+    "email",
+    "idn-email",
+    "hostname",
+    "idn-hostname",
+    "ipv4",
+    "ipv6",
+    "uri",
+    "uri-reference",
+    "iri",
+    "iri-reference",
+    "uuid",
+    "uri-template",
+    "json-pointer",
+    "relative-json-pointer",
+    "regex",
+];
+
+fn standard_formats_only(v: &mut Value) {
+    match v {
+        Value::Object(map) => {
+            if map
+                .get("format")
+                .and_then(Value::as_str)
+                .is_some_and(|f| !STANDARD_FORMATS.contains(&f))
+            {
+                map.remove("format");
+            }
+            map.values_mut().for_each(standard_formats_only);
+        }
+        Value::Array(items) => items.iter_mut().for_each(standard_formats_only),
+        _ => {}
+    }
+}
+
+fn run<T: Tool>(
+    ctx: &Context,
+    args: Value,
+) -> Pin<Box<dyn Future<Output = Result<Called, ToolError>> + Send + '_>> {
+    Box::pin(async move {
+        let args = if args.is_null() {
+            Value::Object(Default::default())
+        } else {
+            args
+        };
+        if !args.is_object() {
+            return Err(ToolError::invalid(
+                T::NAME,
+                "arguments must be a JSON object",
+            ));
+        }
+        let args: T::Args =
+            serde_json::from_value(args).map_err(|e| ToolError::invalid(T::NAME, e.to_string()))?;
+        let output = T::run(ctx, args).await?;
+        let value = serde_json::to_value(&output).map_err(|e| ToolError::Internal {
+            tool: T::NAME,
+            message: e.to_string(),
+        })?;
+        Ok(Called {
+            value,
+            summary: summary::bound(T::summary(&output)),
+            verdict: T::verdict(&output),
+        })
+    })
+}
 
 #[derive(Debug, thiserror::Error)]
 pub enum ToolError {
@@ -258,6 +250,9 @@ pub enum ToolError {
     UnknownThread { query: String, known: String },
     #[error("thread name {name:?} is ambiguous; use one of the tids: {matches}")]
     AmbiguousThread { name: String, matches: String },
+    /// sbmon's own fault: a result it could not encode. Worth a bug report.
+    #[error("internal error in {tool}: {message}; please report this")]
+    Internal { tool: &'static str, message: String },
 }
 
 /// Agent error kinds that mean the caller asked for something wrong or impossible, not that
@@ -265,19 +260,22 @@ pub enum ToolError {
 const CALLER_KINDS: &[&str] = &["BAD-ARGUMENT", "UNKNOWN-THREAD", "NOT-ALLOWED", "REFUSED"];
 
 impl ToolError {
-    /// Errors in what the caller asked (as opposed to failures while doing it).
+    /// Errors in what the caller asked (as opposed to failures while doing it): CLI exit 2,
+    /// JSON-RPC -32602 (or -32601 for a tool it cannot call).
     pub fn is_usage(&self) -> bool {
         match self {
             ToolError::UnknownTool(_)
             | ToolError::NotAllowed { .. }
             | ToolError::InvalidArguments { .. } => true,
+            // The agent bounds every argument itself (docs/protocol.md); its refusal of one is
+            // the caller's mistake as much as ours would be.
             ToolError::Agent(AgentError::Remote { kind, .. }) => kind == "BAD-ARGUMENT",
             _ => false,
         }
     }
 
     /// What this failure says about the target: `None` when it is the caller's own mistake
-    /// (which must not make a healthy image look broken).
+    /// (which must not make a healthy image look broken) or sbmon's.
     pub fn target_outcome(&self) -> Option<Outcome> {
         match self {
             ToolError::Agent(e) if e.is_unreachable() => Some(Outcome::Unreachable),
@@ -296,67 +294,6 @@ impl ToolError {
             tool: tool.to_string(),
             message: clip(&message.into()),
         }
-    }
-}
-
-/// Echoed input longer than this is cut, so a huge argument cannot make a huge error.
-const ECHO_CHARS: usize = 300;
-
-/// `text` cut to a few hundred characters, saying how long it was.
-pub fn clip(text: &str) -> String {
-    match text.char_indices().nth(ECHO_CHARS) {
-        None => text.to_string(),
-        Some((end, _)) => format!("{}... ({} chars)", &text[..end], text.chars().count()),
-    }
-}
-
-/// Counts and durations of one tool's calls since sbmon started.
-#[derive(Debug, Default)]
-pub struct ToolCounters {
-    pub ok: u64,
-    pub error: u64,
-    pub duration: Histogram,
-}
-
-/// Per-tool totals of calls (for metrics). What a target's own failures do to its health
-/// is kept per target ([`Target::calls`](crate::targets::Target)).
-#[derive(Default)]
-pub struct CallLog {
-    per_tool: Mutex<BTreeMap<&'static str, ToolCounters>>,
-}
-
-impl CallLog {
-    pub fn record(&self, tool: &'static str, ok: bool, elapsed: Duration) {
-        let mut per_tool = self.per_tool.lock().unwrap_or_else(|p| p.into_inner());
-        let counters = per_tool.entry(tool).or_default();
-        if ok {
-            counters.ok += 1;
-        } else {
-            counters.error += 1;
-        }
-        counters.duration.observe(elapsed);
-    }
-
-    /// Per tool: (name, ok, error, duration reading), in name order.
-    pub fn totals(&self) -> Vec<(&'static str, u64, u64, crate::histogram::Reading)> {
-        let per_tool = self.per_tool.lock().unwrap_or_else(|p| p.into_inner());
-        per_tool
-            .iter()
-            .map(|(name, c)| (*name, c.ok, c.error, c.duration.read()))
-            .collect()
-    }
-}
-
-/// What handlers share: the targets, the configuration, the call log.
-pub struct Context {
-    pub targets: Arc<Targets>,
-    pub config: Arc<Config>,
-    pub calls: CallLog,
-}
-
-impl Context {
-    pub fn target(&self, name: Option<&str>) -> Result<Arc<Target>, ToolError> {
-        Ok(self.targets.resolve(name)?)
     }
 }
 
@@ -385,14 +322,27 @@ impl Catalog {
         audit: Audit,
     ) -> Self {
         Catalog {
-            ctx: Arc::new(Context {
-                targets,
-                config,
-                calls: CallLog::default(),
-            }),
+            ctx: Arc::new(Context::new(targets, config)),
             allow,
             audit,
         }
+    }
+
+    /// A catalog over one target, as `sbmon call`, `demo` and the benchmarks use it.
+    pub fn single_target(
+        address: Address,
+        options: ClientOptions,
+        config: Config,
+        allow: Allow,
+        audit: Audit,
+    ) -> Self {
+        let target = Target::new(default_name(&address), address, options);
+        Catalog::with_policy(
+            Arc::new(Targets::new(vec![target])),
+            Arc::new(config),
+            allow,
+            audit,
+        )
     }
 
     /// The definition of `name` if this catalog offers it; else why not.
@@ -416,18 +366,21 @@ impl Catalog {
         TOOLS.iter().filter(|t| self.allow.permits(t.class))
     }
 
-    /// Run tool `name` with JSON `args` (an object, or null for none).
+    /// Run tool `name` with JSON `args` (an object, or null for none); its JSON result.
     pub async fn call(&self, name: &str, args: Value) -> Result<Value, ToolError> {
-        self.call_from("internal", name, args).await
+        self.call_from("internal", name, args)
+            .await
+            .map(|called| called.value)
     }
 
-    /// `call`, saying which front end asked (for the audit log of control and eval calls).
+    /// Run a tool, saying which front end asked (for the audit log of control and eval
+    /// calls): its JSON result with a text summary.
     pub async fn call_from(
         &self,
         front_end: &'static str,
         name: &str,
         args: Value,
-    ) -> Result<Value, ToolError> {
+    ) -> Result<Called, ToolError> {
         let tool = self.check(name)?;
         let audited = (tool.class != Class::Read).then(|| args.clone());
         let target = args
@@ -436,24 +389,7 @@ impl Catalog {
             .map(str::to_owned);
         let ctx = &*self.ctx;
         let started = Instant::now();
-        let result = match tool.name {
-            "health_check" => run(name, args, |a| health::health_check(ctx, a)).await,
-            "memory_stats" => run(name, args, |a| memory::memory_stats(ctx, a)).await,
-            "gc_stats" => run(name, args, |a| gc::gc_stats(ctx, a)).await,
-            "gc_watch" => run(name, args, |a| gc::gc_watch(ctx, a)).await,
-            "runtime_stats" => run(name, args, |a| runtime::runtime_stats(ctx, a)).await,
-            "metrics_export" => run(name, args, |a| export::metrics_export(ctx, a)).await,
-            "thread_list" => run(name, args, |a| threads::thread_list(ctx, a)).await,
-            "thread_inspect" => run(name, args, |a| threads::thread_inspect(ctx, a)).await,
-            "thread_dump_all" => run(name, args, |a| threads::thread_dump_all(ctx, a)).await,
-            "memory_gc" => run(name, args, |a| control::memory_gc(ctx, a)).await,
-            "gc_tune" => run(name, args, |a| control::gc_tune(ctx, a)).await,
-            "thread_kill" => run(name, args, |a| control::thread_kill(ctx, a)).await,
-            "profile_cpu" => run(name, args, |a| control::profile_cpu(ctx, a)).await,
-            "repl_eval" => run(name, args, |a| eval::repl_eval(ctx, a)).await,
-            "code_reload_system" => run(name, args, |a| eval::code_reload_system(ctx, a)).await,
-            other => Err(ToolError::UnknownTool(other.to_string())),
-        };
+        let result = (tool.run)(ctx, args).await;
         if !matches!(&result, Err(e) if e.is_usage()) {
             ctx.calls
                 .record(tool.name, result.is_ok(), started.elapsed());
@@ -468,46 +404,39 @@ impl Catalog {
             target.calls.record(outcome);
         }
         if let Some(args) = audited {
+            let verdict = match &result {
+                Ok(called) => called.verdict.clone(),
+                Err(e) => Verdict::Error(e.to_string()),
+            };
             self.audit
-                .record(front_end, tool.name, &args, &result, started.elapsed());
+                .record(front_end, tool.name, &args, &verdict, started.elapsed());
         }
         result
     }
 }
 
-async fn run<A, R, F>(
-    tool: &str,
-    args: Value,
-    handler: impl FnOnce(A) -> F,
-) -> Result<Value, ToolError>
-where
-    A: DeserializeOwned,
-    R: Serialize,
-    F: Future<Output = Result<R, ToolError>>,
-{
-    let args = if args.is_null() {
-        Value::Object(Default::default())
-    } else {
-        args
-    };
-    if !args.is_object() {
-        return Err(ToolError::invalid(tool, "arguments must be a JSON object"));
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn tool_names_are_unique_and_schemas_are_objects_with_standard_formats() {
+        let mut names: Vec<&str> = TOOLS.iter().map(|t| t.name).collect();
+        names.sort_unstable();
+        names.dedup();
+        assert_eq!(names.len(), TOOLS.len(), "a tool name is listed twice");
+        for t in TOOLS {
+            for schema in [(t.input_schema)(), (t.output_schema)()] {
+                assert_eq!(schema["type"], "object", "{}", t.name);
+                let text = schema.to_string();
+                for bad in ["\"uint", "\"int", "\"double\"", "\"float\"", "\"uint8\""] {
+                    assert!(
+                        !text.contains(&format!("\"format\":{bad}")),
+                        "{}: {bad} format in {text}",
+                        t.name
+                    );
+                }
+            }
+        }
     }
-    let args: A =
-        serde_json::from_value(args).map_err(|e| ToolError::invalid(tool, e.to_string()))?;
-    let result = handler(args).await?;
-    serde_json::to_value(result).map_err(|e| ToolError::invalid(tool, e.to_string()))
-}
-
-/// Seconds since the Unix epoch, now.
-pub(crate) fn unix_now() -> f64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map(|d| d.as_secs_f64())
-        .unwrap_or(0.0)
-}
-
-/// `part / whole`, or 0 when `whole` is 0 (an empty or unlimited denominator).
-pub(crate) fn ratio(part: f64, whole: f64) -> f64 {
-    if whole > 0.0 { part / whole } else { 0.0 }
 }

@@ -4,9 +4,12 @@
 use schemars::JsonSchema;
 use serde::{Deserialize, Serialize};
 
-use super::{Context, ToolError, ratio};
+use super::summary::{duration, percent, seconds, target_label};
+use super::{Class, Tool, ToolError};
 use crate::agent::alongside;
 use crate::agent::reply::Runtime;
+use crate::context::Context;
+use crate::figures::ratio;
 use crate::process;
 
 #[derive(Debug, Default, Deserialize, JsonSchema)]
@@ -37,7 +40,46 @@ pub struct RuntimeStats {
     pub socket_count: u64,
 }
 
-pub async fn runtime_stats(ctx: &Context, args: Args) -> Result<RuntimeStats, ToolError> {
+pub struct RuntimeStatsTool;
+
+impl Tool for RuntimeStatsTool {
+    const NAME: &'static str = "runtime_stats";
+    const TITLE: &'static str = "Runtime statistics";
+    const DESCRIPTION: &'static str = "Pid, uptime, Lisp and agent versions, features, \
+        packages, threads, CPU seconds, GC time share, open file descriptors and their limit, \
+        sockets.";
+    const CLASS: Class = Class::Read;
+    type Args = Args;
+    type Output = RuntimeStats;
+
+    async fn run(ctx: &Context, args: Args) -> Result<RuntimeStats, ToolError> {
+        runtime_stats(ctx, args).await
+    }
+
+    fn summary(r: &RuntimeStats) -> String {
+        format!(
+            "{}: {} {} (agent {}), pid {}, up {}\n{} Lisp threads ({} OS threads), {} packages; \
+             CPU user {} sys {}, GC {} of wall time\nfds {} of {}, {} sockets",
+            target_label(&r.target),
+            r.image.lisp_implementation,
+            r.image.lisp_version,
+            r.image.agent_version,
+            r.image.pid,
+            duration(r.uptime_seconds),
+            r.image.thread_count,
+            r.os_thread_count,
+            r.image.package_count,
+            seconds(r.cpu_user_seconds),
+            seconds(r.cpu_system_seconds),
+            percent(r.gc_time_ratio),
+            r.open_fds,
+            r.max_fds.map_or("unlimited".into(), |m| m.to_string()),
+            r.socket_count,
+        )
+    }
+}
+
+async fn runtime_stats(ctx: &Context, args: Args) -> Result<RuntimeStats, ToolError> {
     let target = ctx.target(args.target.as_deref())?;
     let pid = target.pid().await?;
     let calls = async { tokio::try_join!(target.client.runtime(), target.client.gc()) };

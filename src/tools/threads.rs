@@ -6,8 +6,14 @@ use std::collections::HashMap;
 use schemars::JsonSchema;
 use serde::{Deserialize, Serialize};
 
-use super::{Context, ToolError};
+use std::fmt::Write as _;
+
+use super::summary::{
+    MAX_FIELD_CHARS, cut, frames, lines, or_unknown, seconds, target_label, thread_name,
+};
+use super::{Class, Tool, ToolError};
 use crate::agent::reply::{Backtrace, LispThread};
+use crate::context::Context;
 use crate::process::{self, TaskInfo};
 
 const MAX_FRAMES_LIMIT: u32 = 1000;
@@ -173,7 +179,7 @@ fn join(thread: &LispThread, task: Option<&TaskInfo>) -> ThreadInfo {
     }
 }
 
-pub async fn thread_list(ctx: &Context, args: ListArgs) -> Result<ThreadList, ToolError> {
+async fn thread_list(ctx: &Context, args: ListArgs) -> Result<ThreadList, ToolError> {
     let target = ctx.target(args.target.as_deref())?;
     let pid = target.pid().await?;
     let lisp = target.client.threads().await?;
@@ -234,7 +240,7 @@ pub(crate) fn find_thread<'a>(
                     // "1234" from a shell or a model: a tid written as a string.
                     Ok(tid) => find_thread(threads, &ThreadId::Tid(tid)),
                     Err(_) => Err(ToolError::UnknownThread {
-                        query: format!("named {:?}", super::clip(name)),
+                        query: format!("named {:?}", crate::echo::clip(name)),
                         known: known(),
                     }),
                 },
@@ -273,7 +279,7 @@ fn bounds(
     Ok((max_frames, timeout_ms))
 }
 
-pub async fn thread_inspect(ctx: &Context, args: InspectArgs) -> Result<ThreadDetail, ToolError> {
+async fn thread_inspect(ctx: &Context, args: InspectArgs) -> Result<ThreadDetail, ToolError> {
     let (max_frames, timeout_ms) = bounds("thread_inspect", args.max_frames, args.timeout_ms)?;
     let target = ctx.target(args.target.as_deref())?;
     let pid = target.pid().await?;
@@ -298,7 +304,7 @@ pub async fn thread_inspect(ctx: &Context, args: InspectArgs) -> Result<ThreadDe
     })
 }
 
-pub async fn thread_dump_all(ctx: &Context, args: DumpArgs) -> Result<ThreadDump, ToolError> {
+async fn thread_dump_all(ctx: &Context, args: DumpArgs) -> Result<ThreadDump, ToolError> {
     let (max_frames, timeout_ms) = bounds("thread_dump_all", args.max_frames, args.timeout_ms)?;
     let target = ctx.target(args.target.as_deref())?;
     let pid = target.pid().await?;
@@ -319,4 +325,169 @@ pub async fn thread_dump_all(ctx: &Context, args: DumpArgs) -> Result<ThreadDump
         unanswered: threads.iter().filter(|t| !t.answered).count(),
         threads,
     })
+}
+
+/// Most threads listed by `thread_list`'s summary.
+const MAX_THREAD_LINES: usize = 50;
+/// Most threads shown by `thread_dump_all`'s summary, and frames shown per thread there.
+const MAX_DUMP_THREADS: usize = 30;
+const MAX_DUMP_FRAMES: usize = 5;
+/// Frames shown by `thread_inspect`'s summary.
+const MAX_INSPECT_FRAMES: usize = 15;
+
+/// `tid name [main] [agent] state, waits for X, cpu`
+fn thread_line(out: &mut String, t: &ThreadInfo) {
+    let _ = write!(
+        out,
+        "{} {}",
+        or_unknown(t.tid),
+        thread_name(t.name.as_deref())
+    );
+    if t.main {
+        out.push_str(" [main]");
+    }
+    if t.agent {
+        out.push_str(" [agent]");
+    }
+    if !t.alive {
+        out.push_str(" [dead]");
+    }
+    let _ = write!(out, " {}", t.os_state.as_deref().unwrap_or("state unknown"));
+    if let Some(wait) = &t.lisp_wait {
+        let _ = write!(
+            out,
+            ", waits for {} {}",
+            t.lisp_wait_type.as_deref().unwrap_or("object"),
+            cut(wait, MAX_FIELD_CHARS)
+        );
+    }
+    if let Some(cpu) = t.cpu_seconds {
+        let _ = write!(out, ", cpu {}", seconds(cpu));
+    }
+}
+
+pub struct ThreadListTool;
+
+impl Tool for ThreadListTool {
+    const NAME: &'static str = "thread_list";
+    const TITLE: &'static str = "List threads";
+    const DESCRIPTION: &'static str = "Every Lisp thread with OS tid, name, main/agent flags, \
+        what it waits for (mutex name), OS state and CPU seconds from /proc; plus OS threads \
+        Lisp does not list.";
+    const CLASS: Class = Class::Read;
+    type Args = ListArgs;
+    type Output = ThreadList;
+
+    async fn run(ctx: &Context, args: ListArgs) -> Result<ThreadList, ToolError> {
+        thread_list(ctx, args).await
+    }
+
+    fn summary(l: &ThreadList) -> String {
+        let waiting = l.threads.iter().filter(|t| t.lisp_wait.is_some()).count();
+        let mut out = format!(
+            "{}: {} Lisp threads ({} waiting on a lock), {} OS-only threads",
+            target_label(&l.target),
+            l.threads.len(),
+            waiting,
+            l.os_only_threads.len()
+        );
+        lines(
+            &mut out,
+            &l.threads,
+            MAX_THREAD_LINES,
+            "threads",
+            thread_line,
+        );
+        out
+    }
+}
+
+pub struct ThreadInspect;
+
+impl Tool for ThreadInspect {
+    const NAME: &'static str = "thread_inspect";
+    const TITLE: &'static str = "Inspect a thread";
+    const DESCRIPTION: &'static str = "One thread (by OS tid or name): state, lock wait, CPU, \
+        kernel wait channel and its backtrace (bounded frames; a thread that cannot be \
+        interrupted is reported as such).";
+    const CLASS: Class = Class::Read;
+    type Args = InspectArgs;
+    type Output = ThreadDetail;
+
+    async fn run(ctx: &Context, args: InspectArgs) -> Result<ThreadDetail, ToolError> {
+        thread_inspect(ctx, args).await
+    }
+
+    fn summary(d: &ThreadDetail) -> String {
+        let mut out = format!("{}: ", target_label(&d.target));
+        thread_line(&mut out, &d.thread);
+        if let Some(wchan) = &d.wchan {
+            let _ = write!(out, ", kernel wait {}", cut(wchan, MAX_FIELD_CHARS));
+        }
+        if !d.answered {
+            out.push_str(
+                "\nno backtrace: the thread did not answer in time (it may run without \
+                 interrupts)",
+            );
+            return out;
+        }
+        let _ = write!(
+            out,
+            "\nbacktrace ({} frames{}):",
+            d.frames.len(),
+            if d.truncated {
+                ", cut at max_frames"
+            } else {
+                ""
+            }
+        );
+        frames(&mut out, &d.frames, MAX_INSPECT_FRAMES, "  ");
+        out
+    }
+}
+
+pub struct ThreadDumpAll;
+
+impl Tool for ThreadDumpAll {
+    const NAME: &'static str = "thread_dump_all";
+    const TITLE: &'static str = "Dump all threads";
+    const DESCRIPTION: &'static str = "Backtraces of all threads, each bounded in frames; the \
+        whole dump is bounded in time and threads that do not answer are reported, never \
+        waited for.";
+    const CLASS: Class = Class::Read;
+    type Args = DumpArgs;
+    type Output = ThreadDump;
+
+    async fn run(ctx: &Context, args: DumpArgs) -> Result<ThreadDump, ToolError> {
+        thread_dump_all(ctx, args).await
+    }
+
+    fn summary(d: &ThreadDump) -> String {
+        let mut out = format!(
+            "{}: {} threads, {} did not answer",
+            target_label(&d.target),
+            d.threads.len(),
+            d.unanswered
+        );
+        lines(
+            &mut out,
+            &d.threads,
+            MAX_DUMP_THREADS,
+            "threads",
+            |out, t| {
+                let _ = write!(
+                    out,
+                    "{} {}:",
+                    or_unknown(t.tid),
+                    thread_name(t.name.as_deref())
+                );
+                if t.answered {
+                    frames(out, &t.frames, MAX_DUMP_FRAMES, "  ");
+                } else {
+                    out.push_str(" did not answer");
+                }
+            },
+        );
+        out
+    }
 }

@@ -1,0 +1,70 @@
+//! What every tool handler, health grade and metrics scrape shares: the watched targets, the
+//! configuration, and the per-tool call counters. It sits below all of them, so none of them
+//! has to import another to reach it.
+
+use std::collections::BTreeMap;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use crate::config::Config;
+use crate::histogram::{Histogram, Reading};
+use crate::targets::{Target, TargetError, Targets};
+
+/// Counts and durations of one tool's calls since sbmon started.
+#[derive(Debug, Default)]
+pub struct ToolCounters {
+    pub ok: u64,
+    pub error: u64,
+    pub duration: Histogram,
+}
+
+/// Per-tool totals of calls (for metrics). What a target's own failures do to its health is
+/// kept per target ([`Target::calls`]).
+#[derive(Default)]
+pub struct CallLog {
+    per_tool: Mutex<BTreeMap<&'static str, ToolCounters>>,
+}
+
+impl CallLog {
+    pub fn record(&self, tool: &'static str, ok: bool, elapsed: Duration) {
+        let mut per_tool = self.per_tool.lock().unwrap_or_else(|p| p.into_inner());
+        let counters = per_tool.entry(tool).or_default();
+        if ok {
+            counters.ok += 1;
+        } else {
+            counters.error += 1;
+        }
+        counters.duration.observe(elapsed);
+    }
+
+    /// Per tool: (name, ok, error, duration reading), in name order.
+    pub fn totals(&self) -> Vec<(&'static str, u64, u64, Reading)> {
+        let per_tool = self.per_tool.lock().unwrap_or_else(|p| p.into_inner());
+        per_tool
+            .iter()
+            .map(|(name, c)| (*name, c.ok, c.error, c.duration.read()))
+            .collect()
+    }
+}
+
+/// The shared state of one sbmon.
+pub struct Context {
+    pub targets: Arc<Targets>,
+    pub config: Arc<Config>,
+    pub calls: CallLog,
+}
+
+impl Context {
+    pub fn new(targets: Arc<Targets>, config: Arc<Config>) -> Self {
+        Context {
+            targets,
+            config,
+            calls: CallLog::default(),
+        }
+    }
+
+    /// The target called `name`, or the only one.
+    pub fn target(&self, name: Option<&str>) -> Result<Arc<Target>, TargetError> {
+        self.targets.resolve(name)
+    }
+}

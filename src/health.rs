@@ -1,0 +1,286 @@
+//! Health grading: the dimensions of the SBCL monitoring guide (memory, GC, threads,
+//! resources, availability), each graded from one snapshot against warning and critical
+//! thresholds. The `health_check` tool, `/health` and `/metrics` all grade here.
+
+use schemars::JsonSchema;
+use serde::Serialize;
+
+use crate::config::Threshold;
+use crate::context::Context;
+use crate::figures::{ratio, unix_now};
+use crate::snapshot::{Detail, Readings, Snapshot};
+use crate::targets::Target;
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Serialize, JsonSchema)]
+#[serde(rename_all = "lowercase")]
+pub enum Status {
+    /// Could not be observed (only when something else already explains why).
+    Unknown,
+    Healthy,
+    Degraded,
+    Critical,
+}
+
+impl Status {
+    /// As it is written in JSON and in summaries.
+    pub fn name(self) -> &'static str {
+        match self {
+            Status::Unknown => "unknown",
+            Status::Healthy => "healthy",
+            Status::Degraded => "degraded",
+            Status::Critical => "critical",
+        }
+    }
+}
+
+#[derive(Debug, Serialize, JsonSchema)]
+pub struct Check {
+    /// e.g. memory.heap
+    pub name: String,
+    pub status: Status,
+    /// The observed value the thresholds apply to (null when it could not be read).
+    pub observed: Option<f64>,
+    pub warning: f64,
+    /// Null when no value is critical by itself.
+    pub critical: Option<f64>,
+    /// One line saying what was seen.
+    pub reason: String,
+}
+
+#[derive(Debug, Serialize, JsonSchema)]
+pub struct HealthReport {
+    pub target: String,
+    /// The worst status of all checks.
+    pub status: Status,
+    pub checks: Vec<Check>,
+    /// Unix time of the check.
+    pub time: f64,
+}
+
+fn status_of(observed: f64, t: &Threshold) -> Status {
+    if t.critical.is_some_and(|c| observed >= c) {
+        Status::Critical
+    } else if observed >= t.warning {
+        Status::Degraded
+    } else {
+        Status::Healthy
+    }
+}
+
+fn check(name: &str, observed: f64, t: &Threshold, reason: String) -> Check {
+    Check {
+        name: name.into(),
+        status: status_of(observed, t),
+        observed: Some(observed),
+        warning: t.warning,
+        critical: t.critical,
+        reason,
+    }
+}
+
+fn unknown(name: &str, t: &Threshold, reason: String) -> Check {
+    Check {
+        name: name.into(),
+        status: Status::Unknown,
+        observed: None,
+        warning: t.warning,
+        critical: t.critical,
+        reason,
+    }
+}
+
+fn mib(bytes: u64) -> String {
+    format!("{:.1} MiB", bytes as f64 / 1048576.0)
+}
+
+fn percent(x: f64) -> String {
+    format!("{:.1}%", x * 100.0)
+}
+
+/// Grade every check for one target. An unreachable agent is itself the critical finding,
+/// so this never fails.
+pub async fn evaluate(ctx: &Context, target: &Target) -> HealthReport {
+    grade(ctx, target, &Snapshot::take(target, Detail::Process).await)
+}
+
+/// Grade a snapshot already taken (a scrape grades the snapshot it exports).
+pub fn grade(ctx: &Context, target: &Target, snap: &Snapshot) -> HealthReport {
+    let h = &ctx.config.health;
+    let mut checks = Vec::new();
+    checks.push(match &snap.rtt {
+        Ok(rtt) => check(
+            "availability.agent",
+            rtt.as_secs_f64(),
+            &h.availability.agent,
+            format!("agent answered a ping in {:.3} ms", rtt.as_secs_f64() * 1e3),
+        ),
+        Err(e) => Check {
+            status: Status::Critical,
+            reason: format!("agent unreachable: {e}"),
+            ..unknown("availability.agent", &h.availability.agent, String::new())
+        },
+    });
+
+    match &snap.image {
+        Some(readings) => observe_image(ctx, target, readings, &mut checks),
+        None => {
+            for (name, t) in [
+                ("memory.heap", &h.memory.heap),
+                ("memory.rss", &h.memory.rss),
+                ("gc.time", &h.gc.time),
+                ("threads.count", &h.threads.count),
+                ("resources.fds", &h.resources.fds),
+            ] {
+                checks.push(unknown(
+                    name,
+                    t,
+                    "not observed: the agent is unreachable".into(),
+                ));
+            }
+        }
+    }
+
+    let (failed, total) = target.calls.last_minute();
+    let error_ratio = ratio(failed as f64, total as f64);
+    checks.push(check(
+        "availability.errors",
+        error_ratio,
+        &h.availability.errors,
+        if total == 0 {
+            "no tool calls in the last minute".into()
+        } else {
+            format!("{failed} of {total} tool calls failed in the last minute (callers' own mistakes are not counted)")
+        },
+    ));
+
+    HealthReport {
+        target: target.name.clone(),
+        status: checks
+            .iter()
+            .map(|c| c.status)
+            .max()
+            .unwrap_or(Status::Unknown)
+            .max(Status::Healthy),
+        checks,
+        time: unix_now(),
+    }
+}
+
+fn observe_image(ctx: &Context, target: &Target, image: &Readings, checks: &mut Vec<Check>) {
+    let h = &ctx.config.health;
+    checks.push(match &image.memory {
+        Ok(mem) => {
+            let heap = ratio(mem.heap_used as f64, mem.heap_limit as f64);
+            check(
+                "memory.heap",
+                heap,
+                &h.memory.heap,
+                format!(
+                    "heap {} of {} ({})",
+                    mib(mem.heap_used),
+                    mib(mem.heap_limit),
+                    percent(heap)
+                ),
+            )
+        }
+        Err(e) => unknown(
+            "memory.heap",
+            &h.memory.heap,
+            format!("could not be read: {e}"),
+        ),
+    });
+
+    let proc = &image.process;
+    checks.push(match proc {
+        Ok(p) => {
+            let rss = ratio(p.rss_bytes as f64, p.memory_limit.bytes as f64);
+            check(
+                "memory.rss",
+                rss,
+                &h.memory.rss,
+                format!(
+                    "RSS {} of {} limit ({}, {})",
+                    mib(p.rss_bytes),
+                    mib(p.memory_limit.bytes),
+                    percent(rss),
+                    p.memory_limit.source
+                ),
+            )
+        }
+        Err(e) => unknown("memory.rss", &h.memory.rss, e.to_string()),
+    });
+
+    checks.push(match (&image.gc, proc) {
+        (Err(e), _) => unknown("gc.time", &h.gc.time, format!("could not be read: {e}")),
+        (Ok(gc), _) if let Some(rate) = target.gc_rate(gc.gc_cpu_seconds) => check(
+            "gc.time",
+            rate.ratio,
+            &h.gc.time,
+            format!(
+                "GC used {} of wall time over the last {:.0} s",
+                percent(rate.ratio),
+                rate.window_seconds
+            ),
+        ),
+        // No earlier reading (first call): the lifetime share is the best true figure.
+        (Ok(gc), Ok(p)) => {
+            let lifetime = ratio(gc.gc_cpu_seconds, p.uptime_seconds);
+            check(
+                "gc.time",
+                lifetime,
+                &h.gc.time,
+                format!(
+                    "GC used {} of wall time since the image started {:.0} s ago \
+                     (no reading from a minute ago yet)",
+                    percent(lifetime),
+                    p.uptime_seconds
+                ),
+            )
+        }
+        (Ok(_), Err(e)) => unknown("gc.time", &h.gc.time, e.to_string()),
+    });
+
+    checks.push(match &image.threads {
+        Ok(threads) => {
+            let count = threads.len();
+            let blocked = threads.iter().filter(|t| t.waiting_for.is_some()).count();
+            check(
+                "threads.count",
+                count as f64,
+                &h.threads.count,
+                format!("{count} Lisp threads, {blocked} waiting on a lock"),
+            )
+        }
+        Err(e) => unknown(
+            "threads.count",
+            &h.threads.count,
+            format!("could not be read: {e}"),
+        ),
+    });
+
+    checks.push(match proc {
+        Ok(p) => match p.max_fds {
+            Some(max) => {
+                let fds = ratio(p.open_fds as f64, max as f64);
+                check(
+                    "resources.fds",
+                    fds,
+                    &h.resources.fds,
+                    format!(
+                        "{} of {} file descriptors open ({})",
+                        p.open_fds,
+                        max,
+                        percent(fds)
+                    ),
+                )
+            }
+            None => check(
+                "resources.fds",
+                0.0,
+                &h.resources.fds,
+                format!("{} file descriptors open, no limit", p.open_fds),
+            ),
+        },
+        Err(e) => unknown("resources.fds", &h.resources.fds, e.to_string()),
+    });
+}
