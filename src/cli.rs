@@ -16,7 +16,7 @@ use crate::agent::{Address, AgentClient, ClientOptions, address};
 use crate::audit::Audit;
 use crate::config::Config;
 use crate::serve::{ServeError, ServeOptions};
-use crate::targets::{Target, default_name};
+use crate::targets::{Listing, Target, default_name};
 use crate::tools::{self, Allow, Catalog};
 
 #[derive(Debug, Parser)]
@@ -36,8 +36,12 @@ pub enum Command {
         #[arg(long)]
         json: bool,
     },
-    /// List the tools.
-    Tools,
+    /// List the tools this sbmon would offer (read tools; --allow adds control and eval).
+    Tools {
+        /// Also list control and/or eval tools, as `--allow` on serve or call offers them.
+        #[arg(long, value_delimiter = ',', value_name = "CLASS")]
+        allow: Vec<AllowClass>,
+    },
     /// Serve the tools: MCP over stdio and/or HTTP (MCP at /mcp, JSON-RPC at /rpc).
     Serve(ServeArgs),
     /// Start SBCL with the agent and serve it as `serve` would; SBCL stops when sbmon does.
@@ -68,6 +72,13 @@ pub enum AllowClass {
     Eval,
 }
 
+fn allow_of(classes: &[AllowClass]) -> Allow {
+    Allow {
+        control: classes.contains(&AllowClass::Control),
+        eval: classes.contains(&AllowClass::Eval),
+    }
+}
+
 /// What this sbmon may do beyond reading, and where its actions are recorded.
 #[derive(Debug, Args)]
 pub struct PolicyArgs {
@@ -82,10 +93,7 @@ pub struct PolicyArgs {
 
 impl PolicyArgs {
     fn allow(&self) -> Allow {
-        Allow {
-            control: self.allow.contains(&AllowClass::Control),
-            eval: self.allow.contains(&AllowClass::Eval),
-        }
+        allow_of(&self.allow)
     }
 
     fn audit(&self) -> Result<Audit, String> {
@@ -218,7 +226,7 @@ pub fn run(cli: Cli) -> ExitCode {
             Command::Serve(args) => serve(args).await,
             Command::Launch(args) => launch(args).await,
             Command::Targets { json } => targets(json).await,
-            Command::Tools => tools(),
+            Command::Tools { allow } => tools(&allow),
             Command::Demo(args) => crate::demo::run(args.sbcl, args.duration).await,
             Command::Events(args) => events(args).await,
         }
@@ -523,17 +531,6 @@ async fn events(args: EventsArgs) -> ExitCode {
     ExitCode::SUCCESS
 }
 
-#[derive(Debug, Serialize)]
-struct TargetRow {
-    pid: i32,
-    address: String,
-    /// "live", "stale" (process gone) or "not answering".
-    status: &'static str,
-    lisp_version: Option<String>,
-    agent_version: Option<String>,
-    error: Option<String>,
-}
-
 async fn targets(json: bool) -> ExitCode {
     let dir = address::runtime_dir();
     let found = address::discover_in(&dir);
@@ -542,32 +539,8 @@ async fn targets(json: bool) -> ExitCode {
         ..ClientOptions::default()
     };
     let probes = found.iter().map(|f| {
-        let options = options.clone();
-        async move {
-            let address = Address::Unix(f.path.clone());
-            let mut row = TargetRow {
-                pid: f.pid,
-                address: address.to_string(),
-                status: "stale",
-                lisp_version: None,
-                agent_version: None,
-                error: None,
-            };
-            if f.process_alive {
-                match AgentClient::new(address, options).welcome().await {
-                    Ok(w) => {
-                        row.status = "live";
-                        row.lisp_version = Some(w.lisp_version);
-                        row.agent_version = Some(w.agent_version);
-                    }
-                    Err(e) => {
-                        row.status = "not answering";
-                        row.error = Some(e.to_string());
-                    }
-                }
-            }
-            row
-        }
+        let client = AgentClient::new(Address::Unix(f.path.clone()), options.clone());
+        async move { Listing::probe(None, &client, Some(f.pid), f.process_alive).await }
     });
     let rows = futures::future::join_all(probes).await;
     if json {
@@ -581,7 +554,7 @@ async fn targets(json: bool) -> ExitCode {
     for r in &rows {
         println!(
             "{:<8} {:<14} {:<18} {}",
-            r.pid,
+            r.pid.map_or("?".into(), |p| p.to_string()),
             r.status,
             r.lisp_version.as_deref().unwrap_or("-"),
             r.address
@@ -590,8 +563,9 @@ async fn targets(json: bool) -> ExitCode {
     ExitCode::SUCCESS
 }
 
-fn tools() -> ExitCode {
-    for tool in tools::TOOLS {
+fn tools(allow: &[AllowClass]) -> ExitCode {
+    let allow = allow_of(allow);
+    for tool in tools::TOOLS.iter().filter(|t| allow.permits(t.class)) {
         let class = tool.class.name();
         let summary = tool.description.split(". ").next().unwrap_or_default();
         println!(

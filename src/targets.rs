@@ -10,6 +10,8 @@ use crate::agent::address::Found;
 use crate::agent::{Address, AgentClient, AgentError, ClientOptions};
 use crate::events::GcFeed;
 
+use serde::Serialize;
+
 /// Samples older than this are dropped; rates look back one minute.
 const HISTORY_SPAN: Duration = Duration::from_secs(300);
 const HISTORY_MAX: usize = 512;
@@ -245,6 +247,66 @@ impl Targets {
                 _ => Err(TargetError::Ambiguous(Self::names(&list))),
             },
         }
+    }
+}
+
+/// How long a listing waits for each agent's welcome: a hung image must not stall the
+/// listing; it is reported as not answering.
+pub const PROBE_TIMEOUT: Duration = Duration::from_secs(2);
+
+/// One image as listings show it (`sbmon targets`, the MCP resource `sbmon://targets`).
+#[derive(Debug, Serialize)]
+pub struct Listing {
+    /// The target name, for a watched target.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub name: Option<String>,
+    pub pid: Option<i32>,
+    pub address: String,
+    /// "live", "stale" (its process is gone) or "not answering".
+    pub status: &'static str,
+    pub lisp_version: Option<String>,
+    pub agent_version: Option<String>,
+    pub error: Option<String>,
+}
+
+impl Listing {
+    /// Ask the agent at `client` who it is (`pid` as known beforehand; `alive: false` for a
+    /// socket whose process is gone, which is not asked at all).
+    pub async fn probe(
+        name: Option<String>,
+        client: &AgentClient,
+        pid: Option<i32>,
+        alive: bool,
+    ) -> Listing {
+        let mut row = Listing {
+            name,
+            pid,
+            address: client.address().to_string(),
+            status: "stale",
+            lisp_version: None,
+            agent_version: None,
+            error: None,
+        };
+        if !alive {
+            return row;
+        }
+        match tokio::time::timeout(PROBE_TIMEOUT, client.welcome()).await {
+            Ok(Ok(w)) => {
+                row.status = "live";
+                row.pid = Some(w.pid);
+                row.lisp_version = Some(w.lisp_version);
+                row.agent_version = Some(w.agent_version);
+            }
+            Ok(Err(e)) => {
+                row.status = "not answering";
+                row.error = Some(e.to_string());
+            }
+            Err(_) => {
+                row.status = "not answering";
+                row.error = Some(format!("the agent did not answer within {PROBE_TIMEOUT:?}"));
+            }
+        }
+        row
     }
 }
 

@@ -248,6 +248,24 @@ fn tools_lists_the_read_catalog() {
             "{name} missing:\n{listing}"
         );
     }
+    // Control and eval tools are listed only for the classes --allow names, as serve offers.
+    assert!(
+        !listing.contains("repl_eval") && !listing.contains("memory_gc"),
+        "{listing}"
+    );
+    assert_eq!(
+        listing.lines().count(),
+        common::READ_TOOLS.len(),
+        "{listing}"
+    );
+    let out = sbmon(&["tools", "--allow", "control"], runtime.path());
+    let listing = text(&out.stdout);
+    assert!(
+        listing
+            .lines()
+            .any(|l| l.starts_with("memory_gc") && l.contains("control"))
+    );
+    assert!(!listing.contains("repl_eval"), "{listing}");
 }
 
 #[tokio::test]

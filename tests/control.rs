@@ -155,8 +155,32 @@ async fn gc_tune_reads_back_and_memory_gc_frees_what_the_test_made() {
         json!({}),
     ] {
         let err = c.call("gc_tune", bad.clone()).await.unwrap_err();
-        assert!(!err.to_string().is_empty(), "{bad}");
+        // Whether sbmon or the agent refuses it, a bad value is the caller's mistake.
+        assert!(err.is_usage(), "{bad}: {err:?}");
+        assert!(
+            err.to_string().contains("invalid")
+                || err.to_string().contains("BAD-ARGUMENT")
+                || err.to_string().contains("nothing to change"),
+            "{bad}: {err}"
+        );
     }
+    // The CLI says so with exit code 2, as for any usage error.
+    let out = Command::new(env!("CARGO_BIN_EXE_sbmon"))
+        .args([
+            "call",
+            "gc_tune",
+            r#"{"nursery_size_bytes": 1125899906842624}"#,
+        ])
+        .args(["--allow", "control", "--target"])
+        .arg(image.sbcl.address.to_string())
+        .output()
+        .unwrap();
+    assert_eq!(
+        out.status.code(),
+        Some(2),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     let unchanged = c.call("memory_stats", Value::Null).await.unwrap();
     assert_eq!(unchanged["nursery_size_bytes"], 300 << 20);
     assert_eq!(generation(&unchanged, 1, "minimum_age_before_gc"), 0.5);

@@ -190,12 +190,14 @@ async fn metrics_pass_promtool_and_match_proc() {
         .await;
     assert!(answer["result"].is_object());
     let counted = parse(&sbmon.get("/metrics").await.1);
-    assert!(
+    assert_eq!(
         sum(
             &counted,
             "sbmon_tool_calls_total",
             &["tool=\"memory_stats\"", "outcome=\"ok\""]
-        ) >= 1.0
+        ),
+        1.0,
+        "exactly the one call made"
     );
 
     // One target only: its series, without sbmon's own.

@@ -21,6 +21,10 @@ fn threads_named<'a>(list: &'a Value, name: &str) -> Vec<&'a Value> {
 async fn memory_stats_match_the_chosen_heap_and_proc() {
     let image = Image::start(Setup {
         runtime_args: vec!["--dynamic-space-size".into(), "384MB".into()],
+        forms: vec![format!(
+            "(setf (sb-ext:bytes-consed-between-gcs) {})",
+            7 << 20
+        )],
         ..Setup::default()
     })
     .await;
@@ -58,8 +62,32 @@ async fn memory_stats_match_the_chosen_heap_and_proc() {
         in_gens <= used,
         "generation bytes {in_gens} exceed heap used {used}"
     );
-    assert!(m["nursery_size_bytes"].as_u64().unwrap() > 0);
-    assert!(m["memory_limit_bytes"].as_u64().unwrap() > 0);
+    assert_eq!(m["nursery_size_bytes"], 7 << 20, "the nursery the test set");
+    // The limit is the cgroup's when one is set (the source names its file), else physical
+    // memory: read both here, independently of sbmon.
+    let limit = m["memory_limit_bytes"].as_u64().unwrap();
+    let source = m["memory_limit_source"].as_str().unwrap();
+    let mem_total = std::fs::read_to_string("/proc/meminfo")
+        .unwrap()
+        .lines()
+        .find_map(|l| l.strip_prefix("MemTotal:"))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<u64>().ok())
+        .unwrap()
+        * 1024;
+    if source.starts_with("cgroup") {
+        let dir = source.split_once('(').unwrap().1.trim_end_matches(')');
+        let file = if source.starts_with("cgroup v2") {
+            "memory.max"
+        } else {
+            "memory.limit_in_bytes"
+        };
+        let text = std::fs::read_to_string(format!("{dir}/{file}")).unwrap();
+        assert_eq!(limit, text.trim().parse::<u64>().unwrap(), "{source}");
+        assert!(limit <= mem_total);
+    } else {
+        assert!(source.starts_with("physical memory"), "{source}");
+        assert_eq!(limit, mem_total);
+    }
 }
 
 #[tokio::test]
