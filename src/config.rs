@@ -1,6 +1,6 @@
 //! The config file (`--config FILE`, TOML): health thresholds. Every key is optional; what
-//! is absent keeps the defaults of DESIGN.md. Unknown keys are an error, so a typo never
-//! silently leaves a default in force.
+//! is absent keeps the defaults listed in the README ("Health checks and thresholds").
+//! Unknown keys are an error, so a typo never silently leaves a default in force.
 //!
 //! ```toml
 //! [health.memory]

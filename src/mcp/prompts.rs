@@ -48,7 +48,7 @@ impl Example {
     }
 }
 
-/// The health thresholds in force (the config file's, else DESIGN.md's defaults), quoted by
+/// The health thresholds in force (the config file's, else the defaults in the README), quoted by
 /// the prompts so a model grades figures the way health_check does.
 pub(super) struct Limits {
     pub(super) heap: Threshold,

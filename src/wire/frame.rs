@@ -9,7 +9,7 @@ use super::sexp::{ParseError, Sexp};
 const HEADER_LEN: usize = 6;
 /// The largest length 6 hex digits can state.
 pub const MAX_ENCODABLE: usize = 0xff_ffff;
-/// What sbmon accepts from an agent unless told otherwise (DESIGN.md).
+/// What sbmon accepts from an agent unless told otherwise (docs/protocol.md, "Transport and framing").
 pub const DEFAULT_MAX_INCOMING: usize = 16 * 1024 * 1024;
 
 #[derive(Debug, thiserror::Error)]
