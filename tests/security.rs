@@ -67,43 +67,31 @@ async fn cross_site_requests_are_refused_on_every_endpoint() {
     let get = reqwest::Method::GET;
     let rpc = format!("{base}/rpc");
 
-    // What a page on another site can send without a preflight: text/plain, its own Origin.
-    let (status, _) = send(
-        post.clone(),
-        &rpc,
-        &[
-            ("content-type", "text/plain"),
-            ("origin", "http://evil.com"),
-        ],
-        Some(eval_request(&code)),
-    )
-    .await;
-    assert_eq!(status, 403, "cross-origin text/plain POST to /rpc");
-    // Even from no origin at all, /rpc takes JSON only.
-    let (status, _) = send(
-        post.clone(),
-        &rpc,
-        &[("content-type", "text/plain")],
-        Some(eval_request(&code)),
-    )
-    .await;
-    assert_eq!(status, 415, "text/plain POST to /rpc");
-    let (status, _) = send(
-        post.clone(),
-        &rpc,
-        &[JSON, ("origin", "http://evil.com")],
-        Some(eval_request(&code)),
-    )
-    .await;
-    assert_eq!(status, 403, "JSON from a foreign origin");
-    let (status, _) = send(
-        post.clone(),
-        &rpc,
-        &[JSON, ("origin", "null")],
-        Some(eval_request(&code)),
-    )
-    .await;
-    assert_eq!(status, 403, "Origin: null (sandboxed frame)");
+    // What a page on another site can send without a preflight (text/plain with its own
+    // Origin), what no browser should get through (foreign or null Origin with JSON), and
+    // text/plain even without an Origin.
+    let text = ("content-type", "text/plain");
+    for (headers, expected, what) in [
+        (
+            vec![text, ("origin", "http://evil.com")],
+            403,
+            "cross-origin text/plain",
+        ),
+        (vec![text], 415, "text/plain without an Origin"),
+        (
+            vec![JSON, ("origin", "http://evil.com")],
+            403,
+            "JSON from a foreign origin",
+        ),
+        (
+            vec![JSON, ("origin", "null")],
+            403,
+            "Origin: null (sandboxed frame)",
+        ),
+    ] {
+        let (status, _) = send(post.clone(), &rpc, &headers, Some(eval_request(&code))).await;
+        assert_eq!(status, expected, "POST /rpc, {what}");
+    }
     assert!(!marker.exists(), "a refused request ran its code");
 
     // DNS rebinding: a name the attacker controls, resolved to 127.0.0.1.
@@ -194,6 +182,15 @@ fn rpc_call(id: i64, method: &str, params: Value) -> Value {
     json!({"jsonrpc": "2.0", "id": id, "method": method, "params": params})
 }
 
+/// Every answer of a JSON-RPC batch is an error.
+fn all_failed(answers: &Value) {
+    let answers = answers.as_array().expect("a batch answer");
+    assert!(
+        answers.iter().all(|a| a["error"].is_object()),
+        "{answers:?}"
+    );
+}
+
 #[tokio::test]
 async fn health_is_not_poisoned_by_callers_mistakes() {
     let image = Image::start(Setup::default()).await;
@@ -215,28 +212,12 @@ async fn health_is_not_poisoned_by_callers_mistakes() {
         .map(|i| rpc_call(i, "thread_inspect", json!({"thread_id": 999_999_999})))
         .collect();
     for _ in 0..3 {
-        let answers = sbmon.rpc(Value::Array(mistakes.clone())).await;
-        assert!(
-            answers
-                .as_array()
-                .unwrap()
-                .iter()
-                .all(|a| a["error"].is_object()),
-            "{answers}"
-        );
+        all_failed(&sbmon.rpc(Value::Array(mistakes.clone())).await);
     }
     let wrong_target: Vec<Value> = (0..100)
         .map(|i| rpc_call(i, "memory_stats", json!({"target": "nope"})))
         .collect();
-    let answers = sbmon.rpc(Value::Array(wrong_target)).await;
-    assert!(
-        answers
-            .as_array()
-            .unwrap()
-            .iter()
-            .all(|a| a["error"].is_object()),
-        "{answers}"
-    );
+    all_failed(&sbmon.rpc(Value::Array(wrong_target)).await);
 
     let (status, body) = sbmon.get("/health/targets/app").await;
     let report: Value = serde_json::from_str(&body).unwrap();
@@ -270,15 +251,7 @@ async fn health_is_not_poisoned_by_callers_mistakes() {
     let calls: Vec<Value> = (0..5)
         .map(|i| rpc_call(i, "memory_stats", json!({})))
         .collect();
-    let answers = sbmon.rpc(Value::Array(calls)).await;
-    assert!(
-        answers
-            .as_array()
-            .unwrap()
-            .iter()
-            .all(|a| a["error"].is_object()),
-        "{answers}"
-    );
+    all_failed(&sbmon.rpc(Value::Array(calls)).await);
     let (status, _) = sbmon.get("/health/targets/app").await;
     assert_eq!(status, 503, "a stopped image is critical");
     unsafe { libc::kill(image.pid(), libc::SIGCONT) };
@@ -422,16 +395,13 @@ async fn rpc_echoes_ids_exactly_and_never_echoes_huge_input() {
         "\"x\"",
     ] {
         let body = format!(r#"{{"jsonrpc":"2.0","id":{id},"method":"no_such_tool"}}"#);
-        let response = reqwest::Client::new()
-            .post(format!("{}/rpc", sbmon.base))
-            .header("content-type", "application/json")
-            .body(body)
-            .send()
-            .await
-            .unwrap()
-            .text()
-            .await
-            .unwrap();
+        let (_, response) = send(
+            reqwest::Method::POST,
+            &format!("{}/rpc", sbmon.base),
+            &[JSON],
+            Some(body),
+        )
+        .await;
         assert!(
             response.contains(&format!(r#""id":{id}"#)),
             "id {id} came back as {response}"
