@@ -310,15 +310,6 @@
     (setf (aref octets fill) byte
           (outbuf-fill buf) (1+ fill))))
 
-(declaim (inline put-char))
-(defun put-char (buf c)
-  "C as UTF-8; lone surrogates (not encodable) become #\?."
-  (declare (type outbuf buf) (type character c) (optimize speed))
-  (let ((code (char-code c)))
-    (if (< code #x80)
-        (put-byte buf code)
-        (put-multibyte-char buf code))))
-
 (defun put-multibyte-char (buf code)
   (declare (type outbuf buf) (type (integer #x80 #x10FFFF) code) (optimize speed))
   (cond ((< code #x800)
@@ -334,6 +325,15 @@
          (put-byte buf (logior #x80 (logand (ash code -12) #x3F)))
          (put-byte buf (logior #x80 (logand (ash code -6) #x3F)))
          (put-byte buf (logior #x80 (logand code #x3F))))))
+
+(declaim (inline put-char))
+(defun put-char (buf c)
+  "C as UTF-8; lone surrogates (not encodable) become #\?."
+  (declare (type outbuf buf) (type character c) (optimize speed))
+  (let ((code (char-code c)))
+    (if (< code #x80)
+        (put-byte buf code)
+        (put-multibyte-char buf code))))
 
 (defmacro with-simple-string ((var string) &body body)
   "BODY with VAR bound to STRING, compiled once per simple string type so CHAR is fast."

@@ -470,3 +470,38 @@ async fn replies_carry_any_text_exactly_and_oversized_replies_become_errors() {
     assert!(err.to_string().contains("frame limit"), "{err}");
     client.ping().await.unwrap();
 }
+
+#[test]
+fn loading_the_agent_file_warns_nothing() {
+    let agent = concat!(env!("CARGO_MANIFEST_DIR"), "/lisp/sbmon-agent.lisp");
+    // Loading the source, as the README says to.
+    let out = std::process::Command::new("sbcl")
+        .args(["--non-interactive", "--no-sysinit", "--no-userinit"])
+        .args(["--load", agent])
+        .output()
+        .expect("run sbcl");
+    let text = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(out.status.success(), "{text}");
+    for needle in ["WARNING", "undefined", "Undefined", "caught"] {
+        assert!(!text.contains(needle), "loading printed {needle:?}:\n{text}");
+    }
+    // Compiling it, as ASDF does: no warning of any kind.
+    let fasl = tempfile::tempdir().unwrap();
+    let form = format!(
+        "(multiple-value-bind (fasl warnings failure) (compile-file {} :output-file {}) \
+           (declare (ignore fasl)) (format t \"~&RESULT ~s ~s~%\" warnings failure))",
+        Sexp::string(agent),
+        Sexp::string(fasl.path().join("agent.fasl").to_string_lossy())
+    );
+    let out = std::process::Command::new("sbcl")
+        .args(["--non-interactive", "--no-sysinit", "--no-userinit"])
+        .args(["--eval", &form])
+        .output()
+        .expect("run sbcl");
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(text.contains("RESULT NIL NIL"), "{text}");
+}
