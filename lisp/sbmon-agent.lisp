@@ -534,6 +534,35 @@ Signals TOO-LARGE beyond the frame limit."
                      (t (return-from send-all nil)))))
     t))
 
+(defun wait-readable (fd milliseconds)
+  "Wait up to MILLISECONDS for FD to be readable (or closed) with poll(2).  Returns NIL on
+timeout or when a signal interrupted the wait (the caller recomputes its time left)."
+  (sb-alien:with-alien ((pfd (array (sb-alien:signed 32) 2)))
+    ;; struct pollfd { int fd; short events; short revents; }: POLLIN = 1 in the low half
+    ;; (little-endian) of the second word, revents 0.
+    (setf (sb-alien:deref pfd 0) fd
+          (sb-alien:deref pfd 1) 1)
+    (plusp (sb-alien:alien-funcall
+            (sb-alien:extern-alien "poll" (function sb-alien:int sb-sys:system-area-pointer
+                                                    sb-alien:unsigned-long sb-alien:int))
+            (sb-alien:alien-sap pfd) 1 (max 0 (min milliseconds 1000000))))))
+
+(defun recv-available (fd octets start)
+  "Read into OCTETS from START what FD has now, without waiting: the count read, 0 at end
+of file or on an error, NIL when nothing has arrived yet."
+  (declare (type (simple-array (unsigned-byte 8) (*)) octets) (type fixnum start))
+  (let ((r (sb-sys:with-pinned-objects (octets)
+             ;; MSG_DONTWAIT = #x40
+             (sb-alien:alien-funcall
+              (sb-alien:extern-alien "recv" (function sb-alien:long sb-alien:int
+                                                      sb-sys:system-area-pointer
+                                                      sb-alien:unsigned-long sb-alien:int))
+              fd (sb-sys:sap+ (sb-sys:vector-sap octets) start) (- (length octets) start) #x40))))
+    (cond ((> r 0) r)
+          ((= r 0) 0)
+          ((member (sb-alien:get-errno) (list sb-unix:eintr sb-unix:ewouldblock)) nil)
+          (t 0))))
+
 (defun file-kind (path)
   "Return :directory, :socket, :other or NIL (absent), and the owner uid."
   (multiple-value-bind (ok dev ino mode nlink uid) (sb-unix:unix-lstat path)
@@ -846,6 +875,8 @@ of n_gcs (or of *gc-epoch*) does."
 (defvar *conn-counter* 0)
 (defvar *tcp-token* nil)
 (defvar *tcp-mode* nil)
+(defvar *hello-timeout* +hello-timeout+
+  "Seconds a new connection has to send its hello (START's :HELLO-TIMEOUT).")
 (defvar *start-time* 0d0)
 (defvar *pending-backtraces*
   (make-hash-table :test 'eq :weakness :key :synchronized t)
@@ -1903,14 +1934,47 @@ enter the debugger reaches the debugger hooks, which record it and unwind."
                                       (if (< i (length b)) (char-code (char b i)) 0)))))
     (zerop diff)))
 
+(defun recv-exactly (fd octets deadline-ns)
+  "Fill OCTETS from FD by DEADLINE-NS (CLOCK_MONOTONIC): :OK, :EOF or :TIMEOUT."
+  (let ((got 0) (n (length octets)))
+    (loop while (< got n)
+          do (let ((r (recv-available fd octets got)))
+               (cond ((null r)
+                      (let ((left (- deadline-ns (mono-ns))))
+                        (when (<= left 0) (return-from recv-exactly :timeout))
+                        (wait-readable fd (ceiling left 1000000))))
+                     ((zerop r) (return-from recv-exactly :eof))
+                     (t (incf got r)))))
+    :ok))
+
+(defun read-hello (conn)
+  "The first frame of CONN: its payload string, NIL at end of file, or :TIMEOUT.
+The deadline is absolute (CLOCK_MONOTONIC, *HELLO-TIMEOUT* seconds after this call) and the
+socket is read directly, only what has arrived: a garbage collection cannot postpone it (as
+it does SB-SYS:WITH-DEADLINE) and a peer sending its hello a byte at a time is cut off too."
+  (let ((fd (conn-fd conn))
+        (deadline (+ (mono-ns) (round (* *hello-timeout* 1d9))))
+        (header (make-array 6 :element-type '(unsigned-byte 8))))
+    (flet ((fill-from-socket (buffer)
+             (let ((outcome (recv-exactly fd buffer deadline)))
+               (unless (eq outcome :ok)
+                 (return-from read-hello (if (eq outcome :timeout) :timeout nil))))))
+      (fill-from-socket header)
+      (let ((len (hex-header-length header)))
+        (when (> len +max-in-frame+)
+          (error 'frame-error
+                 :text (format nil "frame too large: ~d bytes (limit ~d)" len +max-in-frame+)))
+        (let ((payload (make-array len :element-type '(unsigned-byte 8))))
+          (fill-from-socket payload)
+          (handler-case (sb-ext:octets-to-string payload :external-format :utf-8)
+            (error () (error 'malformed :text "payload is not valid UTF-8"))))))))
+
 (defun handshake (conn)
   "Read the hello within the timeout.  Returns T if the welcome was sent."
-  (let ((payload (handler-case
-                     (sb-sys:with-deadline (:seconds +hello-timeout+)
-                       (read-frame (conn-stream conn)))
-                   (sb-sys:deadline-timeout ()
-                     (send-bye conn "timeout waiting for hello")
-                     (return-from handshake nil)))))
+  (let ((payload (read-hello conn)))
+    (when (eq payload :timeout)
+      (send-bye conn "timeout waiting for hello")
+      (return-from handshake nil))
     (unless payload (return-from handshake nil))
     (let ((msg (parse-payload payload)))
       (unless (and (consp msg) (eq (first msg) :hello)
@@ -2084,22 +2148,25 @@ enter the debugger reaches the debugger hooks, which record it and unwind."
         (ignore-errors (sb-bsd-sockets:socket-close s))
         (error c)))))
 
-(defun start (&key socket port)
+(defun start (&key socket port (hello-timeout +hello-timeout+))
   "Start the agent and return its address: the Unix socket path, or \"127.0.0.1:PORT\".
 With no argument, listen on <dir>/<pid>.sock (<dir> = $XDG_RUNTIME_DIR/sbmon or
 /tmp/sbmon-<uid>, mode 0700; socket 0600).  :SOCKET PATH listens on that path.  :PORT N
 listens on 127.0.0.1:N and requires the token from ~/.sbmon-secret (created if absent).
-Calling START while running returns the current address."
+:HELLO-TIMEOUT (seconds, default 10) is how long a new connection may take to send its
+hello before it is closed.  Calling START while running returns the current address."
   (sb-thread:with-recursive-lock (*start-stop-lock*)
-    (%start socket port)))
+    (%start socket port hello-timeout)))
 
-(defun %start (socket port)
+(defun %start (socket port hello-timeout)
   (when *running*
     (return-from %start *address*))
   (when (and socket port)
     (error "give either :socket or :port, not both"))
   (when port
     (check-type port (integer 0 65535)))
+  (unless (and (realp hello-timeout) (< 0 hello-timeout 3601))
+    (error ":hello-timeout must be a number of seconds in (0, 3600], got ~s" hello-timeout))
   (let ((token (and port (read-secret-token)))
         (path (and (not port) (or (and socket (namestring socket)) (default-socket-path))))
         (listener nil) (addr nil))
@@ -2114,6 +2181,7 @@ Calling START while running returns the current address."
       (setf *start-time* (now-epoch)
             *tcp-mode* (and port t)
             *tcp-token* token
+            *hello-timeout* hello-timeout
             *socket-path* (and (not port) path)
             *listener* listener
             *address* addr

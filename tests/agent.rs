@@ -471,6 +471,96 @@ async fn replies_carry_any_text_exactly_and_oversized_replies_become_errors() {
     client.ping().await.unwrap();
 }
 
+/// A thread that collects garbage every half second, as a busy image does.
+const GC_EVERY_HALF_SECOND: &str = r#"(sb-thread:make-thread
+  (lambda () (loop (sb-ext:gc) (sleep 0.5))) :name "gc-every-half-second")"#;
+
+fn unix_path(image: &Image) -> std::path::PathBuf {
+    match &image.sbcl.address {
+        Address::Unix(path) => path.clone(),
+        other => panic!("unix agent expected, got {other}"),
+    }
+}
+
+#[tokio::test]
+async fn idle_connections_do_not_lock_out_new_clients_while_image_collects() {
+    let hello_timeout = Duration::from_secs(2);
+    let image = Image::start(Setup {
+        forms: vec![GC_EVERY_HALF_SECOND.to_string()],
+        hello_timeout: Some(hello_timeout),
+        ..Setup::default()
+    })
+    .await;
+    let path = unix_path(&image);
+    // The handshake connection of Image::start is gone once the agent has seen it close.
+    tokio::time::sleep(Duration::from_millis(300)).await;
+
+    // Every connection slot (16) taken by a peer that never completes its hello: 15 say
+    // nothing, one sends a hello a byte at a time, slowly, and never finishes it.
+    let opened = Instant::now();
+    let mut idle = Vec::new();
+    for _ in 0..15 {
+        idle.push(UnixStream::connect(&path).await.unwrap());
+    }
+    let (mut dribble_read, mut dribble_write) =
+        UnixStream::connect(&path).await.unwrap().into_split();
+    let dribbler = tokio::spawn(async move {
+        let hello = frame("(:hello :protocol 1 :client \"slow\")");
+        for byte in &hello[..hello.len() - 1] {
+            tokio::time::sleep(Duration::from_millis(200)).await;
+            if dribble_write.write_all(&[*byte]).await.is_err() {
+                return;
+            }
+        }
+        // Never the last byte; the connection stays open until the test ends.
+        std::future::pending::<()>().await;
+    });
+    // The agent is full: a 17th peer is turned away at once.
+    let mut probe = UnixStream::connect(&path).await.unwrap();
+    let refused = drain_until_closed(&mut probe).await;
+    assert!(refused.contains("too many connections"), "{refused}");
+
+    // A real client gets in once the idle peers' hello deadline has passed, GC or not.
+    let client = image.client();
+    let bound = hello_timeout + Duration::from_secs(8);
+    let mut last_error = None;
+    while opened.elapsed() < bound {
+        match client.ping().await {
+            Ok(_) => {
+                last_error = None;
+                break;
+            }
+            Err(e) => {
+                last_error = Some(e);
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+        }
+    }
+    let waited = opened.elapsed();
+    assert!(
+        last_error.is_none(),
+        "locked out for {waited:?}: {last_error:?}"
+    );
+    eprintln!("a new client was served {waited:?} after the idle peers connected");
+
+    // Each idle peer, the slow one too, was told why and disconnected.
+    for mut s in idle {
+        let said = drain_until_closed(&mut s).await;
+        assert!(said.contains("timeout waiting for hello"), "{said}");
+    }
+    let mut said = Vec::new();
+    tokio::time::timeout(Duration::from_secs(5), dribble_read.read_to_end(&mut said))
+        .await
+        .expect("the slow peer was cut")
+        .unwrap();
+    assert!(
+        String::from_utf8_lossy(&said).contains("timeout waiting for hello"),
+        "{}",
+        String::from_utf8_lossy(&said)
+    );
+    dribbler.abort();
+}
+
 #[test]
 fn loading_the_agent_file_warns_nothing() {
     let agent = concat!(env!("CARGO_MANIFEST_DIR"), "/lisp/sbmon-agent.lisp");
@@ -487,7 +577,10 @@ fn loading_the_agent_file_warns_nothing() {
     );
     assert!(out.status.success(), "{text}");
     for needle in ["WARNING", "undefined", "Undefined", "caught"] {
-        assert!(!text.contains(needle), "loading printed {needle:?}:\n{text}");
+        assert!(
+            !text.contains(needle),
+            "loading printed {needle:?}:\n{text}"
+        );
     }
     // Compiling it, as ASDF does: no warning of any kind.
     let fasl = tempfile::tempdir().unwrap();

@@ -82,6 +82,8 @@ pub struct Setup {
     pub env: Vec<(String, String)>,
     /// Start the collector thread (see FIXTURE).
     pub collector: bool,
+    /// The agent's `:hello-timeout` (its default, 10 s, when `None`).
+    pub hello_timeout: Option<Duration>,
 }
 
 impl Image {
@@ -108,6 +110,7 @@ impl Image {
             listen,
             env: setup.env.clone(),
             before_start,
+            hello_timeout: setup.hello_timeout,
             ..LaunchOptions::default()
         };
         let mut sbcl = Sbcl::spawn(&options).expect("spawn sbcl");
