@@ -80,7 +80,7 @@
 
 (defun fail (kind fmt &rest args)
   (error 'agent-error :kind kind
-                      :text (let ((*print-length* 20) (*print-level* 4))
+                      :text (let ((*print-length* 20) (*print-level* 4) (*print-pretty* nil))
                               (apply #'format nil fmt args))))
 
 (define-condition malformed (error)
@@ -875,6 +875,8 @@ of n_gcs (or of *gc-epoch*) does."
 (defvar *conn-counter* 0)
 (defvar *tcp-token* nil)
 (defvar *tcp-mode* nil)
+(defvar *allow* '(:read)
+  "Classes of operations this agent serves (START's :ALLOW): :read, and :control, :eval.")
 (defvar *hello-timeout* +hello-timeout+
   "Seconds a new connection has to send its hello (START's :HELLO-TIMEOUT).")
 (defvar *start-time* 0d0)
@@ -1257,8 +1259,8 @@ of n_gcs (or of *gc-epoch*) does."
 
 ;;;; ------------------------------------------------------------------------
 ;;;; Control and evaluation operations: :gc-run :gc-tune :kill-thread :profile :eval
-;;;; :reload-system.  sbmon calls them only when the operator allowed it (--allow control,
-;;;; --allow eval); the agent itself bounds every argument.
+;;;; :reload-system.  The agent serves them only when START's :allow names their class
+;;;; (:control, :eval; see *OPERATIONS*) and bounds every argument.
 
 (defconstant +eval-max-output+ 1048576)
 (defconstant +value-chars+ 4096)
@@ -1283,7 +1285,7 @@ of n_gcs (or of *gc-epoch*) does."
 (defun fail-with (kind extra fmt &rest args)
   "Like FAIL, with EXTRA (a plist such as (:backtrace (...))) appended to the error reply."
   (error 'agent-error :kind kind :extra extra
-                      :text (let ((*print-length* 20) (*print-level* 4))
+                      :text (let ((*print-length* 20) (*print-level* 4) (*print-pretty* nil))
                               (apply #'format nil fmt args))))
 
 (defun number-text (x)
@@ -1797,31 +1799,52 @@ enter the debugger reaches the debugger hooks, which record it and unwind."
 ;;;; Dispatch
 
 (defparameter *operations*
-  ;; op  function  slow-p  needs-conn
-  '((:ping op-ping nil nil)
-    (:memory op-memory nil nil)
-    (:gc op-gc nil nil)
-    (:runtime op-runtime nil nil)
-    (:threads op-threads nil nil)
-    (:backtrace op-backtrace t nil)
-    (:backtraces op-backtraces t nil)
-    (:subscribe op-subscribe nil t)
-    ;; control and evaluation (sbmon calls these only with --allow control / --allow eval)
-    (:gc-run op-gc-run t nil)
-    (:gc-tune op-gc-tune nil nil)
-    (:kill-thread op-kill-thread t nil)
-    (:profile op-profile t nil)
-    (:eval op-eval t nil)
-    (:reload-system op-reload-system t nil)))
+  ;; op  function  slow-p  needs-conn  class (served only when START's :allow names it)
+  '((:ping op-ping nil nil :read)
+    (:memory op-memory nil nil :read)
+    (:gc op-gc nil nil :read)
+    (:runtime op-runtime nil nil :read)
+    (:threads op-threads nil nil :read)
+    (:backtrace op-backtrace t nil :read)
+    (:backtraces op-backtraces t nil :read)
+    (:subscribe op-subscribe nil t :read)
+    (:gc-run op-gc-run t nil :control)
+    (:gc-tune op-gc-tune nil nil :control)
+    (:kill-thread op-kill-thread t nil :control)
+    (:profile op-profile t nil :control)
+    ;; loading a system runs its code: as powerful as :eval, and in the same class as
+    ;; sbmon's code_reload_system tool
+    (:eval op-eval t nil :eval)
+    (:reload-system op-reload-system t nil :eval)))
+
+(defparameter *operation-classes* '(:read :control :eval)
+  "The classes of operations, in the order START's :allow lists them.")
 
 (defun capabilities ()
   (append (mapcar #'first *operations*)
           (when (pause-timing-p) (list :pause-timing))))
 
+(defun normalize-allow (allow)
+  "ALLOW (START's :allow) as a list of classes in canonical order, :read always included."
+  (unless (and (listp allow) (every (lambda (c) (member c *operation-classes*)) allow))
+    (error ":allow must be a list of ~{~s~^, ~}; got ~s" *operation-classes* allow))
+  (remove-if-not (lambda (c) (or (eq c :read) (member c allow))) *operation-classes*))
+
+(defun allowed-p (entry)
+  (member (fifth entry) *allow*))
+
+(defun not-allowed-error (entry)
+  (let ((op (first entry)) (class (fifth entry)) (*print-pretty* nil))
+    (list :error :type "NOT-ALLOWED"
+                 :message (format nil "operation ~(~s~) needs ~(~s~) in the agent's allow set: ~
+                                       start it with (sbmon-agent:start :allow '~(~s~)); it was ~
+                                       started with :allow '~(~s~)"
+                                  op class (normalize-allow (cons class *allow*)) *allow*))))
+
 (defun run-operation (conn entry args)
   "Run one operation; always returns (:ok VALUE) or (:error ...)."
-  (destructuring-bind (op fn slow needs-conn) entry
-    (declare (ignore op slow))
+  (destructuring-bind (op fn slow needs-conn class) entry
+    (declare (ignore op slow class))
     (handler-case
         (handler-bind ((warning #'muffle-warning))
           (list :ok (if needs-conn (funcall fn conn args) (funcall fn args))))
@@ -1892,6 +1915,7 @@ enter the debugger reaches the debugger hooks, which record it and unwind."
        (destructuring-bind (op args) (cddr msg)
          (let ((entry (and (keywordp op) (assoc op *operations*))))
            (cond ((null entry) (send-reply conn id (unknown-operation-error op)))
+                 ((not (allowed-p entry)) (send-reply conn id (not-allowed-error entry)))
                  ((third entry) (start-slow-call conn id entry args))
                  (t (send-reply conn id (run-operation conn entry args))))))
        t))))
@@ -1996,7 +2020,8 @@ it does SB-SYS:WITH-DEADLINE) and a peer sending its hello a byte at a time is c
                                         :agent-version *version*
                                         :pid (sb-unix:unix-getpid)
                                         :lisp-version (lisp-implementation-version)
-                                        :capabilities (capabilities)))))))
+                                        :capabilities (capabilities)
+                                        :allow *allow*))))))
 
 (defun connection-loop (conn)
   (unwind-protect
@@ -2148,17 +2173,20 @@ it does SB-SYS:WITH-DEADLINE) and a peer sending its hello a byte at a time is c
         (ignore-errors (sb-bsd-sockets:socket-close s))
         (error c)))))
 
-(defun start (&key socket port (hello-timeout +hello-timeout+))
+(defun start (&key socket port (hello-timeout +hello-timeout+) (allow '(:read)))
   "Start the agent and return its address: the Unix socket path, or \"127.0.0.1:PORT\".
 With no argument, listen on <dir>/<pid>.sock (<dir> = $XDG_RUNTIME_DIR/sbmon or
 /tmp/sbmon-<uid>, mode 0700; socket 0600).  :SOCKET PATH listens on that path.  :PORT N
 listens on 127.0.0.1:N and requires the token from ~/.sbmon-secret (created if absent).
 :HELLO-TIMEOUT (seconds, default 10) is how long a new connection may take to send its
-hello before it is closed.  Calling START while running returns the current address."
+hello before it is closed.  :ALLOW lists the classes of operations served: :read (the
+figures, always served), :control (:gc-run :gc-tune :kill-thread :profile) and :eval (:eval
+:reload-system); e.g. :allow '(:read :control :eval).  Any other operation is answered with
+a NOT-ALLOWED error.  Calling START while running returns the current address."
   (sb-thread:with-recursive-lock (*start-stop-lock*)
-    (%start socket port hello-timeout)))
+    (%start socket port hello-timeout allow)))
 
-(defun %start (socket port hello-timeout)
+(defun %start (socket port hello-timeout allow)
   (when *running*
     (return-from %start *address*))
   (when (and socket port)
@@ -2167,6 +2195,7 @@ hello before it is closed.  Calling START while running returns the current addr
     (check-type port (integer 0 65535)))
   (unless (and (realp hello-timeout) (< 0 hello-timeout 3601))
     (error ":hello-timeout must be a number of seconds in (0, 3600], got ~s" hello-timeout))
+  (setf allow (normalize-allow allow))
   (let ((token (and port (read-secret-token)))
         (path (and (not port) (or (and socket (namestring socket)) (default-socket-path))))
         (listener nil) (addr nil))
@@ -2182,6 +2211,7 @@ hello before it is closed.  Calling START while running returns the current addr
             *tcp-mode* (and port t)
             *tcp-token* token
             *hello-timeout* hello-timeout
+            *allow* allow
             *socket-path* (and (not port) path)
             *listener* listener
             *address* addr

@@ -8,6 +8,7 @@ use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 use crate::agent::{Address, AgentClient, ClientOptions, address};
+use crate::tools::Allow;
 use crate::wire::Sexp;
 
 /// The agent, as shipped in `lisp/sbmon-agent.lisp`.
@@ -35,6 +36,9 @@ pub struct LaunchOptions {
     /// How long the agent waits for a new connection's hello (`:hello-timeout`); `None`
     /// keeps the agent's default (10 s).
     pub hello_timeout: Option<Duration>,
+    /// Classes of operations beyond read that the agent serves (`:allow`); read-only by
+    /// default, like sbmon itself.
+    pub allow: Allow,
 }
 
 impl Default for LaunchOptions {
@@ -48,6 +52,7 @@ impl Default for LaunchOptions {
             after_start: Vec::new(),
             toplevel_args: Vec::new(),
             hello_timeout: None,
+            allow: Allow::default(),
         }
     }
 }
@@ -82,6 +87,16 @@ fn start_form(options: &LaunchOptions) -> String {
         }
         Some(Address::Tcp { port, .. }) => form += &format!(" :port {port}"),
         None => {}
+    }
+    if options.allow.control || options.allow.eval {
+        form += " :allow '(:read";
+        if options.allow.control {
+            form += " :control";
+        }
+        if options.allow.eval {
+            form += " :eval";
+        }
+        form.push(')');
     }
     if let Some(timeout) = options.hello_timeout {
         form += &format!(" :hello-timeout {}", Sexp::Float(timeout.as_secs_f64()));

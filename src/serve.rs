@@ -148,6 +148,8 @@ pub async fn launch(
         sbcl,
         runtime_args,
         toplevel_args,
+        // The agent serves what this sbmon offers, and no more.
+        allow: options.allow,
         ..LaunchOptions::default()
     })?;
     eprintln!(

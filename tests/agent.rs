@@ -5,10 +5,17 @@ mod common;
 
 use std::time::{Duration, Instant};
 
-use common::{Image, Setup, deaf_thread, process_exists};
+use std::sync::Arc;
+
+use common::{Image, Sbmon, Setup, deaf_thread, process_exists};
 use sbmon::agent::{Address, AgentClient, AgentError, ClientOptions};
+use sbmon::audit::Audit;
+use sbmon::config::Config;
 use sbmon::launch::{LaunchOptions, Sbcl};
+use sbmon::targets::{Target, Targets};
+use sbmon::tools::{Allow, Catalog};
 use sbmon::wire::Sexp;
+use serde_json::json;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::UnixStream;
 
@@ -597,4 +604,234 @@ fn loading_the_agent_file_warns_nothing() {
         .expect("run sbcl");
     let text = String::from_utf8_lossy(&out.stdout);
     assert!(text.contains("RESULT NIL NIL"), "{text}");
+}
+
+/// Send `(:call ID OP ARGS)` on a raw connection and return the outcome, `(:ok VALUE)` or
+/// `(:error ...)`, of its `(:return ID ...)`.
+async fn raw_call(s: &mut UnixStream, id: i64, op: &str, args: &str) -> Sexp {
+    s.write_all(&frame(&format!("(:call {id} {op} {args})")))
+        .await
+        .unwrap();
+    let reply = read_frame(s).await.expect("a reply");
+    let reply = Sexp::parse(&reply).unwrap();
+    let items = reply.as_list().unwrap();
+    assert_eq!(items[0], Sexp::keyword("return"), "{reply}");
+    assert_eq!(items[1], Sexp::Int(id), "{reply}");
+    items[2].clone()
+}
+
+/// `(type message)` of an `(:error ...)` outcome; panics on `(:ok ...)`.
+fn error_of(outcome: &Sexp) -> (String, String) {
+    let items = outcome.as_list().unwrap();
+    assert_eq!(items[0], Sexp::keyword("error"), "{outcome}");
+    let details = Sexp::List(items[1..].to_vec());
+    let text = |k| details.get(k).and_then(Sexp::as_str).unwrap().to_string();
+    (text("type"), text("message"))
+}
+
+fn is_ok(outcome: &Sexp) -> bool {
+    outcome.as_list().and_then(|l| l.first()) == Some(&Sexp::keyword("ok"))
+}
+
+const ALL: Allow = Allow {
+    control: true,
+    eval: true,
+};
+
+fn catalog(image: &Image, allow: Allow) -> Catalog {
+    let target = Target::new("test", image.sbcl.address.clone(), ClientOptions::default());
+    Catalog::with_policy(
+        Arc::new(Targets::new(vec![target])),
+        Arc::new(Config::default()),
+        allow,
+        Audit::default(),
+    )
+}
+
+#[tokio::test]
+async fn agent_refuses_control_and_eval_ops_by_default() {
+    let image = Image::start(Setup::default()).await;
+    let marker = image.dir.path().join("evaluated");
+    let mut s = raw(&image).await;
+    let nursery = image.client().memory().await.unwrap().nursery_size;
+    let eval_args = format!(
+        "(:code {})",
+        Sexp::string(format!(
+            "(close (open {} :direction :output))",
+            Sexp::string(marker.to_string_lossy())
+        ))
+    );
+    let kill_args = format!("(:tid {})", image.pid());
+    let calls = [
+        (":eval", eval_args.as_str(), ":eval"),
+        (":reload-system", "(:system \"sbmon-agent\")", ":eval"),
+        (":gc-run", "(:full t)", ":control"),
+        (":gc-tune", "(:nursery-size 1234567)", ":control"),
+        (":kill-thread", kill_args.as_str(), ":control"),
+        (":profile", "(:seconds 0.1)", ":control"),
+    ];
+    let gc_before = image.client().gc().await.unwrap().pauses.count;
+    for (id, (op, args, class)) in (1..).zip(calls) {
+        let (kind, message) = error_of(&raw_call(&mut s, id, op, args).await);
+        assert_eq!(kind, "NOT-ALLOWED", "{op}: {message}");
+        let option = format!("(sbmon-agent:start :allow '(:read {class}))");
+        assert!(
+            message.contains(op) && message.contains(&option),
+            "{op}: {message}"
+        );
+    }
+    // Read operations are served, on the same connection.
+    for (id, op) in (10..).zip([":ping", ":memory", ":gc", ":runtime", ":threads"]) {
+        let outcome = raw_call(&mut s, id, op, "nil").await;
+        assert!(is_ok(&outcome), "{op}: {outcome}");
+    }
+    // Nothing of what was refused happened.
+    assert!(!marker.exists(), "the refused :eval ran");
+    let client = image.client();
+    assert_eq!(client.memory().await.unwrap().nursery_size, nursery);
+    assert_eq!(client.gc().await.unwrap().pauses.count, gc_before);
+
+    // sbmon says why, even when it was itself allowed to offer the tool.
+    let err = client
+        .call_raw("gc-run", Sexp::Nil, None)
+        .await
+        .unwrap_err();
+    assert!(matches!(err, AgentError::NotAllowed(_)), "{err}");
+    assert!(
+        err.to_string()
+            .contains("(sbmon-agent:start :allow '(:read :control))"),
+        "{err}"
+    );
+    let err = catalog(&image, ALL)
+        .call("repl_eval", json!({"code": "(+ 1 2)"}))
+        .await
+        .unwrap_err();
+    assert!(
+        err.to_string()
+            .contains("(sbmon-agent:start :allow '(:read :eval))"),
+        "{err}"
+    );
+    assert!(!marker.exists());
+}
+
+#[tokio::test]
+async fn agent_serves_ops_it_was_allowed() {
+    let (control, all) = tokio::join!(
+        Image::start(Setup {
+            allow: Allow {
+                control: true,
+                eval: false,
+            },
+            ..Setup::default()
+        }),
+        Image::start(Setup {
+            allow: ALL,
+            ..Setup::default()
+        })
+    );
+
+    // Control only: control operations run, eval is refused with the set that would serve it.
+    let mut s = raw(&control).await;
+    let before = control.client().gc().await.unwrap().pauses.count;
+    let outcome = raw_call(&mut s, 1, ":gc-run", "(:full t)").await;
+    assert!(is_ok(&outcome), "{outcome}");
+    assert!(control.client().gc().await.unwrap().pauses.count > before);
+    let outcome = raw_call(&mut s, 2, ":gc-tune", "nil").await;
+    assert!(is_ok(&outcome), "{outcome}");
+    let (kind, message) = error_of(&raw_call(&mut s, 3, ":eval", "(:code \"1\")").await);
+    assert_eq!(kind, "NOT-ALLOWED");
+    assert!(
+        message.contains("(sbmon-agent:start :allow '(:read :control :eval))"),
+        "{message}"
+    );
+
+    // Everything allowed: eval and reload-system run (an unknown system is the system's
+    // problem, not the policy's).
+    let mut s = raw(&all).await;
+    let outcome = raw_call(&mut s, 1, ":eval", "(:code \"(+ 1 2)\")").await;
+    assert!(outcome.to_string().contains("(\"3\")"), "{outcome}");
+    let (kind, _) = error_of(
+        &raw_call(
+            &mut s,
+            2,
+            ":reload-system",
+            "(:system \"no-such-system-x\")",
+        )
+        .await,
+    );
+    assert_eq!(kind, "MISSING-SYSTEM");
+    let outcome = raw_call(&mut s, 3, ":gc-run", "nil").await;
+    assert!(is_ok(&outcome), "{outcome}");
+}
+
+#[tokio::test]
+async fn welcome_reports_the_allow_set() {
+    let (default, eval, all) = tokio::join!(
+        Image::start(Setup::default()),
+        Image::start(Setup {
+            allow: Allow {
+                control: false,
+                eval: true,
+            },
+            ..Setup::default()
+        }),
+        Image::start(Setup {
+            allow: ALL,
+            ..Setup::default()
+        })
+    );
+    for (image, expected) in [
+        (&default, vec!["read"]),
+        (&eval, vec!["read", "eval"]),
+        (&all, vec!["read", "control", "eval"]),
+    ] {
+        let welcome = image.client().welcome().await.unwrap();
+        assert_eq!(welcome.allow, expected);
+        assert_eq!(welcome.allows("control"), expected.contains(&"control"));
+        // :capabilities lists what the agent implements, allowed or not.
+        for op in ["ping", "gc-run", "eval", "reload-system"] {
+            assert!(welcome.capabilities.iter().any(|c| c == op), "{op}");
+        }
+    }
+}
+
+/// The agent of an image that `sbmon launch` started in runtime directory `runtime`.
+async fn launched_agent(sbmon: &Sbmon, runtime: &std::path::Path) -> AgentClient {
+    let answer = sbmon
+        .rpc(json!({"jsonrpc": "2.0", "id": 1, "method": "runtime_stats", "params": {}}))
+        .await;
+    let pid = answer["result"]["pid"].as_i64().expect("a pid");
+    let socket = runtime.join("sbmon").join(format!("{pid}.sock"));
+    AgentClient::new(Address::Unix(socket), ClientOptions::default())
+}
+
+#[tokio::test]
+async fn launch_allow_starts_agent_with_same_set() {
+    let (both_dir, none_dir) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
+    let both_env = both_dir.path().to_string_lossy().into_owned();
+    let none_env = none_dir.path().to_string_lossy().into_owned();
+    let both = Sbmon::start(
+        "launch",
+        &["--allow", "control,eval"],
+        &[("XDG_RUNTIME_DIR", &both_env)],
+    );
+    let none = Sbmon::start("launch", &[], &[("XDG_RUNTIME_DIR", &none_env)]);
+
+    let agent = launched_agent(&both, both_dir.path()).await;
+    assert_eq!(
+        agent.welcome().await.unwrap().allow,
+        ["read", "control", "eval"]
+    );
+    // The tools sbmon offers work end to end.
+    let gc = both
+        .rpc(json!({"jsonrpc": "2.0", "id": 2, "method": "memory_gc", "params": {}}))
+        .await;
+    assert!(gc["result"]["heap_before"].is_u64(), "{gc}");
+    let eval = both
+        .rpc(json!({"jsonrpc": "2.0", "id": 3, "method": "repl_eval", "params": {"code": "(* 6 7)"}}))
+        .await;
+    assert_eq!(eval["result"]["values"], json!(["42"]), "{eval}");
+
+    let agent = launched_agent(&none, none_dir.path()).await;
+    assert_eq!(agent.welcome().await.unwrap().allow, ["read"]);
 }

@@ -255,6 +255,9 @@ fn decode_outcome(outcome: &Sexp) -> Result<Sexp, AgentError> {
                     .unwrap_or_default()
                     .to_string()
             };
+            if text("type") == "NOT-ALLOWED" {
+                return Err(AgentError::NotAllowed(text("message")));
+            }
             let backtrace = details
                 .get("backtrace")
                 .and_then(Sexp::as_list)

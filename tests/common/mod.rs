@@ -13,7 +13,7 @@ use sbmon::agent::{Address, AgentClient, ClientOptions};
 use sbmon::config::Config;
 use sbmon::launch::{LaunchOptions, Sbcl};
 use sbmon::targets::{Target, Targets};
-use sbmon::tools::Catalog;
+use sbmon::tools::{Allow, Catalog};
 use sbmon::wire::Sexp;
 use serde_json::Value;
 
@@ -84,6 +84,8 @@ pub struct Setup {
     pub collector: bool,
     /// The agent's `:hello-timeout` (its default, 10 s, when `None`).
     pub hello_timeout: Option<Duration>,
+    /// Operation classes the agent serves beyond read (`:allow`); read-only by default.
+    pub allow: Allow,
 }
 
 impl Image {
@@ -111,6 +113,7 @@ impl Image {
             env: setup.env.clone(),
             before_start,
             hello_timeout: setup.hello_timeout,
+            allow: setup.allow,
             ..LaunchOptions::default()
         };
         let mut sbcl = Sbcl::spawn(&options).expect("spawn sbcl");
