@@ -30,7 +30,7 @@
   "Version of the sbmon agent (a string).")
 
 ;; Functions used before their definition (quiet source LOAD, form by form).
-(declaim (ftype function send-octets close-connection secret-path ensure-secret-file exit-cleanup
+(declaim (ftype function send-octets close-connection conn-shutdown secret-path ensure-secret-file exit-cleanup
                           %start %stop))
 
 ;;;; ------------------------------------------------------------------------
@@ -516,19 +516,21 @@ Signals TOO-LARGE beyond the frame limit."
                                        sb-sys:system-area-pointer sb-alien:unsigned-int))
       fd 1 21 (sb-alien:alien-sap tv) 16))))
 
-(defun send-all (fd octets n)
-  "Write the first N of OCTETS to FD; return T, or NIL when the peer is gone or too slow."
+(defun send-all (fd octets n &key (wait t))
+  "Write the first N of OCTETS to FD; return T, or NIL when the peer is gone or too slow.
+With WAIT NIL, never wait for room in the socket buffer (NIL when it is full)."
   (declare (type (simple-array (unsigned-byte 8) (*)) octets) (type fixnum n))
   (let ((off 0)
+        ;; MSG_NOSIGNAL = #x4000, MSG_DONTWAIT = #x40
+        (flags (if wait #x4000 #x4040))
         (send (sb-alien:extern-alien "send" (function sb-alien:long sb-alien:int
                                                       sb-sys:system-area-pointer
                                                       sb-alien:unsigned-long sb-alien:int))))
     (loop while (< off n)
           do (let ((r (sb-sys:with-pinned-objects (octets)
-                        ;; MSG_NOSIGNAL = #x4000
                         (sb-alien:alien-funcall send fd
                                                 (sb-sys:sap+ (sb-sys:vector-sap octets) off)
-                                                (- n off) #x4000))))
+                                                (- n off) flags))))
                (cond ((> r 0) (incf off r))
                      ((and (< r 0) (= (sb-alien:get-errno) sb-unix:eintr)))
                      (t (return-from send-all nil)))))
@@ -858,7 +860,8 @@ of n_gcs (or of *gc-epoch*) does."
   (slow 0 :type fixnum)
   (subscribed nil)
   (last-seq 0)
-  (alive t))
+  (alive t)            ; replies may be sent (under write-lock)
+  (closed nil))        ; the descriptor was closed (under lock)
 
 (defvar *state-lock* (sb-thread:make-mutex :name "sbmon-agent state"))
 (defvar *start-stop-lock* (sb-thread:make-mutex :name "sbmon-agent start/stop")
@@ -923,12 +926,15 @@ of n_gcs (or of *gc-epoch*) does."
     (and octets (send-octets conn octets end))))
 
 (defun send-octets (conn octets end)
-  "Send the frame in OCTETS below END in one write, so the peer wakes once."
-  (let ((ok nil))
+  "Send the frame in OCTETS below END in one write, so the peer wakes once.  A peer that
+takes no data for +SEND-TIMEOUT-SECONDS+ (a full socket buffer) is disconnected."
+  (let ((ok nil) (failed nil))
     (sb-thread:with-mutex ((conn-write-lock conn))
       (when (conn-alive conn)
         (setf ok (send-all (conn-fd conn) octets end))
-        (unless ok (setf (conn-alive conn) nil))))
+        (unless ok (setf (conn-alive conn) nil failed t))))
+    (when failed
+      (conn-shutdown conn))
     ok))
 
 (defun send-reply (conn id result)
@@ -1274,6 +1280,11 @@ of n_gcs (or of *gc-epoch*) does."
 (defvar *eval-counter* 0)
 (sb-ext:defglobal **profile-busy** (vector nil)
   "Slot 0 is non-NIL while a :profile call runs (at most one per image).")
+
+(defun exit-in-progress-p ()
+  "True once SB-EXT:EXIT has begun to unwind the image."
+  (let ((s (internal-symbol "*EXIT-IN-PROGRESS*" "SB-IMPL")))
+    (and s (boundp s) (symbol-value s) t)))
 
 (defun register-control-thread (thread)
   (sb-thread:with-mutex (*state-lock*) (push thread *control-threads*)))
@@ -1650,6 +1661,9 @@ enter the debugger reaches the debugger hooks, which record it and unwind."
                   (fail-with "TIMEOUT" output
                              "evaluation exceeded ~a s and ~:[could not be stopped within 2 s (thread ~s still running)~;was stopped~*~]"
                              (number-text timeout) stopped (sb-thread:thread-name thread))))
+               ((exit-in-progress-p)
+                (fail-with "IMAGE-EXITING" output
+                           "the image is exiting (the evaluation called sb-ext:exit or another thread did)"))
                (t
                 (fail-with "ABORTED" output
                            "the evaluation thread ended without a result (it was terminated or called abort-thread)")))))
@@ -2037,12 +2051,24 @@ it does SB-SYS:WITH-DEADLINE) and a peer sending its hello a byte at a time is c
          (serious-condition () nil))
     (close-connection conn)))
 
+(defun conn-shutdown (conn)
+  "Shut CONN's socket down: its reader sees end of file and a send blocked on it returns at
+once.  The descriptor stays open; once closed it is never touched again (its number may
+belong to another file by then)."
+  (sb-thread:with-mutex ((conn-lock conn))
+    (unless (conn-closed conn)
+      (fd-shutdown (conn-fd conn)))))
+
 (defun close-connection (conn)
+  ;; Shut down first: a sender blocked on a full socket holds the write lock until then.
+  (conn-shutdown conn)
   (sb-thread:with-mutex ((conn-write-lock conn))
     (setf (conn-alive conn) nil))
-  (fd-shutdown (conn-fd conn))
-  (ignore-errors (close (conn-stream conn) :abort t))
-  (ignore-errors (sb-bsd-sockets:socket-close (conn-socket conn)))
+  (when (sb-thread:with-mutex ((conn-lock conn))
+          (unless (conn-closed conn)
+            (setf (conn-closed conn) t)))
+    (ignore-errors (close (conn-stream conn) :abort t))
+    (ignore-errors (sb-bsd-sockets:socket-close (conn-socket conn))))
   (sb-thread:with-mutex (*state-lock*)
     (setf *connections* (remove conn *connections*))))
 
@@ -2224,8 +2250,32 @@ a NOT-ALLOWED error.  Calling START while running returns the current address."
     (setf *listener-thread* (spawn "sbmon-agent listener" (lambda () (listener-loop listener))))
     addr))
 
+(defconstant +bye-budget-seconds+ 0.25d0
+  "How long the exit hook may spend telling clients the image exits, all of them together.")
+
+(defun say-bye-now (conn reason deadline-ns)
+  "Send (:bye :reason REASON) to CONN without waiting on the peer (a full socket buffer
+drops it) nor, for its write lock, past DEADLINE-NS; then shut the connection down."
+  (handler-case
+      (multiple-value-bind (octets end) (encode-frame (list :bye :reason reason))
+        (sb-thread:with-mutex ((conn-write-lock conn)
+                               :timeout (max 0d0 (/ (- deadline-ns (mono-ns)) 1d9)))
+          (when (conn-alive conn)
+            (setf (conn-alive conn) nil)
+            (send-all (conn-fd conn) octets end :wait nil))))
+    (serious-condition () nil))
+  (ignore-errors (conn-shutdown conn)))
+
 (defun exit-cleanup ()
-  "Exit hook: remove the agent's socket file when the image exits without STOP."
+  "Exit hook: tell every client (:bye :reason \"image exiting\") and remove the agent's
+socket file, when the image exits without STOP.  Bounded by +BYE-BUDGET-SECONDS+; SBCL may
+run it more than once (in the exiting thread, then in the main thread)."
+  (ignore-errors
+   (let ((deadline (+ (mono-ns) (round (* +bye-budget-seconds+ 1d9))))
+         (conns (sb-thread:with-mutex (*state-lock* :timeout +bye-budget-seconds+)
+                  (copy-list *connections*))))
+     (dolist (conn conns)
+       (say-bye-now conn "image exiting" deadline))))
   (ignore-errors
    (let ((path *socket-path*))
      (when (and path (eq (file-kind path) :socket))
@@ -2260,8 +2310,8 @@ GC wrappers.  Returns T if the agent was running."
     (ignore-errors (sb-bsd-sockets:socket-close listener))
     (when path (ignore-errors (when (eq (file-kind path) :socket) (sb-unix:unix-unlink path))))
     (dolist (c conns)
-      (sb-thread:with-mutex ((conn-write-lock c)) (setf (conn-alive c) nil))
-      (fd-shutdown (conn-fd c)))
+      (conn-shutdown c)
+      (sb-thread:with-mutex ((conn-write-lock c)) (setf (conn-alive c) nil)))
     (dolist (c conns)
       (finish-thread (conn-thread c))
       (dolist (w (sb-thread:with-mutex ((conn-lock c)) (copy-list (conn-workers c))))

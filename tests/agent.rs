@@ -271,7 +271,12 @@ async fn client_fails_fast_when_the_image_dies_mid_call_and_reconnects_later() {
     };
     let (result, ()) = tokio::join!(pending, killer);
     let err = result.unwrap_err();
-    assert!(matches!(err, AgentError::Lost(_)), "{err}");
+    // SIGTERM makes SBCL exit, and the agent's exit hook says so (ImageExited); should the
+    // SIGKILL that follows a second later come first, the connection is simply lost.
+    assert!(
+        matches!(err, AgentError::ImageExited { .. } | AgentError::Lost(_)),
+        "{err}"
+    );
     assert!(
         started.elapsed() < Duration::from_secs(10),
         "not the call timeout"
@@ -834,4 +839,59 @@ async fn launch_allow_starts_agent_with_same_set() {
 
     let agent = launched_agent(&none, none_dir.path()).await;
     assert_eq!(agent.welcome().await.unwrap().allow, ["read"]);
+}
+
+#[tokio::test]
+async fn eval_of_exit_reports_image_exited() {
+    let (image, other) = tokio::join!(
+        Image::start(Setup {
+            allow: ALL,
+            ..Setup::default()
+        }),
+        Image::start(Setup {
+            allow: ALL,
+            ..Setup::default()
+        })
+    );
+    let exited = format!("the SBCL image exited (pid {})", image.pid());
+
+    // Through the agent client: the call that exits, and one still waiting, both say so.
+    let client = image.client();
+    let eval = |code: &str| {
+        client.call_raw(
+            "eval",
+            Sexp::plist([("code", Sexp::string(code))]),
+            Some(Duration::from_secs(60)),
+        )
+    };
+    let started = Instant::now();
+    let (waiting, exiting) = tokio::join!(eval("(sleep 30)"), async {
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        eval("(sb-ext:exit)").await
+    });
+    for err in [waiting.unwrap_err(), exiting.unwrap_err()] {
+        assert!(
+            matches!(err, AgentError::ImageExited { pid } if pid == image.pid()),
+            "{err:?}"
+        );
+        assert!(err.to_string().contains(&exited), "{err}");
+    }
+    assert!(
+        started.elapsed() < Duration::from_secs(20),
+        "not the call timeout"
+    );
+    // The next call finds no agent: the exiting image removed its socket.
+    let err = client.ping().await.unwrap_err();
+    assert!(err.is_unreachable(), "{err}");
+
+    // Through the repl_eval tool.
+    let err = catalog(&other, ALL)
+        .call("repl_eval", json!({"code": "(sb-ext:exit :code 3)"}))
+        .await
+        .unwrap_err();
+    assert!(
+        err.to_string()
+            .contains(&format!("the SBCL image exited (pid {})", other.pid())),
+        "{err}"
+    );
 }

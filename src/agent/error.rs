@@ -28,6 +28,11 @@ pub enum AgentError {
          tools sbmon offers; the agent serves what its own (sbmon-agent:start :allow ...) names"
     )]
     NotAllowed(String),
+    #[error(
+        "the SBCL image exited (pid {pid}); the agent said goodbye before it went. It answers \
+         again once the image is restarted"
+    )]
+    ImageExited { pid: i32 },
     #[error("the agent reported {kind}: {message}")]
     Remote {
         kind: String,
@@ -50,6 +55,7 @@ impl AgentError {
                 | AgentError::Handshake(_)
                 | AgentError::Timeout { .. }
                 | AgentError::Lost(_)
+                | AgentError::ImageExited { .. }
         )
     }
 }
