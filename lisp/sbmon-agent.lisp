@@ -869,6 +869,10 @@ of n_gcs (or of *gc-epoch*) does."
 (defvar *running* nil)
 (defvar *address* nil)
 (defvar *socket-path* nil)
+(defvar *socket-dir* nil
+  "The default socket directory when the agent listens there (recreated with the socket).")
+(defvar *exiting* nil
+  "Set by the exit hook: the image is exiting, nothing may be accepted or recreated.")
 (defvar *listener* nil)
 (defvar *listener-thread* nil)
 (defvar *event-thread* nil)
@@ -1935,6 +1939,75 @@ enter the debugger reaches the debugger hooks, which record it and unwind."
        t))))
 
 ;;;; ------------------------------------------------------------------------
+;;;; Listening sockets
+
+(defun default-socket-directory ()
+  "$XDG_RUNTIME_DIR/sbmon, or /tmp/sbmon-<uid>."
+  (let ((xdg (getenv-nonempty "XDG_RUNTIME_DIR")))
+    (if xdg
+        (concatenate 'string (string-right-trim "/" xdg) "/sbmon")
+        (format nil "/tmp/sbmon-~d" (sb-unix:unix-getuid)))))
+
+(defun ensure-private-directory (dir)
+  "Create DIR (mode 0700) if absent; refuse one that is not a directory owned by this user."
+  (let ((uid (sb-unix:unix-getuid)))
+    (multiple-value-bind (kind owner) (file-kind dir)
+      (case kind
+        ((nil)
+         (multiple-value-bind (ok errno) (sb-unix:unix-mkdir dir #o700)
+           (unless (or ok (file-kind dir))
+             (error "cannot create ~a: ~a" dir (sb-int:strerror errno))))
+         (chmod dir #o700))
+        (:directory
+         (unless (eql owner uid)
+           (error "~a is not owned by uid ~d; refusing to use it" dir uid))
+         (chmod dir #o700))
+        (t (error "~a exists and is not a directory" dir))))
+    dir))
+
+(defun default-socket-path (dir)
+  "<DIR>/<pid>.sock, DIR created if need be."
+  (format nil "~a/~d.sock" (ensure-private-directory dir) (sb-unix:unix-getpid)))
+
+(defun socket-live-p (path)
+  (let ((s (make-instance 'sb-bsd-sockets:local-socket :type :stream)))
+    (unwind-protect
+         (handler-case (progn (sb-bsd-sockets:socket-connect s path) t)
+           (serious-condition () nil))
+      (ignore-errors (sb-bsd-sockets:socket-close s)))))
+
+(defun open-unix-listener (path)
+  (case (file-kind path)
+    ((nil))
+    (:socket
+     (when (socket-live-p path)
+       (error "another process is listening on ~a" path))
+     (sb-unix:unix-unlink path))
+    (t (error "~a exists and is not a socket" path)))
+  (let ((s (make-instance 'sb-bsd-sockets:local-socket :type :stream)))
+    (handler-case
+        (progn
+          (sb-bsd-sockets:socket-bind s path)
+          (chmod path #o600)
+          (sb-bsd-sockets:socket-listen s 16)
+          s)
+      (serious-condition (c)
+        (ignore-errors (sb-bsd-sockets:socket-close s))
+        (error c)))))
+
+(defun open-tcp-listener (port)
+  (let ((s (make-instance 'sb-bsd-sockets:inet-socket :type :stream :protocol :tcp)))
+    (handler-case
+        (progn
+          (setf (sb-bsd-sockets:sockopt-reuse-address s) t)
+          (sb-bsd-sockets:socket-bind s #(127 0 0 1) port)
+          (sb-bsd-sockets:socket-listen s 16)
+          (values s (nth-value 1 (sb-bsd-sockets:socket-name s))))
+      (serious-condition (c)
+        (ignore-errors (sb-bsd-sockets:socket-close s))
+        (error c)))))
+
+;;;; ------------------------------------------------------------------------
 ;;;; Connections
 
 (defun read-secret-token ()
@@ -2098,16 +2171,47 @@ belong to another file by then)."
                               (lambda () (connection-loop conn))))
                (serious-condition () (close-connection conn))))))))
 
+(defconstant +socket-check-ns+ 1000000000
+  "How often the listener checks that its socket file still exists.")
+
+(defun renew-listener-if-deleted (listener)
+  "LISTENER, or, when its socket file was deleted (say by a /tmp cleaner), a new listener
+bound at the same path (mode 0600, its private directory recreated if that went too); the
+old one is closed.  A path that another file now occupies is left alone."
+  (let ((path *socket-path*))
+    (if (or (null path) (file-kind path))
+        listener
+        ;; Under the state lock, so that neither STOP nor the exit hook, which remove the
+        ;; file for good, can see it come back.
+        (sb-thread:with-mutex (*state-lock*)
+          (let ((new (and *running* (not *exiting*) (not (file-kind path))
+                          (handler-case
+                              (progn (when *socket-dir* (ensure-private-directory *socket-dir*))
+                                     (open-unix-listener path))
+                            (serious-condition () nil)))))
+            (cond (new
+                   (ignore-errors (sb-bsd-sockets:socket-close listener))
+                   (setf *listener* new))
+                  (t listener)))))))
+
 (defun listener-loop (socket)
-  (let ((fd (sb-bsd-sockets:socket-file-descriptor socket)))
-    (loop while *running*
+  (let ((fd (sb-bsd-sockets:socket-file-descriptor socket))
+        (next-check (+ (mono-ns) +socket-check-ns+)))
+    (loop while (and *running* (not *exiting*))
           do (handler-case
-                 (when (sb-sys:wait-until-fd-usable fd :input 0.2d0 nil)
-                   (let ((client (sb-bsd-sockets:socket-accept socket)))
-                     (when client
-                       (if *running*
-                           (accept-connection client)
-                           (ignore-errors (sb-bsd-sockets:socket-close client))))))
+                 (progn
+                   (when (sb-sys:wait-until-fd-usable fd :input 0.2d0 nil)
+                     (let ((client (sb-bsd-sockets:socket-accept socket)))
+                       (when client
+                         (if (and *running* (not *exiting*))
+                             (accept-connection client)
+                             (ignore-errors (sb-bsd-sockets:socket-close client))))))
+                   (when (>= (mono-ns) next-check)
+                     (setf next-check (+ (mono-ns) +socket-check-ns+))
+                     (let ((renewed (renew-listener-if-deleted socket)))
+                       (unless (eq renewed socket)
+                         (setf socket renewed
+                               fd (sb-bsd-sockets:socket-file-descriptor renewed))))))
                (serious-condition () (sleep 0.05))))))
 
 ;;;; ------------------------------------------------------------------------
@@ -2141,64 +2245,6 @@ belong to another file by then)."
 ;;;; ------------------------------------------------------------------------
 ;;;; Start / stop
 
-(defun default-socket-path ()
-  (let* ((uid (sb-unix:unix-getuid))
-         (xdg (getenv-nonempty "XDG_RUNTIME_DIR"))
-         (dir (if xdg
-                  (concatenate 'string (string-right-trim "/" xdg) "/sbmon")
-                  (format nil "/tmp/sbmon-~d" uid))))
-    (multiple-value-bind (kind owner) (file-kind dir)
-      (case kind
-        ((nil)
-         (multiple-value-bind (ok errno) (sb-unix:unix-mkdir dir #o700)
-           (unless (or ok (file-kind dir))
-             (error "cannot create ~a: ~a" dir (sb-int:strerror errno))))
-         (chmod dir #o700))
-        (:directory
-         (unless (eql owner uid)
-           (error "~a is not owned by uid ~d; refusing to use it" dir uid))
-         (chmod dir #o700))
-        (t (error "~a exists and is not a directory" dir))))
-    (format nil "~a/~d.sock" dir (sb-unix:unix-getpid))))
-
-(defun socket-live-p (path)
-  (let ((s (make-instance 'sb-bsd-sockets:local-socket :type :stream)))
-    (unwind-protect
-         (handler-case (progn (sb-bsd-sockets:socket-connect s path) t)
-           (serious-condition () nil))
-      (ignore-errors (sb-bsd-sockets:socket-close s)))))
-
-(defun open-unix-listener (path)
-  (case (file-kind path)
-    ((nil))
-    (:socket
-     (when (socket-live-p path)
-       (error "another process is listening on ~a" path))
-     (sb-unix:unix-unlink path))
-    (t (error "~a exists and is not a socket" path)))
-  (let ((s (make-instance 'sb-bsd-sockets:local-socket :type :stream)))
-    (handler-case
-        (progn
-          (sb-bsd-sockets:socket-bind s path)
-          (chmod path #o600)
-          (sb-bsd-sockets:socket-listen s 16)
-          s)
-      (serious-condition (c)
-        (ignore-errors (sb-bsd-sockets:socket-close s))
-        (error c)))))
-
-(defun open-tcp-listener (port)
-  (let ((s (make-instance 'sb-bsd-sockets:inet-socket :type :stream :protocol :tcp)))
-    (handler-case
-        (progn
-          (setf (sb-bsd-sockets:sockopt-reuse-address s) t)
-          (sb-bsd-sockets:socket-bind s #(127 0 0 1) port)
-          (sb-bsd-sockets:socket-listen s 16)
-          (values s (nth-value 1 (sb-bsd-sockets:socket-name s))))
-      (serious-condition (c)
-        (ignore-errors (sb-bsd-sockets:socket-close s))
-        (error c)))))
-
 (defun start (&key socket port (hello-timeout +hello-timeout+) (allow '(:read)))
   "Start the agent and return its address: the Unix socket path, or \"127.0.0.1:PORT\".
 With no argument, listen on <dir>/<pid>.sock (<dir> = $XDG_RUNTIME_DIR/sbmon or
@@ -2222,8 +2268,9 @@ a NOT-ALLOWED error.  Calling START while running returns the current address."
   (unless (and (realp hello-timeout) (< 0 hello-timeout 3601))
     (error ":hello-timeout must be a number of seconds in (0, 3600], got ~s" hello-timeout))
   (setf allow (normalize-allow allow))
-  (let ((token (and port (read-secret-token)))
-        (path (and (not port) (or (and socket (namestring socket)) (default-socket-path))))
+  (let* ((token (and port (read-secret-token)))
+        (dir (and (not port) (not socket) (default-socket-directory)))
+        (path (and (not port) (if socket (namestring socket) (default-socket-path dir))))
         (listener nil) (addr nil))
     (when (and port (zerop (length token)))
       (error "~a is empty" (secret-path)))
@@ -2239,6 +2286,8 @@ a NOT-ALLOWED error.  Calling START while running returns the current address."
             *hello-timeout* hello-timeout
             *allow* allow
             *socket-path* (and (not port) path)
+            *socket-dir* dir
+            *exiting* nil
             *listener* listener
             *address* addr
             *connections* '()
@@ -2273,6 +2322,7 @@ run it more than once (in the exiting thread, then in the main thread)."
   (ignore-errors
    (let ((deadline (+ (mono-ns) (round (* +bye-budget-seconds+ 1d9))))
          (conns (sb-thread:with-mutex (*state-lock* :timeout +bye-budget-seconds+)
+                  (setf *exiting* t)
                   (copy-list *connections*))))
      (dolist (conn conns)
        (say-bye-now conn "image exiting" deadline))))
@@ -2326,5 +2376,6 @@ GC wrappers.  Returns T if the agent was running."
         (finish-thread th)))
     (sb-thread:with-mutex (*state-lock*)
       (setf *listener* nil *listener-thread* nil *event-thread* nil
-            *connections* '() *address* nil *socket-path* nil *tcp-token* nil))
+            *connections* '() *address* nil *socket-path* nil *socket-dir* nil
+            *tcp-token* nil))
     t))

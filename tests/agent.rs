@@ -895,3 +895,58 @@ async fn eval_of_exit_reports_image_exited() {
         "{err}"
     );
 }
+
+/// Wait until a new client can ping the agent at `address`; returns how long that took.
+async fn reachable_within(address: &Address, bound: Duration) -> Duration {
+    let started = Instant::now();
+    loop {
+        let client = AgentClient::new(address.clone(), ClientOptions::default());
+        match client.ping().await {
+            Ok(_) => return started.elapsed(),
+            Err(e) => assert!(
+                started.elapsed() < bound,
+                "unreachable for {:?}: {e}",
+                started.elapsed()
+            ),
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+#[tokio::test]
+async fn deleted_socket_file_is_recreated() {
+    let runtime = tempfile::tempdir().unwrap();
+    let image = Image::start(Setup {
+        listen: common::Listen::AgentDefault,
+        env: vec![(
+            "XDG_RUNTIME_DIR".into(),
+            runtime.path().to_string_lossy().into_owned(),
+        )],
+        ..Setup::default()
+    })
+    .await;
+    let dir = runtime.path().join("sbmon");
+    let socket = dir.join(format!("{}.sock", image.pid()));
+    assert_eq!(image.sbcl.address, Address::Unix(socket.clone()));
+    let mode = |p: &std::path::Path| {
+        std::os::unix::fs::PermissionsExt::mode(&std::fs::metadata(p).unwrap().permissions())
+            & 0o777
+    };
+    let connected = image.client();
+    connected.ping().await.unwrap();
+
+    // The socket file deleted (a /tmp cleaner, a careless rm): the agent listens again at the
+    // same path, privately, and the connection made before keeps working.
+    std::fs::remove_file(&socket).unwrap();
+    let waited = reachable_within(&image.sbcl.address, Duration::from_secs(3)).await;
+    eprintln!("reachable again {waited:?} after the socket file was deleted");
+    assert_eq!(mode(&socket), 0o600);
+    connected.ping().await.unwrap();
+
+    // Its directory gone too: both come back, the directory 0700.
+    std::fs::remove_dir_all(&dir).unwrap();
+    reachable_within(&image.sbcl.address, Duration::from_secs(3)).await;
+    assert_eq!(mode(&dir), 0o700);
+    assert_eq!(mode(&socket), 0o600);
+    connected.ping().await.unwrap();
+}
