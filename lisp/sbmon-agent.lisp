@@ -55,8 +55,6 @@
   '(1d-4 2.5d-4 5d-4 1d-3 2.5d-3 5d-3 1d-2 2.5d-2 5d-2 0.1d0 0.25d0 0.5d0 1d0 2.5d0 5d0 10d0)
   "Upper bounds (seconds) of the pause histogram buckets; a 17th bucket holds the rest.")
 
-(defparameter *agent-thread-prefix* "sbmon-agent")
-
 ;;;; ------------------------------------------------------------------------
 ;;;; Optional internals, looked up by name so that the file loads everywhere
 
@@ -899,10 +897,17 @@ of n_gcs (or of *gc-epoch*) does."
   (multiple-value-bind (sec usec) (sb-ext:get-time-of-day)
     (+ (coerce sec 'double-float) (/ usec 1d6))))
 
-(defun agent-thread-name-p (name)
-  (and (stringp name)
-       (>= (length name) (length *agent-thread-prefix*))
-       (string= *agent-thread-prefix* name :end2 (length *agent-thread-prefix*))))
+(defvar *threads-lock* (sb-thread:make-mutex :name "sbmon-agent threads"))
+(defvar *agent-threads* '()
+  "Every thread the agent started that has not ended yet.  The agent knows its threads by
+identity, never by name: a user thread may be called \"sbmon-agent ...\" too.")
+
+(defun agent-thread-p (thread)
+  "True when THREAD was started by the agent."
+  (and (sb-thread:with-mutex (*threads-lock*) (member thread *agent-threads* :test #'eq)) t))
+
+(defun agent-threads ()
+  (sb-thread:with-mutex (*threads-lock*) (copy-list *agent-threads*)))
 
 (defun call-quietly (fn)
   "Run FN as the body of an agent thread: no output to the host, no debugger, ever."
@@ -917,8 +922,19 @@ of n_gcs (or of *gc-epoch*) does."
         (handler-case (funcall fn)
           (serious-condition () nil))))))
 
-(defun spawn (name fn)
-  (sb-thread:make-thread (lambda () (call-quietly fn)) :name name))
+(defun spawn (name fn &key (quietly t))
+  "Start a thread named NAME running FN (under CALL-QUIETLY unless QUIETLY is NIL) and
+track it in *AGENT-THREADS* until it ends."
+  (sb-thread:with-mutex (*threads-lock*)
+    (let ((thread (sb-thread:make-thread
+                   (lambda ()
+                     (unwind-protect (if quietly (call-quietly fn) (funcall fn))
+                       (sb-thread:with-mutex (*threads-lock*)
+                         (setf *agent-threads*
+                               (delete sb-thread:*current-thread* *agent-threads* :test #'eq)))))
+                   :name name)))
+      (push thread *agent-threads*)
+      thread)))
 
 ;;;; ------------------------------------------------------------------------
 ;;;; Framing
@@ -1140,7 +1156,7 @@ takes no data for +SEND-TIMEOUT-SECONDS+ (a full socket buffer) is disconnected.
             :name name
             :alive (and (sb-thread:thread-alive-p thread) t)
             :main (and (main-thread-p thread) t)
-            :agent (and (agent-thread-name-p name) t)
+            :agent (agent-thread-p thread)
             :daemon (thread-daemon-p thread)
             :waiting-for wname
             :waiting-for-type wtype))))
@@ -1464,7 +1480,7 @@ takes no data for +SEND-TIMEOUT-SECONDS+ (a full socket buffer) is disconnected.
     (let ((name (object-name-string (sb-thread:thread-name thread))))
       (cond ((main-thread-p thread)
              (fail "REFUSED" "thread ~d (~s) is the main thread; it is never killed" tid name))
-            ((agent-thread-name-p name)
+            ((agent-thread-p thread)
              (fail "REFUSED" "thread ~d (~s) is one of the sbmon agent's own threads" tid name))
             ((thread-daemon-p thread)
              (fail "REFUSED" "thread ~d (~s) is an SBCL system thread" tid name)))
@@ -1640,10 +1656,12 @@ enter the debugger reaches the debugger hooks, which record it and unwind."
          (thread nil))
     (unwind-protect
          (progn
-           (setf thread (sb-thread:make-thread
-                         (lambda ()
-                           (setf (svref box 0) (eval-in-thread code package out)))
-                         :name (format nil "sbmon-agent eval ~d" n)))
+           ;; not under CALL-QUIETLY: EVAL-IN-THREAD sets up the evaluation's own streams
+           ;; and debugger hooks
+           (setf thread (spawn (format nil "sbmon-agent eval ~d" n)
+                               (lambda ()
+                                 (setf (svref box 0) (eval-in-thread code package out)))
+                               :quietly nil))
            (register-control-thread thread)
            (sb-thread:join-thread thread :default nil :timeout timeout)
            (let ((result (svref box 0))
@@ -2338,8 +2356,8 @@ run it more than once (in the exiting thread, then in the main thread)."
       (sb-thread:join-thread thread :default nil :timeout timeout))))
 
 (defun stop ()
-  "Stop the agent: close every connection, stop its threads, remove the socket file and the
-GC wrappers.  Returns T if the agent was running."
+  "Stop the agent: close every connection, end the threads it started (and no other), remove
+its socket file, its exit hook and the GC wrappers.  Returns T if the agent was running."
   (sb-thread:with-recursive-lock (*start-stop-lock*)
     (%stop)))
 
@@ -2369,11 +2387,11 @@ GC wrappers.  Returns T if the agent was running."
       (close-connection c))
     (sb-thread:signal-semaphore *event-wakeup*)
     (finish-thread event-thread)
-    ;; any worker still around (e.g. one that was starting during stop)
-    (dolist (th (sb-thread:list-all-threads))
-      (when (and (agent-thread-name-p (sb-thread:thread-name th))
-                 (not (eq th sb-thread:*current-thread*)))
-        (finish-thread th)))
+    ;; any other thread the agent started (a worker starting during stop, an eval thread),
+    ;; and only those
+    (dolist (th (agent-threads))
+      (finish-thread th))
+    (setf sb-ext:*exit-hooks* (remove 'exit-cleanup sb-ext:*exit-hooks*))
     (sb-thread:with-mutex (*state-lock*)
       (setf *listener* nil *listener-thread* nil *event-thread* nil
             *connections* '() *address* nil *socket-path* nil *socket-dir* nil

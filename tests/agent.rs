@@ -950,3 +950,115 @@ async fn deleted_socket_file_is_recreated() {
     assert_eq!(mode(&socket), 0o600);
     connected.ping().await.unwrap();
 }
+
+#[tokio::test]
+async fn stop_ends_only_its_own_threads_and_removes_its_exit_hook() {
+    let dir = tempfile::tempdir().unwrap();
+    let trigger = dir.path().join("stop");
+    let report = dir.path().join("report.sexp");
+    let report_tmp = dir.path().join("report.tmp");
+    // Before the agent starts: a user thread whose name looks like the agent's, the threads
+    // and exit hooks of the image, and a thread that stops the agent when the test says so
+    // and writes down what is left.
+    let forms = vec![
+        "(defun sbmon-test::lisp-threads () \
+           (remove-if #'sb-thread::thread-ephemeral-p (sb-thread:list-all-threads)))"
+            .to_string(),
+        "(defvar sbmon-test::*user* \
+           (sb-thread:make-thread #'sbmon-test::sbmon-test-sleeper :name \"sbmon-agent user\"))"
+            .to_string(),
+        deaf_thread("deaf"),
+        format!(
+            r#"(sb-thread:make-thread
+                 (lambda ()
+                   (loop until (probe-file {trigger}) do (sleep 0.02))
+                   (sbmon-agent:stop)
+                   (let* ((after (sbmon-test::lisp-threads))
+                          (before sbmon-test::*threads-before*)
+                          (report
+                            (list :user-alive (and (sb-thread:thread-alive-p sbmon-test::*user*) t)
+                                  :new-threads (mapcar #'sb-thread:thread-name
+                                                       (set-difference after before))
+                                  :gone-threads (mapcar #'sb-thread:thread-name
+                                                        (set-difference before after))
+                                  :hooks-unchanged (equal sb-ext:*exit-hooks*
+                                                          sbmon-test::*hooks-before*))))
+                     (with-open-file (out {tmp} :direction :output)
+                       (let ((*print-case* :downcase)) (prin1 report out)))
+                     (rename-file {tmp} {report})))
+                 :name "stopper")"#,
+            trigger = Sexp::string(trigger.to_string_lossy()),
+            tmp = Sexp::string(report_tmp.to_string_lossy()),
+            report = Sexp::string(report.to_string_lossy()),
+        ),
+        "(defvar sbmon-test::*threads-before* (sbmon-test::lisp-threads))".to_string(),
+        "(defvar sbmon-test::*hooks-before* (copy-list sb-ext:*exit-hooks*))".to_string(),
+    ];
+    let image = Image::start(Setup {
+        forms,
+        allow: ALL,
+        ..Setup::default()
+    })
+    .await;
+
+    // Keep the agent busy with every kind of thread it starts: connections, a handshake that
+    // never ends, a worker waiting for a deaf thread, an evaluation, an event subscriber.
+    let client = image.client();
+    let threads = client.threads().await.unwrap();
+    let user = threads
+        .iter()
+        .find(|t| t.name.as_deref() == Some("sbmon-agent user"))
+        .unwrap();
+    assert!(!user.agent, "a user thread is not the agent's: {user:?}");
+    let deaf = threads
+        .iter()
+        .find(|t| t.name.as_deref() == Some("deaf"))
+        .unwrap()
+        .tid
+        .unwrap();
+    let _silent = UnixStream::connect(unix_path(&image)).await.unwrap();
+    let evaluator = image.client();
+    let subscriber = image.client();
+    subscriber
+        .call_raw(
+            "subscribe",
+            Sexp::plist([("events", Sexp::List(vec![Sexp::keyword("gc")]))]),
+            None,
+        )
+        .await
+        .unwrap();
+    let busy = async {
+        let _ = tokio::join!(
+            client.backtrace(deaf, 10, 30_000),
+            evaluator.call_raw(
+                "eval",
+                Sexp::plist([("code", Sexp::string("(sleep 60)"))]),
+                Some(Duration::from_secs(60)),
+            )
+        );
+    };
+    let stop = async {
+        tokio::time::sleep(Duration::from_millis(500)).await;
+        let agent = image.client().threads().await.unwrap();
+        let names: Vec<_> = agent
+            .iter()
+            .filter(|t| t.agent)
+            .map(|t| t.name.clone())
+            .collect();
+        assert!(names.len() >= 6, "{names:?}");
+        std::fs::write(&trigger, "").unwrap();
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while !report.exists() {
+            assert!(Instant::now() < deadline, "stop did not finish");
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    };
+    tokio::join!(busy, stop);
+
+    let text = std::fs::read_to_string(&report).unwrap();
+    let report = Sexp::parse(&text).unwrap();
+    assert_eq!(report.get("user-alive"), Some(&Sexp::T), "{text}");
+    assert_eq!(report.get("new-threads"), Some(&Sexp::Nil), "{text}");
+    assert_eq!(report.get("gone-threads"), Some(&Sexp::Nil), "{text}");
+    assert_eq!(report.get("hooks-unchanged"), Some(&Sexp::T), "{text}");
+}
