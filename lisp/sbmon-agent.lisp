@@ -30,7 +30,7 @@
   "Version of the sbmon agent (a string).")
 
 ;; Functions used before their definition (quiet source LOAD, form by form).
-(declaim (ftype function send-octets close-connection conn-shutdown secret-path ensure-secret-file exit-cleanup
+(declaim (ftype function send-octets close-connection conn-shutdown event-sender-loop secret-path ensure-secret-file exit-cleanup
                           %start %stop))
 
 ;;;; ------------------------------------------------------------------------
@@ -502,50 +502,57 @@ Signals TOO-LARGE beyond the frame limit."
     (sb-alien:extern-alien "shutdown" (function sb-alien:int sb-alien:int sb-alien:int))
     fd 2)))
 
-(defun set-send-timeout (fd seconds)
-  (ignore-errors
-   (sb-alien:with-alien ((tv (array sb-alien:long 2)))
-     (setf (sb-alien:deref tv 0) seconds
-           (sb-alien:deref tv 1) 0)
-     ;; SOL_SOCKET = 1, SO_SNDTIMEO = 21 on Linux
-     (sb-alien:alien-funcall
-      (sb-alien:extern-alien "setsockopt"
-                             (function sb-alien:int sb-alien:int sb-alien:int sb-alien:int
-                                       sb-sys:system-area-pointer sb-alien:unsigned-int))
-      fd 1 21 (sb-alien:alien-sap tv) 16))))
+(declaim (inline mono-ns))
+(defun mono-ns ()
+  "CLOCK_MONOTONIC in nanoseconds (a fixnum).  Conses nothing: the GC recorder uses it."
+  (sb-alien:with-alien ((ts (array sb-alien:long 2)))
+    (sb-alien:alien-funcall
+     (sb-alien:extern-alien "clock_gettime" (function sb-alien:int sb-alien:int
+                                                      (* (array sb-alien:long 2))))
+     1 (sb-alien:addr ts))            ; CLOCK_MONOTONIC = 1
+    (the fixnum (+ (* (the (unsigned-byte 32) (sb-alien:deref ts 0)) 1000000000)
+                   (the (unsigned-byte 30) (sb-alien:deref ts 1))))))
 
-(defun send-all (fd octets n &key (wait t))
-  "Write the first N of OCTETS to FD; return T, or NIL when the peer is gone or too slow.
-With WAIT NIL, never wait for room in the socket buffer (NIL when it is full)."
+(defun wait-fd (fd events milliseconds)
+  "Wait up to MILLISECONDS for EVENTS (POLLIN 1, POLLOUT 4) on FD, or its closing, with
+poll(2).  Returns NIL on timeout or when a signal (a GC stopping the world, for one)
+interrupted the wait: the caller recomputes its time left from its own deadline."
+  (sb-alien:with-alien ((pfd (array (sb-alien:signed 32) 2)))
+    ;; struct pollfd { int fd; short events; short revents; }: events in the low half
+    ;; (little-endian) of the second word, revents 0.
+    (setf (sb-alien:deref pfd 0) fd
+          (sb-alien:deref pfd 1) events)
+    (plusp (sb-alien:alien-funcall
+            (sb-alien:extern-alien "poll" (function sb-alien:int sb-sys:system-area-pointer
+                                                    sb-alien:unsigned-long sb-alien:int))
+            (sb-alien:alien-sap pfd) 1 (max 0 (min milliseconds 1000000))))))
+
+(defun send-all (fd octets n &key (timeout +send-timeout-seconds+))
+  "Write the first N of OCTETS to FD within TIMEOUT seconds; return T, or NIL when the peer
+is gone or took too long.  The deadline is absolute (CLOCK_MONOTONIC): the sends never block
+and the waits for room are recomputed after each interruption, so a GC every millisecond
+cannot stretch it (as it does SO_SNDTIMEO, which restarts after every signal).  TIMEOUT 0
+never waits: NIL when the socket buffer has no room."
   (declare (type (simple-array (unsigned-byte 8) (*)) octets) (type fixnum n))
   (let ((off 0)
-        ;; MSG_NOSIGNAL = #x4000, MSG_DONTWAIT = #x40
-        (flags (if wait #x4000 #x4040))
+        (deadline (+ (mono-ns) (round (* timeout 1d9))))
         (send (sb-alien:extern-alien "send" (function sb-alien:long sb-alien:int
                                                       sb-sys:system-area-pointer
                                                       sb-alien:unsigned-long sb-alien:int))))
     (loop while (< off n)
           do (let ((r (sb-sys:with-pinned-objects (octets)
+                        ;; MSG_NOSIGNAL | MSG_DONTWAIT
                         (sb-alien:alien-funcall send fd
                                                 (sb-sys:sap+ (sb-sys:vector-sap octets) off)
-                                                (- n off) flags))))
+                                                (- n off) #x4040))))
                (cond ((> r 0) (incf off r))
-                     ((and (< r 0) (= (sb-alien:get-errno) sb-unix:eintr)))
+                     ((and (< r 0) (member (sb-alien:get-errno)
+                                           (list sb-unix:eintr sb-unix:ewouldblock)))
+                      (let ((left (- deadline (mono-ns))))
+                        (when (<= left 0) (return-from send-all nil))
+                        (wait-fd fd 4 (ceiling left 1000000))))
                      (t (return-from send-all nil)))))
     t))
-
-(defun wait-readable (fd milliseconds)
-  "Wait up to MILLISECONDS for FD to be readable (or closed) with poll(2).  Returns NIL on
-timeout or when a signal interrupted the wait (the caller recomputes its time left)."
-  (sb-alien:with-alien ((pfd (array (sb-alien:signed 32) 2)))
-    ;; struct pollfd { int fd; short events; short revents; }: POLLIN = 1 in the low half
-    ;; (little-endian) of the second word, revents 0.
-    (setf (sb-alien:deref pfd 0) fd
-          (sb-alien:deref pfd 1) 1)
-    (plusp (sb-alien:alien-funcall
-            (sb-alien:extern-alien "poll" (function sb-alien:int sb-sys:system-area-pointer
-                                                    sb-alien:unsigned-long sb-alien:int))
-            (sb-alien:alien-sap pfd) 1 (max 0 (min milliseconds 1000000))))))
 
 (defun recv-available (fd octets start)
   "Read into OCTETS from START what FD has now, without waiting: the count read, 0 at end
@@ -637,15 +644,10 @@ of file or on an error, NIL when nothing has arrived yet."
              (compile nil '(lambda ()
                             (sb-alien:extern-alien "n_gcs" sb-alien:int))))))))
 
-(declaim (inline n-gcs mono-ns))
+(declaim (inline n-gcs))
 (defun n-gcs ()
   (let ((f **n-gcs-reader**))
     (if f (the (values fixnum &optional) (funcall (the function f))) -1)))
-
-(defun mono-ns ()
-  (multiple-value-bind (sec nsec) (sb-unix::clock-gettime 1)
-    (declare (type (unsigned-byte 32) sec) (type (unsigned-byte 30) nsec))
-    (the fixnum (+ (* sec 1000000000) nsec))))
 
 (defun current-gc-epoch ()
   (let ((s **gc-epoch-symbol**))
@@ -858,6 +860,9 @@ of n_gcs (or of *gc-epoch*) does."
   (slow 0 :type fixnum)
   (subscribed nil)
   (last-seq 0)
+  (sender nil)         ; thread sending its events while subscribed (under lock)
+  (events-ready (sb-thread:make-semaphore :name "sbmon-agent conn events"))
+  (send-timeout +send-timeout-seconds+)
   (alive t)            ; replies may be sent (under write-lock)
   (closed nil))        ; the descriptor was closed (under lock)
 
@@ -951,7 +956,7 @@ takes no data for +SEND-TIMEOUT-SECONDS+ (a full socket buffer) is disconnected.
   (let ((ok nil) (failed nil))
     (sb-thread:with-mutex ((conn-write-lock conn))
       (when (conn-alive conn)
-        (setf ok (send-all (conn-fd conn) octets end))
+        (setf ok (send-all (conn-fd conn) octets end :timeout (conn-send-timeout conn)))
         (unless ok (setf (conn-alive conn) nil failed t))))
     (when failed
       (conn-shutdown conn))
@@ -1279,7 +1284,13 @@ takes no data for +SEND-TIMEOUT-SECONDS+ (a full socket buffer) is disconnected.
       (fail "BAD-ARGUMENT" "~(:events~) must be a list of event kinds; known kinds: (:gc)"))
     (sb-thread:with-mutex ((conn-lock conn))
       (setf (conn-last-seq conn) (aref **stats** +s-count+)
-            (conn-subscribed conn) (and (member :gc events) t)))
+            (conn-subscribed conn) (and (member :gc events) t))
+      ;; events go out on a thread of this connection's own, which only this peer can block
+      (when (and (conn-subscribed conn) (null (conn-sender conn)))
+        (setf (conn-sender conn)
+              (spawn (format nil "sbmon-agent events ~d" (conn-id conn))
+                     (lambda () (event-sender-loop conn))))))
+    (sb-thread:signal-semaphore (conn-events-ready conn))
     (sb-thread:signal-semaphore *event-wakeup*)
     (list :subscribed (if (member :gc events) (list :gc) nil))))
 
@@ -2071,7 +2082,7 @@ enter the debugger reaches the debugger hooks, which record it and unwind."
                (cond ((null r)
                       (let ((left (- deadline-ns (mono-ns))))
                         (when (<= left 0) (return-from recv-exactly :timeout))
-                        (wait-readable fd (ceiling left 1000000))))
+                        (wait-fd fd 1 (ceiling left 1000000))))
                      ((zerop r) (return-from recv-exactly :eof))
                      (t (incf got r)))))
     :ok))
@@ -2155,6 +2166,7 @@ belong to another file by then)."
   (conn-shutdown conn)
   (sb-thread:with-mutex ((conn-write-lock conn))
     (setf (conn-alive conn) nil))
+  (sb-thread:signal-semaphore (conn-events-ready conn)) ; its sender, if any, ends
   (when (sb-thread:with-mutex ((conn-lock conn))
           (unless (conn-closed conn)
             (setf (conn-closed conn) t)))
@@ -2171,7 +2183,6 @@ belong to another file by then)."
                                     client :input t :output nil
                                            :element-type '(unsigned-byte 8)
                                            :buffering :full))))
-    (set-send-timeout fd +send-timeout-seconds+)
     (let ((full nil))
       (sb-thread:with-mutex (*state-lock*)
         (if (>= (length *connections*) +max-connections+)
@@ -2179,7 +2190,7 @@ belong to another file by then)."
             (progn (setf (conn-id conn) (incf *conn-counter*))
                    (push conn *connections*))))
       (cond (full
-             (set-send-timeout fd 1)
+             (setf (conn-send-timeout conn) 1)
              (send-bye conn (format nil "too many connections (limit ~d)" +max-connections+))
              (close-connection conn))
             (t
@@ -2235,30 +2246,46 @@ old one is closed.  A path that another file now occupies is left alone."
 ;;;; ------------------------------------------------------------------------
 ;;;; Events
 
+(defun subscribers ()
+  (sb-thread:with-mutex (*state-lock*)
+    (remove-if-not #'conn-subscribed *connections*)))
+
 (defun event-loop ()
-  ;; Polls the pause counter: 40 times a second while someone is subscribed, once a second
-  ;; otherwise (the image pays for every wake-up, about 0.1 ms of CPU each).
+  "Body of the event thread.  Polls the pause counter: 40 times a second while a connection
+is subscribed, once a second otherwise (the image pays for every wake-up, about 0.1 ms of
+CPU each), and wakes each subscriber's sender when there are new pauses.  It never sends
+anything itself, so no peer can hold it up."
   (let ((seen (aref **stats** +s-count+)))
     (loop while *running*
-          do (let ((subscribers (sb-thread:with-mutex (*state-lock*)
-                                  (remove-if-not #'conn-subscribed *connections*))))
-               (sb-thread:wait-on-semaphore *event-wakeup* :timeout (if subscribers 0.025 1)))
+          do (sb-thread:wait-on-semaphore *event-wakeup* :timeout (if (subscribers) 0.025 1))
              (let ((count (aref **stats** +s-count+)))
                (when (/= count seen)
                  (setf seen count)
-                 (let ((subscribers (sb-thread:with-mutex (*state-lock*)
-                                      (remove-if-not #'conn-subscribed *connections*))))
-                   (when subscribers
-                     (let ((records (gc-snapshot-records (read-gc-snapshot :histograms nil))))
-                       (dolist (conn subscribers)
-                         (handler-case
-                             (let ((last (conn-last-seq conn)))
-                               (dolist (r records)
-                                 (when (> (getf r :seq) last)
-                                   (unless (send-frame conn (list :event :gc r)) (return))
-                                   (setf last (getf r :seq))))
-                               (setf (conn-last-seq conn) last))
-                           (serious-condition () nil)))))))))))
+                 (dolist (conn (subscribers))
+                   (sb-thread:signal-semaphore (conn-events-ready conn))))))))
+
+(defun send-new-events (conn)
+  "Send CONN the recorded pauses it has not seen yet."
+  (let ((snapshot (read-gc-snapshot :histograms nil))
+        (last (conn-last-seq conn)))
+    (when snapshot
+      (dolist (r (gc-snapshot-records snapshot))
+        (when (> (getf r :seq) last)
+          (unless (send-frame conn (list :event :gc r)) (return))
+          (setf last (getf r :seq))))
+      (setf (conn-last-seq conn) last))))
+
+(defun event-sender-loop (conn)
+  "Body of a subscribed connection's sender thread: sends its events when the event thread
+says there are new ones.  A peer that reads nothing blocks only this thread, and only until
+the send timeout disconnects it.  Ends when the connection unsubscribes or closes."
+  (loop
+    (sb-thread:wait-on-semaphore (conn-events-ready conn) :timeout 1)
+    (unless (sb-thread:with-mutex ((conn-lock conn))
+              (or (and *running* (conn-alive conn) (conn-subscribed conn))
+                  (setf (conn-sender conn) nil)))
+      (return))
+    (send-new-events conn)))
 
 ;;;; ------------------------------------------------------------------------
 ;;;; Start / stop
@@ -2329,7 +2356,7 @@ drops it) nor, for its write lock, past DEADLINE-NS; then shut the connection do
                                :timeout (max 0d0 (/ (- deadline-ns (mono-ns)) 1d9)))
           (when (conn-alive conn)
             (setf (conn-alive conn) nil)
-            (send-all (conn-fd conn) octets end :wait nil))))
+            (send-all (conn-fd conn) octets end :timeout 0))))
     (serious-condition () nil))
   (ignore-errors (conn-shutdown conn)))
 

@@ -1062,3 +1062,130 @@ async fn stop_ends_only_its_own_threads_and_removes_its_exit_hook() {
     assert_eq!(report.get("gone-threads"), Some(&Sexp::Nil), "{text}");
     assert_eq!(report.get("hooks-unchanged"), Some(&Sexp::T), "{text}");
 }
+
+/// Bytes waiting to be read on `stream` (FIONREAD).
+fn unread_bytes(stream: &UnixStream) -> usize {
+    use std::os::fd::AsRawFd;
+    let mut n: libc::c_int = 0;
+    // SAFETY: FIONREAD writes one int through the pointer; the fd is open (we own the stream).
+    let r = unsafe { libc::ioctl(stream.as_raw_fd(), libc::FIONREAD, &mut n) };
+    assert_eq!(r, 0, "FIONREAD");
+    n as usize
+}
+
+#[tokio::test]
+async fn a_subscriber_that_stops_reading_delays_no_other_connection() {
+    // An image that collects all the time: a GC event every few milliseconds.
+    let image = Image::start(Setup {
+        forms: vec![
+            r#"(sb-thread:make-thread (lambda () (loop (sb-ext:gc) (sleep 0.002)))
+                 :name "gc-storm")"#
+                .to_string(),
+        ],
+        ..Setup::default()
+    })
+    .await;
+    let subscribe = "(:events (:gc))";
+
+    // A subscriber that reads its subscription's reply and then nothing more.
+    let mut stuck = raw(&image).await;
+    stuck
+        .write_all(&frame(&format!("(:call 1 :subscribe {subscribe})")))
+        .await
+        .unwrap();
+    loop {
+        let message = read_frame(&mut stuck).await.expect("the subscribe reply");
+        if message.starts_with("(:return 1") {
+            break;
+        }
+    }
+    // A subscriber that reads, and a client that calls.
+    let follower = image.client();
+    let conn = follower.connection().await.unwrap();
+    let mut events = conn.events();
+    conn.call(
+        "subscribe",
+        Sexp::plist([("events", Sexp::List(vec![Sexp::keyword("gc")]))]),
+        Duration::from_secs(5),
+    )
+    .await
+    .unwrap();
+    let arrivals = tokio::spawn(async move {
+        let mut times = Vec::new();
+        while let Ok(Ok(_)) = tokio::time::timeout(Duration::from_secs(20), events.recv()).await {
+            times.push(Instant::now());
+        }
+        times
+    });
+    let caller = image.client();
+
+    // Wait until the stuck subscriber's socket is full: its unread bytes stop growing.
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let (mut last, mut steady_since) = (0, Instant::now());
+    loop {
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        let now = unread_bytes(&stuck);
+        if now != last || now == 0 {
+            (last, steady_since) = (now, Instant::now());
+        } else if steady_since.elapsed() > Duration::from_secs(1) {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the buffer never filled ({now} bytes)"
+        );
+    }
+    eprintln!("the stuck subscriber holds {last} unread bytes");
+
+    // For the next 4 s: calls are answered and the other subscriber's events keep coming.
+    let window = Instant::now();
+    while window.elapsed() < Duration::from_secs(4) {
+        let asked = Instant::now();
+        caller.ping().await.unwrap();
+        assert!(
+            asked.elapsed() < Duration::from_secs(2),
+            "{:?}",
+            asked.elapsed()
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let end = Instant::now();
+    drop(conn);
+    drop(follower);
+    let times = arrivals.await.unwrap();
+    let mut marks: Vec<Instant> = times
+        .into_iter()
+        .filter(|t| *t >= window && *t <= end)
+        .collect();
+    marks.insert(0, window);
+    marks.push(end);
+    let longest = marks.windows(2).map(|w| w[1] - w[0]).max().unwrap();
+    assert!(
+        longest < Duration::from_secs(2),
+        "the reading subscriber waited {longest:?} for an event"
+    );
+
+    // The stuck subscriber is dropped once its socket has taken nothing for the send timeout
+    // (10 s). Watched without reading, which would unblock the agent.
+    let deadline = Instant::now() + Duration::from_secs(40);
+    while !peer_hung_up(&stuck) {
+        assert!(
+            Instant::now() < deadline,
+            "the stuck subscriber was never disconnected"
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+}
+
+/// True once the other end of `stream` has shut down (POLLRDHUP), without reading anything.
+fn peer_hung_up(stream: &UnixStream) -> bool {
+    use std::os::fd::AsRawFd;
+    let mut pfd = libc::pollfd {
+        fd: stream.as_raw_fd(),
+        events: libc::POLLRDHUP,
+        revents: 0,
+    };
+    // SAFETY: one valid pollfd, no wait.
+    let r = unsafe { libc::poll(&mut pfd, 1, 0) };
+    r > 0 && pfd.revents & (libc::POLLRDHUP | libc::POLLHUP) != 0
+}
