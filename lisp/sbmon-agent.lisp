@@ -56,16 +56,285 @@
   "Upper bounds (seconds) of the pause histogram buckets; a 17th bucket holds the rest.")
 
 ;;;; ------------------------------------------------------------------------
-;;;; Optional internals, looked up by name so that the file loads everywhere
+;;;; SBCL internals and the C library
+;;;;
+;;;; The only section that touches either.  Every SBCL internal the agent uses (SB-KERNEL,
+;;;; SB-INT, SB-IMPL, SB-UNIX, SB-SYS, SB-DEBUG, SB-THREAD beyond its documented interface,
+;;;; the C runtime's n_gcs) is reached through the small functions below, and so is every C
+;;;; library call (EXTERN-ALIEN).  Each internal is looked up once, when this file is loaded
+;;;; or compiled: present, the function calls it directly; absent (a newer SBCL renamed or
+;;;; removed it), the function does what its fallback says, the internal is listed in the
+;;;; welcome's :missing-internals, and the capability flag that needs it is left out of
+;;;; :capabilities.  The file still loads and every operation still answers.  Contribs loaded
+;;;; lazily (sb-sprof, ASDF) are looked up by name when first used, through CONTRIB-FUNCTION.
+;;;; (The payload reader's FIND-SYMBOL in KEYWORD is standard Common Lisp, not an internal.)
 
 (eval-when (:compile-toplevel :load-toplevel :execute)
-  (defun internal-symbol (name package)
+  (defun find-internal (package name)
+    "The symbol PACKAGE::NAME, or NIL when this SBCL has no such package or symbol."
     (let ((p (find-package package)))
       (and p (find-symbol name p))))
 
-  (defun internal-fbound (name package)
-    (let ((s (internal-symbol name package)))
-      (and s (fboundp s) s))))
+  (defun internal-present-p (symbol as)
+    "True when SYMBOL can be used AS :call (a function), :value or :variable (a bound
+variable), :function (the name of a function) or :macro."
+    (and symbol
+         (ecase as
+           ((:call :function) (and (fboundp symbol) (not (macro-function symbol))
+                                   (not (special-operator-p symbol))))
+           ((:value :variable) (boundp symbol))
+           (:macro (and (macro-function symbol) t))))))
+
+(defvar *internals* '()
+  "One entry (\"PACKAGE::NAME\" capability present-p) per SBCL internal used.")
+
+(defun note-internal (name capability present)
+  (setf *internals*
+        (append (remove name *internals* :key #'first :test #'string=)
+                (list (list name capability present)))))
+
+(defun missing-internals ()
+  "Names of the SBCL internals this image lacks (the welcome's :missing-internals)."
+  (loop for (name nil present) in *internals* unless present collect name))
+
+(defun capability-internals-present-p (capability)
+  "True when every internal that CAPABILITY needs is present."
+  (loop for (nil needed-by present) in *internals*
+        never (and (eq needed-by capability) (not present))))
+
+(defmacro define-internal (name lambda-list (package symbol &key capability (as :call))
+                           &body fallback)
+  "Define function NAME over PACKAGE::SYMBOL, looked up now.  AS :call calls it with the
+parameters of LAMBDA-LIST (required ones, or (&rest ARGS)); :value returns the variable's
+value; :function and :variable return the symbol itself.  When the symbol is absent NAME
+evaluates FALLBACK instead.  CAPABILITY names the capability flag that needs it."
+  (let* ((sym (find-internal package symbol))
+         (present (internal-present-p sym as))
+         (args (remove '&rest lambda-list))
+         (body (cond ((not present) `(progn ,@(or fallback '(nil))))
+                     ((member as '(:function :variable)) `',sym)
+                     ((eq as :value) `(if (boundp ',sym) (symbol-value ',sym) (progn ,@fallback)))
+                     ((member '&rest lambda-list) `(apply ',sym ,@args))
+                     (t `(,sym ,@args)))))
+    `(progn
+       (note-internal ,(format nil "~a::~a" package symbol) ,capability ,present)
+       (defun ,name ,lambda-list
+         (declare (ignorable ,@args))
+         ,body))))
+
+(defmacro define-internal-constant (name (package symbol) fallback)
+  "DEFCONSTANT NAME as the value of PACKAGE::SYMBOL, or FALLBACK when it is absent."
+  (let ((sym (find-internal package symbol)))
+    `(progn
+       (note-internal ,(format nil "~a::~a" package symbol) nil ,(internal-present-p sym :value))
+       (defconstant ,name ,(if (internal-present-p sym :value) (symbol-value sym) fallback)))))
+
+;;; Memory and GC
+
+(define-internal heap-used () ("SB-KERNEL" "DYNAMIC-USAGE")
+  ;; the generations' bytes: what dynamic-usage adds up, give or take the open regions
+  (loop for g from 0 below +generations+ sum (sb-ext:generation-bytes-allocated g)))
+
+(define-internal sub-gc-name () ("SB-KERNEL" "SUB-GC" :capability :pause-timing :as :function))
+
+(define-internal encapsulate (name type function)
+    ("SB-INT" "ENCAPSULATE" :capability :pause-timing)
+  (error "this SBCL has no SB-INT:ENCAPSULATE"))
+
+(define-internal unencapsulate (name type) ("SB-INT" "UNENCAPSULATE" :capability :pause-timing))
+
+(define-internal gc-epoch () ("SB-KERNEL" "*GC-EPOCH*" :as :value))
+
+;; n_gcs, the runtime's count of collections, read straight from the C variable; -1 without it
+(defmacro define-n-gcs-reader ()
+  (let* ((finder (find-internal "SB-SYS" "FIND-FOREIGN-SYMBOL-ADDRESS"))
+         (present (and (internal-present-p finder :call)
+                       (ignore-errors (funcall finder "n_gcs"))
+                       t)))
+    `(progn
+       (note-internal "C runtime n_gcs" :gc-count ,present)
+       (declaim (inline n-gcs))
+       (defun n-gcs ()
+         ,(if present
+              '(the fixnum (sb-alien:extern-alien "n_gcs" sb-alien:int))
+              -1)))))
+(define-n-gcs-reader)
+
+(defmacro without-interrupts* (&body body)
+  "BODY with interrupts deferred (SB-SYS:WITHOUT-INTERRUPTS); plain BODY without it."
+  (let ((m (find-internal "SB-SYS" "WITHOUT-INTERRUPTS")))
+    (if (internal-present-p m :macro) `(,m ,@body) `(progn ,@body))))
+(note-internal "SB-SYS::WITHOUT-INTERRUPTS" nil
+               #.(internal-present-p (find-internal "SB-SYS" "WITHOUT-INTERRUPTS") :macro))
+
+;;; Threads
+
+(define-internal os-thread-id (thread) ("SB-THREAD" "THREAD-OS-TID" :capability :thread-tids))
+
+(define-internal main-lisp-thread () ("SB-THREAD" "MAIN-THREAD" :capability :thread-kinds)
+  (find "main thread" (sb-thread:list-all-threads) :key #'sb-thread:thread-name :test #'equal))
+
+(define-internal system-thread-p (thread)
+    ("SB-THREAD" "THREAD-EPHEMERAL-P" :capability :thread-kinds))
+
+(define-internal thread-blocker (thread)
+    ("SB-THREAD" "THREAD-WAITING-FOR" :capability :thread-waits))
+
+(define-internal waitqueue-label (queue) ("SB-THREAD" "WAITQUEUE-NAME" :capability :thread-waits))
+
+;;; The debugger, the printer, exit
+
+(define-internal list-frames (&rest args)
+    ("SB-DEBUG" "LIST-BACKTRACE" :capability :backtrace-frames))
+
+(define-internal print-vector-length-variable ()
+    ("SB-EXT" "*PRINT-VECTOR-LENGTH*" :as :variable))
+
+(define-internal exit-in-progress () ("SB-IMPL" "*EXIT-IN-PROGRESS*" :as :value))
+
+(defun exit-in-progress-p ()
+  "True once SB-EXT:EXIT has begun to unwind the image."
+  (and (exit-in-progress) t))
+
+;;; Files and errors
+
+(define-internal lstat (path) ("SB-UNIX" "UNIX-LSTAT")
+  ;; without it a path can only be told present (and then treated as foreign) or absent
+  (if (probe-file path) (values t 0 0 0 0 -1) nil))
+
+(define-internal-constant +eintr+ ("SB-UNIX" "EINTR") 4)
+(define-internal-constant +ewouldblock+ ("SB-UNIX" "EWOULDBLOCK") 11)
+
+;;; Contribs loaded on first use
+
+(defun contrib-function (package name)
+  "The function PACKAGE::NAME of a contrib loaded lazily (sb-sprof, ASDF), or NIL."
+  (let ((s (find-internal package name)))
+    (and (internal-present-p s :call) s)))
+
+(defun contrib-variable (package name)
+  "The variable PACKAGE::NAME of a contrib loaded lazily, or NIL."
+  (let ((s (find-internal package name)))
+    (and (internal-present-p s :variable) s)))
+
+;;; The C library
+
+(defun os-getpid ()
+  (sb-alien:alien-funcall (sb-alien:extern-alien "getpid" (function sb-alien:int))))
+
+(defun os-getuid ()
+  (sb-alien:alien-funcall (sb-alien:extern-alien "getuid" (function sb-alien:unsigned-int))))
+
+(defun os-unlink (path)
+  (sb-alien:alien-funcall
+   (sb-alien:extern-alien "unlink" (function sb-alien:int sb-alien:c-string)) path))
+
+(defun os-mkdir (path mode)
+  "mkdir(2): T, or NIL and the errno."
+  (let ((r (sb-alien:alien-funcall
+            (sb-alien:extern-alien "mkdir" (function sb-alien:int sb-alien:c-string
+                                                     sb-alien:unsigned-int))
+            path mode)))
+    (if (zerop r) t (values nil (sb-alien:get-errno)))))
+
+(defun os-error-text (errno)
+  (sb-alien:alien-funcall
+   (sb-alien:extern-alien "strerror" (function sb-alien:c-string sb-alien:int)) errno))
+
+(defun chmod (path mode)
+  (sb-alien:alien-funcall
+   (sb-alien:extern-alien "chmod" (function sb-alien:int sb-alien:c-string sb-alien:unsigned-int))
+   path mode))
+
+(defun fd-shutdown (fd)
+  (ignore-errors
+   (sb-alien:alien-funcall
+    (sb-alien:extern-alien "shutdown" (function sb-alien:int sb-alien:int sb-alien:int))
+    fd 2)))
+
+(declaim (inline mono-ns))
+(defun mono-ns ()
+  "CLOCK_MONOTONIC in nanoseconds (a fixnum).  Conses nothing: the GC recorder uses it."
+  (sb-alien:with-alien ((ts (array sb-alien:long 2)))
+    (sb-alien:alien-funcall
+     (sb-alien:extern-alien "clock_gettime" (function sb-alien:int sb-alien:int
+                                                      (* (array sb-alien:long 2))))
+     1 (sb-alien:addr ts))            ; CLOCK_MONOTONIC = 1
+    (the fixnum (+ (* (the (unsigned-byte 32) (sb-alien:deref ts 0)) 1000000000)
+                   (the (unsigned-byte 30) (sb-alien:deref ts 1))))))
+
+(defun wait-fd (fd events milliseconds)
+  "Wait up to MILLISECONDS for EVENTS (POLLIN 1, POLLOUT 4) on FD, or its closing, with
+poll(2).  Returns NIL on timeout or when a signal (a GC stopping the world, for one)
+interrupted the wait: the caller recomputes its time left from its own deadline."
+  (sb-alien:with-alien ((pfd (array (sb-alien:signed 32) 2)))
+    ;; struct pollfd { int fd; short events; short revents; }: events in the low half
+    ;; (little-endian) of the second word, revents 0.
+    (setf (sb-alien:deref pfd 0) fd
+          (sb-alien:deref pfd 1) events)
+    (plusp (sb-alien:alien-funcall
+            (sb-alien:extern-alien "poll" (function sb-alien:int sb-sys:system-area-pointer
+                                                    sb-alien:unsigned-long sb-alien:int))
+            (sb-alien:alien-sap pfd) 1 (max 0 (min milliseconds 1000000))))))
+
+(defun send-all (fd octets n &key (timeout +send-timeout-seconds+))
+  "Write the first N of OCTETS to FD within TIMEOUT seconds; return T, or NIL when the peer
+is gone or took too long.  The deadline is absolute (CLOCK_MONOTONIC): the sends never block
+and the waits for room are recomputed after each interruption, so a GC every millisecond
+cannot stretch it (as it does SO_SNDTIMEO, which restarts after every signal).  TIMEOUT 0
+never waits: NIL when the socket buffer has no room."
+  (declare (type (simple-array (unsigned-byte 8) (*)) octets) (type fixnum n))
+  (let ((off 0)
+        (deadline (+ (mono-ns) (round (* timeout 1d9))))
+        (send (sb-alien:extern-alien "send" (function sb-alien:long sb-alien:int
+                                                      sb-sys:system-area-pointer
+                                                      sb-alien:unsigned-long sb-alien:int))))
+    (loop while (< off n)
+          do (let ((r (sb-sys:with-pinned-objects (octets)
+                        ;; MSG_NOSIGNAL | MSG_DONTWAIT
+                        (sb-alien:alien-funcall send fd
+                                                (sb-sys:sap+ (sb-sys:vector-sap octets) off)
+                                                (- n off) #x4040))))
+               (cond ((> r 0) (incf off r))
+                     ((and (< r 0) (member (sb-alien:get-errno)
+                                           (list +eintr+ +ewouldblock+)))
+                      (let ((left (- deadline (mono-ns))))
+                        (when (<= left 0) (return-from send-all nil))
+                        (wait-fd fd 4 (ceiling left 1000000))))
+                     (t (return-from send-all nil)))))
+    t))
+
+(defun recv-available (fd octets start)
+  "Read into OCTETS from START what FD has now, without waiting: the count read, 0 at end
+of file or on an error, NIL when nothing has arrived yet."
+  (declare (type (simple-array (unsigned-byte 8) (*)) octets) (type fixnum start))
+  (let ((r (sb-sys:with-pinned-objects (octets)
+             ;; MSG_DONTWAIT = #x40
+             (sb-alien:alien-funcall
+              (sb-alien:extern-alien "recv" (function sb-alien:long sb-alien:int
+                                                      sb-sys:system-area-pointer
+                                                      sb-alien:unsigned-long sb-alien:int))
+              fd (sb-sys:sap+ (sb-sys:vector-sap octets) start) (- (length octets) start) #x40))))
+    (cond ((> r 0) r)
+          ((= r 0) 0)
+          ((member (sb-alien:get-errno) (list +eintr+ +ewouldblock+)) nil)
+          (t 0))))
+
+(defun file-kind (path)
+  "Return :directory, :socket, :other or NIL (absent), and the owner uid."
+  (multiple-value-bind (ok dev ino mode nlink uid) (lstat path)
+    (declare (ignore dev ino nlink))
+    (if (not ok)
+        nil
+        (values (case (logand mode #o170000)
+                  (#o040000 :directory)
+                  (#o140000 :socket)
+                  (t :other))
+                uid))))
+
+(defun getenv-nonempty (name)
+  (let ((v (sb-ext:posix-getenv name)))
+    (and v (plusp (length v)) v)))
 
 ;;;; ------------------------------------------------------------------------
 ;;;; Agent errors (turned into error replies with a chosen :type)
@@ -96,8 +365,8 @@
          (*print-pretty* nil) (*print-circle* nil) (*print-escape* t)
          (*print-lines* nil) (*print-base* 10) (*print-radix* nil)
          (*package* (find-package "CL-USER")))
-     (progv (let ((s (internal-symbol "*PRINT-VECTOR-LENGTH*" "SB-EXT")))
-              (and s (boundp s) (list s)))
+     (progv (let ((s (print-vector-length-variable)))
+              (and s (list s)))
          '(100)
        ,@body)))
 
@@ -489,104 +758,6 @@ Signals TOO-LARGE beyond the frame limit."
     (serious-condition () "#<unprintable>")))
 
 ;;;; ------------------------------------------------------------------------
-;;;; Small libc helpers
-
-(defun chmod (path mode)
-  (sb-alien:alien-funcall
-   (sb-alien:extern-alien "chmod" (function sb-alien:int sb-alien:c-string sb-alien:unsigned-int))
-   path mode))
-
-(defun fd-shutdown (fd)
-  (ignore-errors
-   (sb-alien:alien-funcall
-    (sb-alien:extern-alien "shutdown" (function sb-alien:int sb-alien:int sb-alien:int))
-    fd 2)))
-
-(declaim (inline mono-ns))
-(defun mono-ns ()
-  "CLOCK_MONOTONIC in nanoseconds (a fixnum).  Conses nothing: the GC recorder uses it."
-  (sb-alien:with-alien ((ts (array sb-alien:long 2)))
-    (sb-alien:alien-funcall
-     (sb-alien:extern-alien "clock_gettime" (function sb-alien:int sb-alien:int
-                                                      (* (array sb-alien:long 2))))
-     1 (sb-alien:addr ts))            ; CLOCK_MONOTONIC = 1
-    (the fixnum (+ (* (the (unsigned-byte 32) (sb-alien:deref ts 0)) 1000000000)
-                   (the (unsigned-byte 30) (sb-alien:deref ts 1))))))
-
-(defun wait-fd (fd events milliseconds)
-  "Wait up to MILLISECONDS for EVENTS (POLLIN 1, POLLOUT 4) on FD, or its closing, with
-poll(2).  Returns NIL on timeout or when a signal (a GC stopping the world, for one)
-interrupted the wait: the caller recomputes its time left from its own deadline."
-  (sb-alien:with-alien ((pfd (array (sb-alien:signed 32) 2)))
-    ;; struct pollfd { int fd; short events; short revents; }: events in the low half
-    ;; (little-endian) of the second word, revents 0.
-    (setf (sb-alien:deref pfd 0) fd
-          (sb-alien:deref pfd 1) events)
-    (plusp (sb-alien:alien-funcall
-            (sb-alien:extern-alien "poll" (function sb-alien:int sb-sys:system-area-pointer
-                                                    sb-alien:unsigned-long sb-alien:int))
-            (sb-alien:alien-sap pfd) 1 (max 0 (min milliseconds 1000000))))))
-
-(defun send-all (fd octets n &key (timeout +send-timeout-seconds+))
-  "Write the first N of OCTETS to FD within TIMEOUT seconds; return T, or NIL when the peer
-is gone or took too long.  The deadline is absolute (CLOCK_MONOTONIC): the sends never block
-and the waits for room are recomputed after each interruption, so a GC every millisecond
-cannot stretch it (as it does SO_SNDTIMEO, which restarts after every signal).  TIMEOUT 0
-never waits: NIL when the socket buffer has no room."
-  (declare (type (simple-array (unsigned-byte 8) (*)) octets) (type fixnum n))
-  (let ((off 0)
-        (deadline (+ (mono-ns) (round (* timeout 1d9))))
-        (send (sb-alien:extern-alien "send" (function sb-alien:long sb-alien:int
-                                                      sb-sys:system-area-pointer
-                                                      sb-alien:unsigned-long sb-alien:int))))
-    (loop while (< off n)
-          do (let ((r (sb-sys:with-pinned-objects (octets)
-                        ;; MSG_NOSIGNAL | MSG_DONTWAIT
-                        (sb-alien:alien-funcall send fd
-                                                (sb-sys:sap+ (sb-sys:vector-sap octets) off)
-                                                (- n off) #x4040))))
-               (cond ((> r 0) (incf off r))
-                     ((and (< r 0) (member (sb-alien:get-errno)
-                                           (list sb-unix:eintr sb-unix:ewouldblock)))
-                      (let ((left (- deadline (mono-ns))))
-                        (when (<= left 0) (return-from send-all nil))
-                        (wait-fd fd 4 (ceiling left 1000000))))
-                     (t (return-from send-all nil)))))
-    t))
-
-(defun recv-available (fd octets start)
-  "Read into OCTETS from START what FD has now, without waiting: the count read, 0 at end
-of file or on an error, NIL when nothing has arrived yet."
-  (declare (type (simple-array (unsigned-byte 8) (*)) octets) (type fixnum start))
-  (let ((r (sb-sys:with-pinned-objects (octets)
-             ;; MSG_DONTWAIT = #x40
-             (sb-alien:alien-funcall
-              (sb-alien:extern-alien "recv" (function sb-alien:long sb-alien:int
-                                                      sb-sys:system-area-pointer
-                                                      sb-alien:unsigned-long sb-alien:int))
-              fd (sb-sys:sap+ (sb-sys:vector-sap octets) start) (- (length octets) start) #x40))))
-    (cond ((> r 0) r)
-          ((= r 0) 0)
-          ((member (sb-alien:get-errno) (list sb-unix:eintr sb-unix:ewouldblock)) nil)
-          (t 0))))
-
-(defun file-kind (path)
-  "Return :directory, :socket, :other or NIL (absent), and the owner uid."
-  (multiple-value-bind (ok dev ino mode nlink uid) (sb-unix:unix-lstat path)
-    (declare (ignore dev ino nlink))
-    (if (not ok)
-        nil
-        (values (case (logand mode #o170000)
-                  (#o040000 :directory)
-                  (#o140000 :socket)
-                  (t :other))
-                uid))))
-
-(defun getenv-nonempty (name)
-  (let ((v (sb-ext:posix-getenv name)))
-    (and v (plusp (length v)) v)))
-
-;;;; ------------------------------------------------------------------------
 ;;;; GC pause recording: preallocated arrays, seqlock, no consing on the GC path
 
 (deftype ring-fixnums () `(simple-array fixnum (,+ring-size+)))
@@ -622,8 +793,6 @@ of file or on an error, NIL when nothing has arrived yet."
                                        500000000 1000000000 2500000000 5000000000
                                        10000000000)))
 (sb-ext:defglobal **recording-enabled** nil)
-(sb-ext:defglobal **n-gcs-reader** nil)
-(sb-ext:defglobal **gc-epoch-symbol** (internal-symbol "*GC-EPOCH*" "SB-KERNEL"))
 
 (declaim (type (simple-array fixnum (*)) **stats** **h-counts** **h-count** **h-sum-ns** **bucket-ns**)
          (type (simple-array fixnum (64)) **r-seq** **r-gen** **r-wall-ns** **r-cpu-us**
@@ -634,24 +803,6 @@ of file or on an error, NIL when nothing has arrived yet."
 
 (defvar *in-recorded-gc* nil
   "Bound to T (per thread) inside an outermost wrapped GC call, so nested calls pass through.")
-
-;; n_gcs, read through a function compiled only when the C symbol exists
-(when (ignore-errors (sb-sys:find-foreign-symbol-address "n_gcs"))
-  (setf **n-gcs-reader**
-        (handler-bind ((warning #'muffle-warning))
-          (ignore-errors
-           (let ((*error-output* (make-broadcast-stream)))
-             (compile nil '(lambda ()
-                            (sb-alien:extern-alien "n_gcs" sb-alien:int))))))))
-
-(declaim (inline n-gcs))
-(defun n-gcs ()
-  (let ((f **n-gcs-reader**))
-    (if f (the (values fixnum &optional) (funcall (the function f))) -1)))
-
-(defun current-gc-epoch ()
-  (let ((s **gc-epoch-symbol**))
-    (if (and s (boundp s)) (symbol-value s) nil)))
 
 (defun reset-gc-stats ()
   (fill **stats** 0)
@@ -668,7 +819,7 @@ of file or on an error, NIL when nothing has arrived yet."
   "Record one GC pause.  Conses nothing; never blocks (a contended writer spin is bounded)."
   (declare (optimize (speed 3) (safety 0) (debug 0))
            (type fixnum gen wall-ns cpu-us heap-before heap-after))
-  (sb-sys:without-interrupts
+  (without-interrupts*
     (let ((lockv **writer-lock**))
       (unless (loop repeat 1000000
                     thereis (null (sb-ext:compare-and-swap (svref lockv 0) nil t)))
@@ -730,14 +881,14 @@ of n_gcs (or of *gc-epoch*) does."
     (dotimes (g +generations+)
       (setf (aref before g) (sb-ext:generation-number-of-gcs g)))
     (let ((n0 (n-gcs))
-          (epoch0 (current-gc-epoch))
+          (epoch0 (gc-epoch))
           (cpu0 sb-ext:*gc-run-time*)
-          (heap0 (the fixnum (sb-kernel:dynamic-usage)))
+          (heap0 (the fixnum (heap-used)))
           (t0 (mono-ns)))
       (declare (type fixnum n0 t0 heap0) (type unsigned-byte cpu0))
       (let ((result (apply fn args)))
         (let ((t1 (mono-ns))
-              (heap1 (the fixnum (sb-kernel:dynamic-usage)))
+              (heap1 (the fixnum (heap-used)))
               (cpu1 sb-ext:*gc-run-time*)
               (n1 (n-gcs)))
           (declare (type fixnum t1 n1))
@@ -745,7 +896,7 @@ of n_gcs (or of *gc-epoch*) does."
                      (cond ((and sub-gc-p (eq result t)) t)
                            ((and sub-gc-p (or (null result) (eql result 0))) nil)
                            ((>= n0 0) (/= n0 n1))
-                           (t (or (null epoch0) (not (eq epoch0 (current-gc-epoch)))))))
+                           (t (or (null epoch0) (not (eq epoch0 (gc-epoch)))))))
             (let ((gen requested-gen))
               (declare (type fixnum gen))
               (dotimes (g +generations+)
@@ -778,30 +929,22 @@ of n_gcs (or of *gc-epoch*) does."
 (defparameter *gc-encapsulations* '()
   "The (function-name . encapsulation-name) pairs currently installed.")
 
-(defun pause-timing-available-p ()
-  (and (internal-fbound "SUB-GC" "SB-KERNEL")
-       (internal-fbound "ENCAPSULATE" "SB-INT")
-       (internal-fbound "UNENCAPSULATE" "SB-INT")
-       t))
-
 (defun remove-gc-wrappers ()
   (setf **recording-enabled** nil)
-  (let ((unencapsulate (internal-symbol "UNENCAPSULATE" "SB-INT")))
-    (dolist (e *gc-encapsulations*)
-      (ignore-errors (funcall unencapsulate (car e) (cdr e)))))
+  (dolist (e *gc-encapsulations*)
+    (ignore-errors (unencapsulate (car e) (cdr e))))
   (setf *gc-encapsulations* '()))
 
 (defun install-gc-wrappers ()
-  (when (and (null *gc-encapsulations*) (pause-timing-available-p))
-    (let ((encapsulate (internal-symbol "ENCAPSULATE" "SB-INT")))
-      (handler-case
-          (progn
-            (funcall encapsulate (internal-symbol "SUB-GC" "SB-KERNEL") 'sbmon-pause #'sub-gc-wrapper)
-            (push (cons (internal-symbol "SUB-GC" "SB-KERNEL") 'sbmon-pause) *gc-encapsulations*)
-            (funcall encapsulate 'sb-ext:gc 'sbmon-pause #'gc-wrapper)
-            (push (cons 'sb-ext:gc 'sbmon-pause) *gc-encapsulations*))
-        (serious-condition ()
-          (remove-gc-wrappers)))))
+  (when (and (null *gc-encapsulations*) (capability-internals-present-p :pause-timing))
+    (handler-case
+        (progn
+          (encapsulate (sub-gc-name) 'sbmon-pause #'sub-gc-wrapper)
+          (push (cons (sub-gc-name) 'sbmon-pause) *gc-encapsulations*)
+          (encapsulate 'sb-ext:gc 'sbmon-pause #'gc-wrapper)
+          (push (cons 'sb-ext:gc 'sbmon-pause) *gc-encapsulations*))
+      (serious-condition ()
+        (remove-gc-wrappers))))
   (setf **recording-enabled** (and *gc-encapsulations* t)))
 
 (defun pause-timing-p () (and *gc-encapsulations* t))
@@ -1039,7 +1182,7 @@ takes no data for +SEND-TIMEOUT-SECONDS+ (a full socket buffer) is disconnected.
 
 (defun op-memory (args)
   (check-plist args '() :memory)
-  (list :heap-used (sb-kernel:dynamic-usage)
+  (list :heap-used (heap-used)
         :heap-limit (sb-ext:dynamic-space-size)
         :bytes-consed (sb-ext:get-bytes-consed)
         :nursery-size (sb-ext:bytes-consed-between-gcs)
@@ -1094,7 +1237,7 @@ takes no data for +SEND-TIMEOUT-SECONDS+ (a full socket buffer) is disconnected.
   (let ((features (loop for f in *features*
                         for i from 0 below 200
                         collect (if (symbolp f) (symbol-name f) (safe-string (lambda (s) (princ f s)) 100)))))
-    (list :pid (sb-unix:unix-getpid)
+    (list :pid (os-getpid)
           :lisp-implementation (lisp-implementation-type)
           :lisp-version (lisp-implementation-version)
           :agent-version *version*
@@ -1114,21 +1257,14 @@ takes no data for +SEND-TIMEOUT-SECONDS+ (a full socket buffer) is disconnected.
 ;;;; Threads
 
 (defun thread-tid (thread)
-  (let ((f (internal-fbound "THREAD-OS-TID" "SB-THREAD")))
-    (and f
-         (let ((tid (ignore-errors (funcall f thread))))
-           (and (integerp tid) (plusp tid) tid)))))
+  (let ((tid (ignore-errors (os-thread-id thread))))
+    (and (integerp tid) (plusp tid) tid)))
 
 (defun main-thread-p (thread)
-  (let ((f (internal-fbound "MAIN-THREAD" "SB-THREAD"))
-        (v (internal-symbol "*INITIAL-THREAD*" "SB-THREAD")))
-    (cond (f (eq thread (ignore-errors (funcall f))))
-          ((and v (boundp v)) (eq thread (symbol-value v)))
-          (t nil))))
+  (eq thread (ignore-errors (main-lisp-thread))))
 
 (defun thread-daemon-p (thread)
-  (let ((f (internal-fbound "THREAD-EPHEMERAL-P" "SB-THREAD")))
-    (and f (ignore-errors (funcall f thread)) t)))
+  (and (ignore-errors (system-thread-p thread)) t))
 
 (defun object-name-string (name)
   (cond ((null name) "")
@@ -1137,22 +1273,17 @@ takes no data for +SEND-TIMEOUT-SECONDS+ (a full socket buffer) is disconnected.
 
 (defun waiting-for (thread)
   "Return (values name type) for what THREAD waits on, or NIL."
-  (let ((f (internal-fbound "THREAD-WAITING-FOR" "SB-THREAD")))
-    (when f
-      (let ((w (ignore-errors (funcall f thread))))
-        (when (consp w) (setf w (cdr w)))   ; (timeout . object) in some versions
-        (cond ((null w) nil)
-              ((typep w 'sb-thread:mutex)
-               (values (object-name-string (sb-thread:mutex-name w)) "mutex"))
-              ((typep w 'sb-thread:waitqueue)
-               (values (object-name-string
-                        (let ((nf (internal-fbound "WAITQUEUE-NAME" "SB-THREAD")))
-                          (and nf (ignore-errors (funcall nf w)))))
-                       "waitqueue"))
-              ((typep w 'sb-thread:semaphore)
-               (values (object-name-string (sb-thread:semaphore-name w)) "semaphore"))
-              (t (values (safe-string (lambda (s) (princ w s)) 200)
-                         (safe-string (lambda (s) (princ (type-of w) s)) 100))))))))
+  (let ((w (ignore-errors (thread-blocker thread))))
+    (when (consp w) (setf w (cdr w)))   ; (timeout . object) in some versions
+    (cond ((null w) nil)
+          ((typep w 'sb-thread:mutex)
+           (values (object-name-string (sb-thread:mutex-name w)) "mutex"))
+          ((typep w 'sb-thread:waitqueue)
+           (values (object-name-string (ignore-errors (waitqueue-label w))) "waitqueue"))
+          ((typep w 'sb-thread:semaphore)
+           (values (object-name-string (sb-thread:semaphore-name w)) "semaphore"))
+          (t (values (safe-string (lambda (s) (princ w s)) 200)
+                     (safe-string (lambda (s) (princ (type-of w) s)) 100))))))
 
 (defun thread-plist (thread)
   (let ((name (sb-thread:thread-name thread)))
@@ -1178,7 +1309,7 @@ takes no data for +SEND-TIMEOUT-SECONDS+ (a full socket buffer) is disconnected.
 
 (defun capture-frames (max-frames from)
   "List of printed frames of the current thread (at most MAX-FRAMES) and a truncated flag."
-  (let* ((raw (sb-debug:list-backtrace :count (+ max-frames 3) :from from))
+  (let* ((raw (list-frames :count (+ max-frames 3) :from from))
          (printed (mapcar #'print-frame raw)))
     ;; the signal context leaves a bogus frame on top of an interrupted stack
     (loop while (and printed (search "bogus stack frame" (first printed)))
@@ -1312,11 +1443,6 @@ takes no data for +SEND-TIMEOUT-SECONDS+ (a full socket buffer) is disconnected.
 (sb-ext:defglobal **profile-busy** (vector nil)
   "Slot 0 is non-NIL while a :profile call runs (at most one per image).")
 
-(defun exit-in-progress-p ()
-  "True once SB-EXT:EXIT has begun to unwind the image."
-  (let ((s (internal-symbol "*EXIT-IN-PROGRESS*" "SB-IMPL")))
-    (and s (boundp s) (symbol-value s) t)))
-
 (defun register-control-thread (thread)
   (sb-thread:with-mutex (*state-lock*) (push thread *control-threads*)))
 
@@ -1378,11 +1504,11 @@ takes no data for +SEND-TIMEOUT-SECONDS+ (a full socket buffer) is disconnected.
     (when (and full (not (eq (getf args :generation :absent) :absent)))
       (fail "BAD-ARGUMENT" ":gc-run takes :full t or :generation N, not both"))
     (let* ((count0 (gc-count-now))
-           (heap0 (sb-kernel:dynamic-usage))
+           (heap0 (heap-used))
            (t0 (mono-ns)))
       (if full (sb-ext:gc :full t) (sb-ext:gc :gen gen))
       (let* ((pause (seconds-since t0))
-             (heap1 (sb-kernel:dynamic-usage))
+             (heap1 (heap-used))
              (count1 (gc-count-now)))
         (list :generation (if full (1- +generations+) gen)
               :full full
@@ -1584,7 +1710,7 @@ of the agent's own code; at most +EVAL-FRAMES+."
   (let* ((raw (handler-case
                   (let ((*print-pretty* nil))
                     (mapcar #'print-frame
-                            (sb-debug:list-backtrace :count (+ +eval-frames+ 40)
+                            (list-frames :count (+ +eval-frames+ 40)
                                                      :from :current-frame)))
                 (serious-condition () nil)))
          (last-system (let ((last nil))
@@ -1708,14 +1834,11 @@ enter the debugger reaches the debugger hooks, which record it and unwind."
 
 ;;; --- :profile
 
-(defun sprof-symbol (name)
-  (or (internal-symbol name "SB-SPROF")
-      (fail "UNAVAILABLE" "sb-sprof has no ~a on this SBCL" name)))
-
 (defun sprof-call (name &rest args)
-  (let ((s (sprof-symbol name)))
-    (unless (fboundp s) (fail "UNAVAILABLE" "sb-sprof has no function ~a on this SBCL" name))
-    (apply s args)))
+  "Call sb-sprof's function NAME (some of those used are internal to sb-sprof)."
+  (apply (or (contrib-function "SB-SPROF" name)
+             (fail "UNAVAILABLE" "sb-sprof has no function ~a on this SBCL" name))
+         args))
 
 (defun ensure-module (module package)
   (unless (find-package package)
@@ -1773,8 +1896,9 @@ enter the debugger reaches the debugger hooks, which record it and unwind."
          (progn
            (register-control-thread self)
            (ensure-module :sb-sprof "SB-SPROF")
-           (let ((profiling (sprof-symbol "*PROFILING*")))
-             (when (and (boundp profiling) (symbol-value profiling))
+           (let ((profiling (or (contrib-variable "SB-SPROF" "*PROFILING*")
+                                (fail "UNAVAILABLE" "sb-sprof has no *PROFILING* on this SBCL"))))
+             (when (symbol-value profiling)
                (fail "BUSY" "sb-sprof is already profiling in this image (started outside sbmon)")))
            (sprof-call "RESET")
            (unwind-protect
@@ -1794,9 +1918,8 @@ enter the debugger reaches the debugger hooks, which record it and unwind."
 ;;; --- :reload-system
 
 (defun asdf-call (name &rest args)
-  (let ((s (internal-symbol name "ASDF")))
-    (unless (and s (fboundp s)) (fail "UNAVAILABLE" "ASDF has no function ~a" name))
-    (apply s args)))
+  (apply (or (contrib-function "ASDF" name) (fail "UNAVAILABLE" "ASDF has no function ~a" name))
+         args))
 
 (defun %load-system (name force)
   (if force
@@ -1867,9 +1990,19 @@ enter the debugger reaches the debugger hooks, which record it and unwind."
 (defparameter *operation-classes* '(:read :control :eval)
   "The classes of operations, in the order START's :allow lists them.")
 
+(defparameter *internal-capabilities* '(:gc-count :thread-tids :thread-kinds :thread-waits
+                                        :backtrace-frames)
+  "Capability flags that hold when the SBCL internals they need are present (see the section
+on internals): :gc-count n_gcs, :thread-tids OS thread ids (:tid, needed by :backtrace and
+:kill-thread), :thread-kinds main and system threads, :thread-waits :waiting-for, :backtrace-frames the
+frames of :backtrace, :backtraces and of :eval errors.")
+
 (defun capabilities ()
+  "The welcome's :capabilities: every operation implemented, :pause-timing when GC pauses
+are measured, and the flags of *INTERNAL-CAPABILITIES* whose internals are present."
   (append (mapcar #'first *operations*)
-          (when (pause-timing-p) (list :pause-timing))))
+          (when (pause-timing-p) (list :pause-timing))
+          (remove-if-not #'capability-internals-present-p *internal-capabilities*)))
 
 (defun normalize-allow (allow)
   "ALLOW (START's :allow) as a list of classes in canonical order, :read always included."
@@ -1975,17 +2108,17 @@ enter the debugger reaches the debugger hooks, which record it and unwind."
   (let ((xdg (getenv-nonempty "XDG_RUNTIME_DIR")))
     (if xdg
         (concatenate 'string (string-right-trim "/" xdg) "/sbmon")
-        (format nil "/tmp/sbmon-~d" (sb-unix:unix-getuid)))))
+        (format nil "/tmp/sbmon-~d" (os-getuid)))))
 
 (defun ensure-private-directory (dir)
   "Create DIR (mode 0700) if absent; refuse one that is not a directory owned by this user."
-  (let ((uid (sb-unix:unix-getuid)))
+  (let ((uid (os-getuid)))
     (multiple-value-bind (kind owner) (file-kind dir)
       (case kind
         ((nil)
-         (multiple-value-bind (ok errno) (sb-unix:unix-mkdir dir #o700)
+         (multiple-value-bind (ok errno) (os-mkdir dir #o700)
            (unless (or ok (file-kind dir))
-             (error "cannot create ~a: ~a" dir (sb-int:strerror errno))))
+             (error "cannot create ~a: ~a" dir (os-error-text errno))))
          (chmod dir #o700))
         (:directory
          (unless (eql owner uid)
@@ -1996,7 +2129,7 @@ enter the debugger reaches the debugger hooks, which record it and unwind."
 
 (defun default-socket-path (dir)
   "<DIR>/<pid>.sock, DIR created if need be."
-  (format nil "~a/~d.sock" (ensure-private-directory dir) (sb-unix:unix-getpid)))
+  (format nil "~a/~d.sock" (ensure-private-directory dir) (os-getpid)))
 
 (defun socket-live-p (path)
   (let ((s (make-instance 'sb-bsd-sockets:local-socket :type :stream)))
@@ -2011,7 +2144,7 @@ enter the debugger reaches the debugger hooks, which record it and unwind."
     (:socket
      (when (socket-live-p path)
        (error "another process is listening on ~a" path))
-     (sb-unix:unix-unlink path))
+     (os-unlink path))
     (t (error "~a exists and is not a socket" path)))
   (let ((s (make-instance 'sb-bsd-sockets:local-socket :type :stream)))
     (handler-case
@@ -2134,10 +2267,11 @@ it does SB-SYS:WITH-DEADLINE) and a peer sending its hello a byte at a time is c
               (return-from handshake nil))))
         (send-frame conn (list :welcome :protocol +protocol+
                                         :agent-version *version*
-                                        :pid (sb-unix:unix-getpid)
+                                        :pid (os-getpid)
                                         :lisp-version (lisp-implementation-version)
                                         :capabilities (capabilities)
-                                        :allow *allow*))))))
+                                        :allow *allow*
+                                        :missing-internals (missing-internals)))))))
 
 (defun connection-loop (conn)
   (unwind-protect
@@ -2229,7 +2363,7 @@ old one is closed.  A path that another file now occupies is left alone."
     (loop while (and *running* (not *exiting*))
           do (handler-case
                  (progn
-                   (when (sb-sys:wait-until-fd-usable fd :input 0.2d0 nil)
+                   (when (wait-fd fd 1 200)
                      (let ((client (sb-bsd-sockets:socket-accept socket)))
                        (when client
                          (if (and *running* (not *exiting*))
@@ -2374,7 +2508,7 @@ run it more than once (in the exiting thread, then in the main thread)."
   (ignore-errors
    (let ((path *socket-path*))
      (when (and path (eq (file-kind path) :socket))
-       (sb-unix:unix-unlink path)))))
+       (os-unlink path)))))
 
 (defun finish-thread (thread &optional (timeout 2))
   (when (and thread (not (eq thread sb-thread:*current-thread*)))
@@ -2403,7 +2537,7 @@ its socket file, its exit hook and the GC wrappers.  Returns T if the agent was 
         (ignore-errors (sb-thread:terminate-thread th))))
     (finish-thread listener-thread)
     (ignore-errors (sb-bsd-sockets:socket-close listener))
-    (when path (ignore-errors (when (eq (file-kind path) :socket) (sb-unix:unix-unlink path))))
+    (when path (ignore-errors (when (eq (file-kind path) :socket) (os-unlink path))))
     (dolist (c conns)
       (conn-shutdown c)
       (sb-thread:with-mutex ((conn-write-lock c)) (setf (conn-alive c) nil)))

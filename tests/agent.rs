@@ -1189,3 +1189,46 @@ fn peer_hung_up(stream: &UnixStream) -> bool {
     let r = unsafe { libc::poll(&mut pfd, 1, 0) };
     r > 0 && pfd.revents & (libc::POLLRDHUP | libc::POLLHUP) != 0
 }
+
+#[tokio::test]
+async fn a_missing_sbcl_internal_clears_its_capability() {
+    // An SBCL without two of the internals the agent uses, as a newer release might be: the
+    // symbols are removed from their packages and the agent is loaded again.
+    let agent = concat!(env!("CARGO_MANIFEST_DIR"), "/lisp/sbmon-agent.lisp");
+    let image = Image::start(Setup {
+        forms: vec![
+            "(sb-ext:without-package-locks \
+               (unintern 'sb-thread::thread-waiting-for :sb-thread) \
+               (unintern 'sb-kernel::dynamic-usage :sb-kernel))"
+                .to_string(),
+            format!("(load {})", Sexp::string(agent)),
+            common::held_mutex("the-lock", "holder", "waiter"),
+        ],
+        ..Setup::default()
+    })
+    .await;
+    let client = image.client();
+    let welcome = client.welcome().await.unwrap();
+    assert_eq!(
+        welcome.missing_internals,
+        ["SB-KERNEL::DYNAMIC-USAGE", "SB-THREAD::THREAD-WAITING-FOR"]
+    );
+    let has = |flag: &str| welcome.capabilities.iter().any(|c| c == flag);
+    assert!(!has("thread-waits"), "{:?}", welcome.capabilities);
+    assert!(
+        has("thread-tids") && has("pause-timing"),
+        "{:?}",
+        welcome.capabilities
+    );
+    // Everything still answers, with what it can still know.
+    let waiter = client
+        .threads()
+        .await
+        .unwrap()
+        .into_iter()
+        .find(|t| t.name.as_deref() == Some("waiter"))
+        .unwrap();
+    assert_eq!(waiter.waiting_for, None);
+    let memory = client.memory().await.unwrap();
+    assert!(memory.heap_used > 0 && memory.heap_used < memory.heap_limit);
+}

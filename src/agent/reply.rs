@@ -18,6 +18,10 @@ pub struct Welcome {
     /// agent older than this field, which served every class.
     #[serde(default)]
     pub allow: Vec<String>,
+    /// SBCL internals the agent looked for and did not find (a newer SBCL renamed them);
+    /// the capability flags that need them are absent from `capabilities`.
+    #[serde(default)]
+    pub missing_internals: Vec<String>,
 }
 
 impl Welcome {
