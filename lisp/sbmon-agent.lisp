@@ -5,15 +5,37 @@
 ;;;; docs/protocol.md (its own reader and printer: nothing is evaluated or interned),
 ;;;; the operations (:ping :memory :gc :runtime :threads :backtrace :backtraces
 ;;;; :subscribe, and the control/eval operations :gc-run :gc-tune :kill-thread :profile
-;;;; :eval :reload-system), GC pause measurement (an encapsulation of SB-KERNEL::SUB-GC and
-;;;; SB-EXT:GC that records into preallocated arrays without consing) and the :gc
-;;;; event stream.
+;;;; :eval :reload-system, served only when START's :allow names their class), GC pause
+;;;; measurement (an encapsulation of SB-KERNEL::SUB-GC and SB-EXT:GC that records into
+;;;; preallocated arrays without consing) and the :gc event stream.
 ;;;;
 ;;;; Load with (load "lisp/sbmon-agent.lisp") and start with (sbmon-agent:start).
 ;;;; Only SBCL contribs are used (sb-bsd-sockets; sb-sprof and ASDF are required lazily,
 ;;;; on the first :profile or :reload-system call).  The agent never prints to the
 ;;;; host's *standard-output*, never lets a condition reach the debugger, and keeps
-;;;; bounded memory.
+;;;; bounded memory.  Loading this file prints nothing.
+;;;;
+;;;; Sections, in this order:
+;;;;   Limits and constants
+;;;;   SBCL internals and the C library   (the only code that touches either)
+;;;;   Agent errors
+;;;;   Bounded printing of arbitrary objects
+;;;;   Payload reader
+;;;;   Payload printer
+;;;;   GC pause recording
+;;;;   Agent state                        (connections, threads the agent started)
+;;;;   Framing
+;;;;   Events                             (the event thread and each subscriber's sender)
+;;;;   Argument helpers
+;;;;   Operations: memory, gc, runtime
+;;;;   Threads
+;;;;   Backtraces
+;;;;   Subscribe
+;;;;   Control and evaluation operations
+;;;;   Dispatch                           (the operation table, classes, :allow)
+;;;;   Listening sockets
+;;;;   Connections                        (handshake, connection threads, the listener)
+;;;;   Start / stop                       (and the exit hook)
 
 (eval-when (:compile-toplevel :load-toplevel :execute)
   (require :sb-bsd-sockets))
@@ -30,8 +52,8 @@
   "Version of the sbmon agent (a string).")
 
 ;; Functions used before their definition (quiet source LOAD, form by form).
-(declaim (ftype function send-octets close-connection conn-shutdown event-sender-loop secret-path ensure-secret-file exit-cleanup
-                          %start %stop))
+(declaim (ftype function send-octets close-connection conn-shutdown secret-path
+                ensure-secret-file exit-cleanup %start %stop))
 
 ;;;; ------------------------------------------------------------------------
 ;;;; Limits and constants
@@ -1153,6 +1175,50 @@ takes no data for +SEND-TIMEOUT-SECONDS+ (a full socket buffer) is disconnected.
         (unless (read-exactly stream payload) (return-from read-frame nil))
         (handler-case (sb-ext:octets-to-string payload :external-format :utf-8)
           (error () (error 'malformed :text "payload is not valid UTF-8")))))))
+
+;;;; ------------------------------------------------------------------------
+;;;; Events
+
+(defun subscribers ()
+  (sb-thread:with-mutex (*state-lock*)
+    (remove-if-not #'conn-subscribed *connections*)))
+
+(defun event-loop ()
+  "Body of the event thread.  Polls the pause counter: 40 times a second while a connection
+is subscribed, once a second otherwise (the image pays for every wake-up, about 0.1 ms of
+CPU each), and wakes each subscriber's sender when there are new pauses.  It never sends
+anything itself, so no peer can hold it up."
+  (let ((seen (aref **stats** +s-count+)))
+    (loop while *running*
+          do (sb-thread:wait-on-semaphore *event-wakeup* :timeout (if (subscribers) 0.025 1))
+             (let ((count (aref **stats** +s-count+)))
+               (when (/= count seen)
+                 (setf seen count)
+                 (dolist (conn (subscribers))
+                   (sb-thread:signal-semaphore (conn-events-ready conn))))))))
+
+(defun send-new-events (conn)
+  "Send CONN the recorded pauses it has not seen yet."
+  (let ((snapshot (read-gc-snapshot :histograms nil))
+        (last (conn-last-seq conn)))
+    (when snapshot
+      (dolist (r (gc-snapshot-records snapshot))
+        (when (> (getf r :seq) last)
+          (unless (send-frame conn (list :event :gc r)) (return))
+          (setf last (getf r :seq))))
+      (setf (conn-last-seq conn) last))))
+
+(defun event-sender-loop (conn)
+  "Body of a subscribed connection's sender thread: sends its events when the event thread
+says there are new ones.  A peer that reads nothing blocks only this thread, and only until
+the send timeout disconnects it.  Ends when the connection unsubscribes or closes."
+  (loop
+    (sb-thread:wait-on-semaphore (conn-events-ready conn) :timeout 1)
+    (unless (sb-thread:with-mutex ((conn-lock conn))
+              (or (and *running* (conn-alive conn) (conn-subscribed conn))
+                  (setf (conn-sender conn) nil)))
+      (return))
+    (send-new-events conn)))
 
 ;;;; ------------------------------------------------------------------------
 ;;;; Argument helpers
@@ -2376,50 +2442,6 @@ old one is closed.  A path that another file now occupies is left alone."
                          (setf socket renewed
                                fd (sb-bsd-sockets:socket-file-descriptor renewed))))))
                (serious-condition () (sleep 0.05))))))
-
-;;;; ------------------------------------------------------------------------
-;;;; Events
-
-(defun subscribers ()
-  (sb-thread:with-mutex (*state-lock*)
-    (remove-if-not #'conn-subscribed *connections*)))
-
-(defun event-loop ()
-  "Body of the event thread.  Polls the pause counter: 40 times a second while a connection
-is subscribed, once a second otherwise (the image pays for every wake-up, about 0.1 ms of
-CPU each), and wakes each subscriber's sender when there are new pauses.  It never sends
-anything itself, so no peer can hold it up."
-  (let ((seen (aref **stats** +s-count+)))
-    (loop while *running*
-          do (sb-thread:wait-on-semaphore *event-wakeup* :timeout (if (subscribers) 0.025 1))
-             (let ((count (aref **stats** +s-count+)))
-               (when (/= count seen)
-                 (setf seen count)
-                 (dolist (conn (subscribers))
-                   (sb-thread:signal-semaphore (conn-events-ready conn))))))))
-
-(defun send-new-events (conn)
-  "Send CONN the recorded pauses it has not seen yet."
-  (let ((snapshot (read-gc-snapshot :histograms nil))
-        (last (conn-last-seq conn)))
-    (when snapshot
-      (dolist (r (gc-snapshot-records snapshot))
-        (when (> (getf r :seq) last)
-          (unless (send-frame conn (list :event :gc r)) (return))
-          (setf last (getf r :seq))))
-      (setf (conn-last-seq conn) last))))
-
-(defun event-sender-loop (conn)
-  "Body of a subscribed connection's sender thread: sends its events when the event thread
-says there are new ones.  A peer that reads nothing blocks only this thread, and only until
-the send timeout disconnects it.  Ends when the connection unsubscribes or closes."
-  (loop
-    (sb-thread:wait-on-semaphore (conn-events-ready conn) :timeout 1)
-    (unless (sb-thread:with-mutex ((conn-lock conn))
-              (or (and *running* (conn-alive conn) (conn-subscribed conn))
-                  (setf (conn-sender conn) nil)))
-      (return))
-    (send-new-events conn)))
 
 ;;;; ------------------------------------------------------------------------
 ;;;; Start / stop
