@@ -1028,6 +1028,7 @@ of n_gcs (or of *gc-epoch*) does."
   (sender nil)         ; thread sending its events while subscribed (under lock)
   (events-ready (sb-thread:make-semaphore :name "sbmon-agent conn events"))
   (send-timeout +send-timeout-seconds+)
+  (accepted-ns (mono-ns))  ; when the listener accepted it (CLOCK_MONOTONIC)
   (alive t)            ; replies may be sent (under write-lock)
   (closed nil))        ; the descriptor was closed (under lock)
 
@@ -2288,11 +2289,11 @@ are measured, and the flags of *INTERNAL-CAPABILITIES* whose internals are prese
 
 (defun read-hello (conn)
   "The first frame of CONN: its payload string, NIL at end of file, or :TIMEOUT.
-The deadline is absolute (CLOCK_MONOTONIC, *HELLO-TIMEOUT* seconds after this call) and the
+The deadline is absolute (CLOCK_MONOTONIC, *HELLO-TIMEOUT* seconds after the accept) and the
 socket is read directly, only what has arrived: a garbage collection cannot postpone it (as
 it does SB-SYS:WITH-DEADLINE) and a peer sending its hello a byte at a time is cut off too."
   (let ((fd (conn-fd conn))
-        (deadline (+ (mono-ns) (round (* *hello-timeout* 1d9))))
+        (deadline (+ (conn-accepted-ns conn) (round (* *hello-timeout* 1d9))))
         (header (make-array 6 :element-type '(unsigned-byte 8))))
     (flet ((fill-from-socket (buffer)
              (let ((outcome (recv-exactly fd buffer deadline)))
