@@ -2471,9 +2471,9 @@ a NOT-ALLOWED error.  Calling START while running returns the current address."
     (error ":hello-timeout must be a number of seconds in (0, 3600], got ~s" hello-timeout))
   (setf allow (normalize-allow allow))
   (let* ((token (and port (read-secret-token)))
-        (dir (and (not port) (not socket) (default-socket-directory)))
-        (path (and (not port) (if socket (namestring socket) (default-socket-path dir))))
-        (listener nil) (addr nil))
+         (dir (and (not port) (not socket) (default-socket-directory)))
+         (path (and (not port) (if socket (namestring socket) (default-socket-path dir))))
+         (listener nil) (addr nil))
     (when (and port (zerop (length token)))
       (error "~a is empty" (secret-path)))
     (if port
