@@ -186,8 +186,11 @@ evaluates FALLBACK instead.  CAPABILITY names the capability flag that needs it.
   "BODY with interrupts deferred (SB-SYS:WITHOUT-INTERRUPTS); plain BODY without it."
   (let ((m (find-internal "SB-SYS" "WITHOUT-INTERRUPTS")))
     (if (internal-present-p m :macro) `(,m ,@body) `(progn ,@body))))
-(note-internal "SB-SYS::WITHOUT-INTERRUPTS" nil
-               #.(internal-present-p (find-internal "SB-SYS" "WITHOUT-INTERRUPTS") :macro))
+(defmacro note-internal-macro (package symbol)
+  "Record whether the macro PACKAGE::SYMBOL was present when this file was loaded."
+  `(note-internal ,(format nil "~a::~a" package symbol) nil
+                  ,(internal-present-p (find-internal package symbol) :macro)))
+(note-internal-macro "SB-SYS" "WITHOUT-INTERRUPTS")
 
 ;;; Threads
 
