@@ -8,7 +8,6 @@ use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 use crate::agent::{Address, AgentClient, ClientOptions, address};
-use crate::tools::Allow;
 use crate::wire::Sexp;
 
 /// The agent, as shipped in `lisp/sbmon-agent.lisp`.
@@ -38,7 +37,17 @@ pub struct LaunchOptions {
     pub hello_timeout: Option<Duration>,
     /// Classes of operations beyond read that the agent serves (`:allow`); read-only by
     /// default, like sbmon itself.
-    pub allow: Allow,
+    pub allow: AgentAllow,
+}
+
+/// What an agent serves beyond its read operations: `(sbmon-agent:start :allow '(:read ...))`
+/// (docs/protocol.md, "Operation classes"). The classes are those of sbmon's `--allow`.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct AgentAllow {
+    /// `:control`: gc-run, gc-tune, kill-thread, profile.
+    pub control: bool,
+    /// `:eval`: eval, reload-system.
+    pub eval: bool,
 }
 
 impl Default for LaunchOptions {
@@ -52,7 +61,7 @@ impl Default for LaunchOptions {
             after_start: Vec::new(),
             toplevel_args: Vec::new(),
             hello_timeout: None,
-            allow: Allow::default(),
+            allow: AgentAllow::default(),
         }
     }
 }

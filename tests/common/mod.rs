@@ -11,7 +11,7 @@ use std::time::{Duration, Instant};
 
 use sbmon::agent::{Address, AgentClient, ClientOptions};
 use sbmon::config::Config;
-use sbmon::launch::{LaunchOptions, Sbcl};
+use sbmon::launch::{AgentAllow, LaunchOptions, Sbcl};
 use sbmon::targets::{Target, Targets};
 use sbmon::tools::{Allow, Catalog};
 use sbmon::wire::Sexp;
@@ -113,7 +113,10 @@ impl Image {
             env: setup.env.clone(),
             before_start,
             hello_timeout: setup.hello_timeout,
-            allow: setup.allow,
+            allow: AgentAllow {
+                control: setup.allow.control,
+                eval: setup.allow.eval,
+            },
             ..LaunchOptions::default()
         };
         let mut sbcl = Sbcl::spawn(&options).expect("spawn sbcl");
