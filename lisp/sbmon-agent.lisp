@@ -5,15 +5,37 @@
 ;;;; docs/protocol.md (its own reader and printer: nothing is evaluated or interned),
 ;;;; the operations (:ping :memory :gc :runtime :threads :backtrace :backtraces
 ;;;; :subscribe, and the control/eval operations :gc-run :gc-tune :kill-thread :profile
-;;;; :eval :reload-system), GC pause measurement (an encapsulation of SB-KERNEL::SUB-GC and
-;;;; SB-EXT:GC that records into preallocated arrays without consing) and the :gc
-;;;; event stream.
+;;;; :eval :reload-system, served only when START's :allow names their class), GC pause
+;;;; measurement (an encapsulation of SB-KERNEL::SUB-GC and SB-EXT:GC that records into
+;;;; preallocated arrays without consing) and the :gc event stream.
 ;;;;
 ;;;; Load with (load "lisp/sbmon-agent.lisp") and start with (sbmon-agent:start).
 ;;;; Only SBCL contribs are used (sb-bsd-sockets; sb-sprof and ASDF are required lazily,
 ;;;; on the first :profile or :reload-system call).  The agent never prints to the
 ;;;; host's *standard-output*, never lets a condition reach the debugger, and keeps
-;;;; bounded memory.
+;;;; bounded memory.  Loading this file prints nothing.
+;;;;
+;;;; Sections, in this order:
+;;;;   Limits and constants
+;;;;   SBCL internals and the C library   (the only code that touches either)
+;;;;   Agent errors
+;;;;   Bounded printing of arbitrary objects
+;;;;   Payload reader
+;;;;   Payload printer
+;;;;   GC pause recording
+;;;;   Agent state                        (connections, threads the agent started)
+;;;;   Framing
+;;;;   Events                             (the event thread and each subscriber's sender)
+;;;;   Argument helpers
+;;;;   Operations: memory, gc, runtime
+;;;;   Threads
+;;;;   Backtraces
+;;;;   Subscribe
+;;;;   Control and evaluation operations
+;;;;   Dispatch                           (the operation table, classes, :allow)
+;;;;   Listening sockets
+;;;;   Connections                        (handshake, connection threads, the listener)
+;;;;   Start / stop                       (and the exit hook)
 
 (eval-when (:compile-toplevel :load-toplevel :execute)
   (require :sb-bsd-sockets))
@@ -30,8 +52,8 @@
   "Version of the sbmon agent (a string).")
 
 ;; Functions used before their definition (quiet source LOAD, form by form).
-(declaim (ftype function send-octets close-connection secret-path ensure-secret-file exit-cleanup
-                          %start %stop))
+(declaim (ftype function send-octets close-connection conn-shutdown secret-path
+                ensure-secret-file exit-cleanup %start %stop))
 
 ;;;; ------------------------------------------------------------------------
 ;;;; Limits and constants
@@ -55,19 +77,289 @@
   '(1d-4 2.5d-4 5d-4 1d-3 2.5d-3 5d-3 1d-2 2.5d-2 5d-2 0.1d0 0.25d0 0.5d0 1d0 2.5d0 5d0 10d0)
   "Upper bounds (seconds) of the pause histogram buckets; a 17th bucket holds the rest.")
 
-(defparameter *agent-thread-prefix* "sbmon-agent")
-
 ;;;; ------------------------------------------------------------------------
-;;;; Optional internals, looked up by name so that the file loads everywhere
+;;;; SBCL internals and the C library
+;;;;
+;;;; The only section that touches either.  Every SBCL internal the agent uses (SB-KERNEL,
+;;;; SB-INT, SB-IMPL, SB-UNIX, SB-SYS, SB-DEBUG, SB-THREAD beyond its documented interface,
+;;;; the C runtime's n_gcs) is reached through the small functions below, and so is every C
+;;;; library call (EXTERN-ALIEN).  Each internal is looked up once, when this file is loaded
+;;;; or compiled: present, the function calls it directly; absent (a newer SBCL renamed or
+;;;; removed it), the function does what its fallback says, the internal is listed in the
+;;;; welcome's :missing-internals, and the capability flag that needs it is left out of
+;;;; :capabilities.  The file still loads and every operation still answers.  Contribs loaded
+;;;; lazily (sb-sprof, ASDF) are looked up by name when first used, through CONTRIB-FUNCTION.
+;;;; (The payload reader's FIND-SYMBOL in KEYWORD is standard Common Lisp, not an internal.)
 
 (eval-when (:compile-toplevel :load-toplevel :execute)
-  (defun internal-symbol (name package)
+  (defun find-internal (package name)
+    "The symbol PACKAGE::NAME, or NIL when this SBCL has no such package or symbol."
     (let ((p (find-package package)))
       (and p (find-symbol name p))))
 
-  (defun internal-fbound (name package)
-    (let ((s (internal-symbol name package)))
-      (and s (fboundp s) s))))
+  (defun internal-present-p (symbol as)
+    "True when SYMBOL can be used AS :call (a function), :value or :variable (a bound
+variable), :function (the name of a function) or :macro."
+    (and symbol
+         (ecase as
+           ((:call :function) (and (fboundp symbol) (not (macro-function symbol))
+                                   (not (special-operator-p symbol))))
+           ((:value :variable) (boundp symbol))
+           (:macro (and (macro-function symbol) t))))))
+
+(defvar *internals* '()
+  "One entry (\"PACKAGE::NAME\" capability present-p) per SBCL internal used.")
+
+(defun note-internal (name capability present)
+  (setf *internals*
+        (append (remove name *internals* :key #'first :test #'string=)
+                (list (list name capability present)))))
+
+(defun missing-internals ()
+  "Names of the SBCL internals this image lacks (the welcome's :missing-internals)."
+  (loop for (name nil present) in *internals* unless present collect name))
+
+(defun capability-internals-present-p (capability)
+  "True when every internal that CAPABILITY needs is present."
+  (loop for (nil needed-by present) in *internals*
+        never (and (eq needed-by capability) (not present))))
+
+(defmacro define-internal (name lambda-list (package symbol &key capability (as :call))
+                           &body fallback)
+  "Define function NAME over PACKAGE::SYMBOL, looked up now.  AS :call calls it with the
+parameters of LAMBDA-LIST (required ones, or (&rest ARGS)); :value returns the variable's
+value; :function and :variable return the symbol itself.  When the symbol is absent NAME
+evaluates FALLBACK instead.  CAPABILITY names the capability flag that needs it."
+  (let* ((sym (find-internal package symbol))
+         (present (internal-present-p sym as))
+         (args (remove '&rest lambda-list))
+         (body (cond ((not present) `(progn ,@(or fallback '(nil))))
+                     ((member as '(:function :variable)) `',sym)
+                     ((eq as :value) `(if (boundp ',sym) (symbol-value ',sym) (progn ,@fallback)))
+                     ((member '&rest lambda-list) `(apply ',sym ,@args))
+                     (t `(,sym ,@args)))))
+    `(progn
+       (note-internal ,(format nil "~a::~a" package symbol) ,capability ,present)
+       (defun ,name ,lambda-list
+         (declare (ignorable ,@args))
+         ,body))))
+
+(defmacro define-internal-constant (name (package symbol) fallback)
+  "DEFCONSTANT NAME as the value of PACKAGE::SYMBOL, or FALLBACK when it is absent."
+  (let ((sym (find-internal package symbol)))
+    `(progn
+       (note-internal ,(format nil "~a::~a" package symbol) nil ,(internal-present-p sym :value))
+       (defconstant ,name ,(if (internal-present-p sym :value) (symbol-value sym) fallback)))))
+
+;;; Memory and GC
+
+(define-internal heap-used () ("SB-KERNEL" "DYNAMIC-USAGE")
+  ;; the generations' bytes: what dynamic-usage adds up, give or take the open regions
+  (loop for g from 0 below +generations+ sum (sb-ext:generation-bytes-allocated g)))
+
+(define-internal sub-gc-name () ("SB-KERNEL" "SUB-GC" :capability :pause-timing :as :function))
+
+(define-internal encapsulate (name type function)
+    ("SB-INT" "ENCAPSULATE" :capability :pause-timing)
+  (error "this SBCL has no SB-INT:ENCAPSULATE"))
+
+(define-internal unencapsulate (name type) ("SB-INT" "UNENCAPSULATE" :capability :pause-timing))
+
+(define-internal gc-epoch () ("SB-KERNEL" "*GC-EPOCH*" :as :value))
+
+;; n_gcs, the runtime's count of collections, read straight from the C variable; -1 without it
+(defmacro define-n-gcs-reader ()
+  (let* ((finder (find-internal "SB-SYS" "FIND-FOREIGN-SYMBOL-ADDRESS"))
+         (present (and (internal-present-p finder :call)
+                       (ignore-errors (funcall finder "n_gcs"))
+                       t)))
+    `(progn
+       (note-internal "C runtime n_gcs" :gc-count ,present)
+       (declaim (inline n-gcs))
+       (defun n-gcs ()
+         ,(if present
+              '(the fixnum (sb-alien:extern-alien "n_gcs" sb-alien:int))
+              -1)))))
+(define-n-gcs-reader)
+
+(defmacro without-interrupts* (&body body)
+  "BODY with interrupts deferred (SB-SYS:WITHOUT-INTERRUPTS); plain BODY without it."
+  (let ((m (find-internal "SB-SYS" "WITHOUT-INTERRUPTS")))
+    (if (internal-present-p m :macro) `(,m ,@body) `(progn ,@body))))
+(defmacro note-internal-macro (package symbol)
+  "Record whether the macro PACKAGE::SYMBOL was present when this file was loaded."
+  `(note-internal ,(format nil "~a::~a" package symbol) nil
+                  ,(internal-present-p (find-internal package symbol) :macro)))
+(note-internal-macro "SB-SYS" "WITHOUT-INTERRUPTS")
+
+;;; Threads
+
+(define-internal os-thread-id (thread) ("SB-THREAD" "THREAD-OS-TID" :capability :thread-tids))
+
+(define-internal main-lisp-thread () ("SB-THREAD" "MAIN-THREAD" :capability :thread-kinds)
+  (find "main thread" (sb-thread:list-all-threads) :key #'sb-thread:thread-name :test #'equal))
+
+(define-internal system-thread-p (thread)
+    ("SB-THREAD" "THREAD-EPHEMERAL-P" :capability :thread-kinds))
+
+(define-internal thread-blocker (thread)
+    ("SB-THREAD" "THREAD-WAITING-FOR" :capability :thread-waits))
+
+(define-internal waitqueue-label (queue) ("SB-THREAD" "WAITQUEUE-NAME" :capability :thread-waits))
+
+;;; The debugger, the printer, exit
+
+(define-internal list-frames (&rest args)
+    ("SB-DEBUG" "LIST-BACKTRACE" :capability :backtrace-frames))
+
+(define-internal print-vector-length-variable ()
+    ("SB-EXT" "*PRINT-VECTOR-LENGTH*" :as :variable))
+
+(define-internal exit-in-progress () ("SB-IMPL" "*EXIT-IN-PROGRESS*" :as :value))
+
+(defun exit-in-progress-p ()
+  "True once SB-EXT:EXIT has begun to unwind the image."
+  (and (exit-in-progress) t))
+
+;;; Files and errors
+
+(define-internal lstat (path) ("SB-UNIX" "UNIX-LSTAT")
+  ;; without it a path can only be told present (and then treated as foreign) or absent
+  (if (probe-file path) (values t 0 0 0 0 -1) nil))
+
+(define-internal-constant +eintr+ ("SB-UNIX" "EINTR") 4)
+(define-internal-constant +ewouldblock+ ("SB-UNIX" "EWOULDBLOCK") 11)
+
+;;; Contribs loaded on first use
+
+(defun contrib-function (package name)
+  "The function PACKAGE::NAME of a contrib loaded lazily (sb-sprof, ASDF), or NIL."
+  (let ((s (find-internal package name)))
+    (and (internal-present-p s :call) s)))
+
+(defun contrib-variable (package name)
+  "The variable PACKAGE::NAME of a contrib loaded lazily, or NIL."
+  (let ((s (find-internal package name)))
+    (and (internal-present-p s :variable) s)))
+
+;;; The C library
+
+(defun os-getpid ()
+  (sb-alien:alien-funcall (sb-alien:extern-alien "getpid" (function sb-alien:int))))
+
+(defun os-getuid ()
+  (sb-alien:alien-funcall (sb-alien:extern-alien "getuid" (function sb-alien:unsigned-int))))
+
+(defun os-unlink (path)
+  (sb-alien:alien-funcall
+   (sb-alien:extern-alien "unlink" (function sb-alien:int sb-alien:c-string)) path))
+
+(defun os-mkdir (path mode)
+  "mkdir(2): T, or NIL and the errno."
+  (let ((r (sb-alien:alien-funcall
+            (sb-alien:extern-alien "mkdir" (function sb-alien:int sb-alien:c-string
+                                                     sb-alien:unsigned-int))
+            path mode)))
+    (if (zerop r) t (values nil (sb-alien:get-errno)))))
+
+(defun os-error-text (errno)
+  (sb-alien:alien-funcall
+   (sb-alien:extern-alien "strerror" (function sb-alien:c-string sb-alien:int)) errno))
+
+(defun chmod (path mode)
+  (sb-alien:alien-funcall
+   (sb-alien:extern-alien "chmod" (function sb-alien:int sb-alien:c-string sb-alien:unsigned-int))
+   path mode))
+
+(defun fd-shutdown (fd)
+  (ignore-errors
+   (sb-alien:alien-funcall
+    (sb-alien:extern-alien "shutdown" (function sb-alien:int sb-alien:int sb-alien:int))
+    fd 2)))
+
+(declaim (inline mono-ns))
+(defun mono-ns ()
+  "CLOCK_MONOTONIC in nanoseconds (a fixnum).  Conses nothing: the GC recorder uses it."
+  (sb-alien:with-alien ((ts (array sb-alien:long 2)))
+    (sb-alien:alien-funcall
+     (sb-alien:extern-alien "clock_gettime" (function sb-alien:int sb-alien:int
+                                                      (* (array sb-alien:long 2))))
+     1 (sb-alien:addr ts))            ; CLOCK_MONOTONIC = 1
+    (the fixnum (+ (* (the (unsigned-byte 32) (sb-alien:deref ts 0)) 1000000000)
+                   (the (unsigned-byte 30) (sb-alien:deref ts 1))))))
+
+(defun wait-fd (fd events milliseconds)
+  "Wait up to MILLISECONDS for EVENTS (POLLIN 1, POLLOUT 4) on FD, or its closing, with
+poll(2).  Returns NIL on timeout or when a signal (a GC stopping the world, for one)
+interrupted the wait: the caller recomputes its time left from its own deadline."
+  (sb-alien:with-alien ((pfd (array (sb-alien:signed 32) 2)))
+    ;; struct pollfd { int fd; short events; short revents; }: events in the low half
+    ;; (little-endian) of the second word, revents 0.
+    (setf (sb-alien:deref pfd 0) fd
+          (sb-alien:deref pfd 1) events)
+    (plusp (sb-alien:alien-funcall
+            (sb-alien:extern-alien "poll" (function sb-alien:int sb-sys:system-area-pointer
+                                                    sb-alien:unsigned-long sb-alien:int))
+            (sb-alien:alien-sap pfd) 1 (max 0 (min milliseconds 1000000))))))
+
+(defun send-all (fd octets n &key (timeout +send-timeout-seconds+))
+  "Write the first N of OCTETS to FD within TIMEOUT seconds; return T, or NIL when the peer
+is gone or took too long.  The deadline is absolute (CLOCK_MONOTONIC): the sends never block
+and the waits for room are recomputed after each interruption, so a GC every millisecond
+cannot stretch it (as it does SO_SNDTIMEO, which restarts after every signal).  TIMEOUT 0
+never waits: NIL when the socket buffer has no room."
+  (declare (type (simple-array (unsigned-byte 8) (*)) octets) (type fixnum n))
+  (let ((off 0)
+        (deadline (+ (mono-ns) (round (* timeout 1d9))))
+        (send (sb-alien:extern-alien "send" (function sb-alien:long sb-alien:int
+                                                      sb-sys:system-area-pointer
+                                                      sb-alien:unsigned-long sb-alien:int))))
+    (loop while (< off n)
+          do (let ((r (sb-sys:with-pinned-objects (octets)
+                        ;; MSG_NOSIGNAL | MSG_DONTWAIT
+                        (sb-alien:alien-funcall send fd
+                                                (sb-sys:sap+ (sb-sys:vector-sap octets) off)
+                                                (- n off) #x4040))))
+               (cond ((> r 0) (incf off r))
+                     ((and (< r 0) (member (sb-alien:get-errno)
+                                           (list +eintr+ +ewouldblock+)))
+                      (let ((left (- deadline (mono-ns))))
+                        (when (<= left 0) (return-from send-all nil))
+                        (wait-fd fd 4 (ceiling left 1000000))))
+                     (t (return-from send-all nil)))))
+    t))
+
+(defun recv-available (fd octets start)
+  "Read into OCTETS from START what FD has now, without waiting: the count read, 0 at end
+of file or on an error, NIL when nothing has arrived yet."
+  (declare (type (simple-array (unsigned-byte 8) (*)) octets) (type fixnum start))
+  (let ((r (sb-sys:with-pinned-objects (octets)
+             ;; MSG_DONTWAIT = #x40
+             (sb-alien:alien-funcall
+              (sb-alien:extern-alien "recv" (function sb-alien:long sb-alien:int
+                                                      sb-sys:system-area-pointer
+                                                      sb-alien:unsigned-long sb-alien:int))
+              fd (sb-sys:sap+ (sb-sys:vector-sap octets) start) (- (length octets) start) #x40))))
+    (cond ((> r 0) r)
+          ((= r 0) 0)
+          ((member (sb-alien:get-errno) (list +eintr+ +ewouldblock+)) nil)
+          (t 0))))
+
+(defun file-kind (path)
+  "Return :directory, :socket, :other or NIL (absent), and the owner uid."
+  (multiple-value-bind (ok dev ino mode nlink uid) (lstat path)
+    (declare (ignore dev ino nlink))
+    (if (not ok)
+        nil
+        (values (case (logand mode #o170000)
+                  (#o040000 :directory)
+                  (#o140000 :socket)
+                  (t :other))
+                uid))))
+
+(defun getenv-nonempty (name)
+  (let ((v (sb-ext:posix-getenv name)))
+    (and v (plusp (length v)) v)))
 
 ;;;; ------------------------------------------------------------------------
 ;;;; Agent errors (turned into error replies with a chosen :type)
@@ -80,7 +372,7 @@
 
 (defun fail (kind fmt &rest args)
   (error 'agent-error :kind kind
-                      :text (let ((*print-length* 20) (*print-level* 4))
+                      :text (let ((*print-length* 20) (*print-level* 4) (*print-pretty* nil))
                               (apply #'format nil fmt args))))
 
 (define-condition malformed (error)
@@ -98,8 +390,8 @@
          (*print-pretty* nil) (*print-circle* nil) (*print-escape* t)
          (*print-lines* nil) (*print-base* 10) (*print-radix* nil)
          (*package* (find-package "CL-USER")))
-     (progv (let ((s (internal-symbol "*PRINT-VECTOR-LENGTH*" "SB-EXT")))
-              (and s (boundp s) (list s)))
+     (progv (let ((s (print-vector-length-variable)))
+              (and s (list s)))
          '(100)
        ,@body)))
 
@@ -310,15 +602,6 @@
     (setf (aref octets fill) byte
           (outbuf-fill buf) (1+ fill))))
 
-(declaim (inline put-char))
-(defun put-char (buf c)
-  "C as UTF-8; lone surrogates (not encodable) become #\?."
-  (declare (type outbuf buf) (type character c) (optimize speed))
-  (let ((code (char-code c)))
-    (if (< code #x80)
-        (put-byte buf code)
-        (put-multibyte-char buf code))))
-
 (defun put-multibyte-char (buf code)
   (declare (type outbuf buf) (type (integer #x80 #x10FFFF) code) (optimize speed))
   (cond ((< code #x800)
@@ -334,6 +617,15 @@
          (put-byte buf (logior #x80 (logand (ash code -12) #x3F)))
          (put-byte buf (logior #x80 (logand (ash code -6) #x3F)))
          (put-byte buf (logior #x80 (logand code #x3F))))))
+
+(declaim (inline put-char))
+(defun put-char (buf c)
+  "C as UTF-8; lone surrogates (not encodable) become #\?."
+  (declare (type outbuf buf) (type character c) (optimize speed))
+  (let ((code (char-code c)))
+    (if (< code #x80)
+        (put-byte buf code)
+        (put-multibyte-char buf code))))
 
 (defmacro with-simple-string ((var string) &body body)
   "BODY with VAR bound to STRING, compiled once per simple string type so CHAR is fast."
@@ -491,66 +783,6 @@ Signals TOO-LARGE beyond the frame limit."
     (serious-condition () "#<unprintable>")))
 
 ;;;; ------------------------------------------------------------------------
-;;;; Small libc helpers
-
-(defun chmod (path mode)
-  (sb-alien:alien-funcall
-   (sb-alien:extern-alien "chmod" (function sb-alien:int sb-alien:c-string sb-alien:unsigned-int))
-   path mode))
-
-(defun fd-shutdown (fd)
-  (ignore-errors
-   (sb-alien:alien-funcall
-    (sb-alien:extern-alien "shutdown" (function sb-alien:int sb-alien:int sb-alien:int))
-    fd 2)))
-
-(defun set-send-timeout (fd seconds)
-  (ignore-errors
-   (sb-alien:with-alien ((tv (array sb-alien:long 2)))
-     (setf (sb-alien:deref tv 0) seconds
-           (sb-alien:deref tv 1) 0)
-     ;; SOL_SOCKET = 1, SO_SNDTIMEO = 21 on Linux
-     (sb-alien:alien-funcall
-      (sb-alien:extern-alien "setsockopt"
-                             (function sb-alien:int sb-alien:int sb-alien:int sb-alien:int
-                                       sb-sys:system-area-pointer sb-alien:unsigned-int))
-      fd 1 21 (sb-alien:alien-sap tv) 16))))
-
-(defun send-all (fd octets n)
-  "Write the first N of OCTETS to FD; return T, or NIL when the peer is gone or too slow."
-  (declare (type (simple-array (unsigned-byte 8) (*)) octets) (type fixnum n))
-  (let ((off 0)
-        (send (sb-alien:extern-alien "send" (function sb-alien:long sb-alien:int
-                                                      sb-sys:system-area-pointer
-                                                      sb-alien:unsigned-long sb-alien:int))))
-    (loop while (< off n)
-          do (let ((r (sb-sys:with-pinned-objects (octets)
-                        ;; MSG_NOSIGNAL = #x4000
-                        (sb-alien:alien-funcall send fd
-                                                (sb-sys:sap+ (sb-sys:vector-sap octets) off)
-                                                (- n off) #x4000))))
-               (cond ((> r 0) (incf off r))
-                     ((and (< r 0) (= (sb-alien:get-errno) sb-unix:eintr)))
-                     (t (return-from send-all nil)))))
-    t))
-
-(defun file-kind (path)
-  "Return :directory, :socket, :other or NIL (absent), and the owner uid."
-  (multiple-value-bind (ok dev ino mode nlink uid) (sb-unix:unix-lstat path)
-    (declare (ignore dev ino nlink))
-    (if (not ok)
-        nil
-        (values (case (logand mode #o170000)
-                  (#o040000 :directory)
-                  (#o140000 :socket)
-                  (t :other))
-                uid))))
-
-(defun getenv-nonempty (name)
-  (let ((v (sb-ext:posix-getenv name)))
-    (and v (plusp (length v)) v)))
-
-;;;; ------------------------------------------------------------------------
 ;;;; GC pause recording: preallocated arrays, seqlock, no consing on the GC path
 
 (deftype ring-fixnums () `(simple-array fixnum (,+ring-size+)))
@@ -586,8 +818,6 @@ Signals TOO-LARGE beyond the frame limit."
                                        500000000 1000000000 2500000000 5000000000
                                        10000000000)))
 (sb-ext:defglobal **recording-enabled** nil)
-(sb-ext:defglobal **n-gcs-reader** nil)
-(sb-ext:defglobal **gc-epoch-symbol** (internal-symbol "*GC-EPOCH*" "SB-KERNEL"))
 
 (declaim (type (simple-array fixnum (*)) **stats** **h-counts** **h-count** **h-sum-ns** **bucket-ns**)
          (type (simple-array fixnum (64)) **r-seq** **r-gen** **r-wall-ns** **r-cpu-us**
@@ -598,29 +828,6 @@ Signals TOO-LARGE beyond the frame limit."
 
 (defvar *in-recorded-gc* nil
   "Bound to T (per thread) inside an outermost wrapped GC call, so nested calls pass through.")
-
-;; n_gcs, read through a function compiled only when the C symbol exists
-(when (ignore-errors (sb-sys:find-foreign-symbol-address "n_gcs"))
-  (setf **n-gcs-reader**
-        (handler-bind ((warning #'muffle-warning))
-          (ignore-errors
-           (let ((*error-output* (make-broadcast-stream)))
-             (compile nil '(lambda ()
-                            (sb-alien:extern-alien "n_gcs" sb-alien:int))))))))
-
-(declaim (inline n-gcs mono-ns))
-(defun n-gcs ()
-  (let ((f **n-gcs-reader**))
-    (if f (the (values fixnum &optional) (funcall (the function f))) -1)))
-
-(defun mono-ns ()
-  (multiple-value-bind (sec nsec) (sb-unix::clock-gettime 1)
-    (declare (type (unsigned-byte 32) sec) (type (unsigned-byte 30) nsec))
-    (the fixnum (+ (* sec 1000000000) nsec))))
-
-(defun current-gc-epoch ()
-  (let ((s **gc-epoch-symbol**))
-    (if (and s (boundp s)) (symbol-value s) nil)))
 
 (defun reset-gc-stats ()
   (fill **stats** 0)
@@ -637,7 +844,7 @@ Signals TOO-LARGE beyond the frame limit."
   "Record one GC pause.  Conses nothing; never blocks (a contended writer spin is bounded)."
   (declare (optimize (speed 3) (safety 0) (debug 0))
            (type fixnum gen wall-ns cpu-us heap-before heap-after))
-  (sb-sys:without-interrupts
+  (without-interrupts*
     (let ((lockv **writer-lock**))
       (unless (loop repeat 1000000
                     thereis (null (sb-ext:compare-and-swap (svref lockv 0) nil t)))
@@ -699,14 +906,14 @@ of n_gcs (or of *gc-epoch*) does."
     (dotimes (g +generations+)
       (setf (aref before g) (sb-ext:generation-number-of-gcs g)))
     (let ((n0 (n-gcs))
-          (epoch0 (current-gc-epoch))
+          (epoch0 (gc-epoch))
           (cpu0 sb-ext:*gc-run-time*)
-          (heap0 (the fixnum (sb-kernel:dynamic-usage)))
+          (heap0 (the fixnum (heap-used)))
           (t0 (mono-ns)))
       (declare (type fixnum n0 t0 heap0) (type unsigned-byte cpu0))
       (let ((result (apply fn args)))
         (let ((t1 (mono-ns))
-              (heap1 (the fixnum (sb-kernel:dynamic-usage)))
+              (heap1 (the fixnum (heap-used)))
               (cpu1 sb-ext:*gc-run-time*)
               (n1 (n-gcs)))
           (declare (type fixnum t1 n1))
@@ -714,7 +921,7 @@ of n_gcs (or of *gc-epoch*) does."
                      (cond ((and sub-gc-p (eq result t)) t)
                            ((and sub-gc-p (or (null result) (eql result 0))) nil)
                            ((>= n0 0) (/= n0 n1))
-                           (t (or (null epoch0) (not (eq epoch0 (current-gc-epoch)))))))
+                           (t (or (null epoch0) (not (eq epoch0 (gc-epoch)))))))
             (let ((gen requested-gen))
               (declare (type fixnum gen))
               (dotimes (g +generations+)
@@ -747,30 +954,22 @@ of n_gcs (or of *gc-epoch*) does."
 (defparameter *gc-encapsulations* '()
   "The (function-name . encapsulation-name) pairs currently installed.")
 
-(defun pause-timing-available-p ()
-  (and (internal-fbound "SUB-GC" "SB-KERNEL")
-       (internal-fbound "ENCAPSULATE" "SB-INT")
-       (internal-fbound "UNENCAPSULATE" "SB-INT")
-       t))
-
 (defun remove-gc-wrappers ()
   (setf **recording-enabled** nil)
-  (let ((unencapsulate (internal-symbol "UNENCAPSULATE" "SB-INT")))
-    (dolist (e *gc-encapsulations*)
-      (ignore-errors (funcall unencapsulate (car e) (cdr e)))))
+  (dolist (e *gc-encapsulations*)
+    (ignore-errors (unencapsulate (car e) (cdr e))))
   (setf *gc-encapsulations* '()))
 
 (defun install-gc-wrappers ()
-  (when (and (null *gc-encapsulations*) (pause-timing-available-p))
-    (let ((encapsulate (internal-symbol "ENCAPSULATE" "SB-INT")))
-      (handler-case
-          (progn
-            (funcall encapsulate (internal-symbol "SUB-GC" "SB-KERNEL") 'sbmon-pause #'sub-gc-wrapper)
-            (push (cons (internal-symbol "SUB-GC" "SB-KERNEL") 'sbmon-pause) *gc-encapsulations*)
-            (funcall encapsulate 'sb-ext:gc 'sbmon-pause #'gc-wrapper)
-            (push (cons 'sb-ext:gc 'sbmon-pause) *gc-encapsulations*))
-        (serious-condition ()
-          (remove-gc-wrappers)))))
+  (when (and (null *gc-encapsulations*) (capability-internals-present-p :pause-timing))
+    (handler-case
+        (progn
+          (encapsulate (sub-gc-name) 'sbmon-pause #'sub-gc-wrapper)
+          (push (cons (sub-gc-name) 'sbmon-pause) *gc-encapsulations*)
+          (encapsulate 'sb-ext:gc 'sbmon-pause #'gc-wrapper)
+          (push (cons 'sb-ext:gc 'sbmon-pause) *gc-encapsulations*))
+      (serious-condition ()
+        (remove-gc-wrappers))))
   (setf **recording-enabled** (and *gc-encapsulations* t)))
 
 (defun pause-timing-p () (and *gc-encapsulations* t))
@@ -829,7 +1028,12 @@ of n_gcs (or of *gc-epoch*) does."
   (slow 0 :type fixnum)
   (subscribed nil)
   (last-seq 0)
-  (alive t))
+  (sender nil)         ; thread sending its events while subscribed (under lock)
+  (events-ready (sb-thread:make-semaphore :name "sbmon-agent conn events"))
+  (send-timeout +send-timeout-seconds+)
+  (accepted-ns (mono-ns))  ; when the listener accepted it (CLOCK_MONOTONIC)
+  (alive t)            ; replies may be sent (under write-lock)
+  (closed nil))        ; the descriptor was closed (under lock)
 
 (defvar *state-lock* (sb-thread:make-mutex :name "sbmon-agent state"))
 (defvar *start-stop-lock* (sb-thread:make-mutex :name "sbmon-agent start/stop")
@@ -837,6 +1041,10 @@ of n_gcs (or of *gc-epoch*) does."
 (defvar *running* nil)
 (defvar *address* nil)
 (defvar *socket-path* nil)
+(defvar *socket-dir* nil
+  "The default socket directory when the agent listens there (recreated with the socket).")
+(defvar *exiting* nil
+  "Set by the exit hook: the image is exiting, nothing may be accepted or recreated.")
 (defvar *listener* nil)
 (defvar *listener-thread* nil)
 (defvar *event-thread* nil)
@@ -846,6 +1054,10 @@ of n_gcs (or of *gc-epoch*) does."
 (defvar *conn-counter* 0)
 (defvar *tcp-token* nil)
 (defvar *tcp-mode* nil)
+(defvar *allow* '(:read)
+  "Classes of operations this agent serves (START's :ALLOW): :read, and :control, :eval.")
+(defvar *hello-timeout* +hello-timeout+
+  "Seconds a new connection has to send its hello (START's :HELLO-TIMEOUT).")
 (defvar *start-time* 0d0)
 (defvar *pending-backtraces*
   (make-hash-table :test 'eq :weakness :key :synchronized t)
@@ -859,10 +1071,17 @@ of n_gcs (or of *gc-epoch*) does."
   (multiple-value-bind (sec usec) (sb-ext:get-time-of-day)
     (+ (coerce sec 'double-float) (/ usec 1d6))))
 
-(defun agent-thread-name-p (name)
-  (and (stringp name)
-       (>= (length name) (length *agent-thread-prefix*))
-       (string= *agent-thread-prefix* name :end2 (length *agent-thread-prefix*))))
+(defvar *threads-lock* (sb-thread:make-mutex :name "sbmon-agent threads"))
+(defvar *agent-threads* '()
+  "Every thread the agent started that has not ended yet.  The agent knows its threads by
+identity, never by name: a user thread may be called \"sbmon-agent ...\" too.")
+
+(defun agent-thread-p (thread)
+  "True when THREAD was started by the agent."
+  (and (sb-thread:with-mutex (*threads-lock*) (member thread *agent-threads* :test #'eq)) t))
+
+(defun agent-threads ()
+  (sb-thread:with-mutex (*threads-lock*) (copy-list *agent-threads*)))
 
 (defun call-quietly (fn)
   "Run FN as the body of an agent thread: no output to the host, no debugger, ever."
@@ -877,8 +1096,19 @@ of n_gcs (or of *gc-epoch*) does."
         (handler-case (funcall fn)
           (serious-condition () nil))))))
 
-(defun spawn (name fn)
-  (sb-thread:make-thread (lambda () (call-quietly fn)) :name name))
+(defun spawn (name fn &key (quietly t))
+  "Start a thread named NAME running FN (under CALL-QUIETLY unless QUIETLY is NIL) and
+track it in *AGENT-THREADS* until it ends."
+  (sb-thread:with-mutex (*threads-lock*)
+    (let ((thread (sb-thread:make-thread
+                   (lambda ()
+                     (unwind-protect (if quietly (call-quietly fn) (funcall fn))
+                       (sb-thread:with-mutex (*threads-lock*)
+                         (setf *agent-threads*
+                               (delete sb-thread:*current-thread* *agent-threads* :test #'eq)))))
+                   :name name)))
+      (push thread *agent-threads*)
+      thread)))
 
 ;;;; ------------------------------------------------------------------------
 ;;;; Framing
@@ -890,12 +1120,15 @@ of n_gcs (or of *gc-epoch*) does."
     (and octets (send-octets conn octets end))))
 
 (defun send-octets (conn octets end)
-  "Send the frame in OCTETS below END in one write, so the peer wakes once."
-  (let ((ok nil))
+  "Send the frame in OCTETS below END in one write, so the peer wakes once.  A peer that
+takes no data for +SEND-TIMEOUT-SECONDS+ (a full socket buffer) is disconnected."
+  (let ((ok nil) (failed nil))
     (sb-thread:with-mutex ((conn-write-lock conn))
       (when (conn-alive conn)
-        (setf ok (send-all (conn-fd conn) octets end))
-        (unless ok (setf (conn-alive conn) nil))))
+        (setf ok (send-all (conn-fd conn) octets end :timeout (conn-send-timeout conn)))
+        (unless ok (setf (conn-alive conn) nil failed t))))
+    (when failed
+      (conn-shutdown conn))
     ok))
 
 (defun send-reply (conn id result)
@@ -948,6 +1181,50 @@ of n_gcs (or of *gc-epoch*) does."
           (error () (error 'malformed :text "payload is not valid UTF-8")))))))
 
 ;;;; ------------------------------------------------------------------------
+;;;; Events
+
+(defun subscribers ()
+  (sb-thread:with-mutex (*state-lock*)
+    (remove-if-not #'conn-subscribed *connections*)))
+
+(defun event-loop ()
+  "Body of the event thread.  Polls the pause counter: 40 times a second while a connection
+is subscribed, once a second otherwise (the image pays for every wake-up, about 0.1 ms of
+CPU each), and wakes each subscriber's sender when there are new pauses.  It never sends
+anything itself, so no peer can hold it up."
+  (let ((seen (aref **stats** +s-count+)))
+    (loop while *running*
+          do (sb-thread:wait-on-semaphore *event-wakeup* :timeout (if (subscribers) 0.025 1))
+             (let ((count (aref **stats** +s-count+)))
+               (when (/= count seen)
+                 (setf seen count)
+                 (dolist (conn (subscribers))
+                   (sb-thread:signal-semaphore (conn-events-ready conn))))))))
+
+(defun send-new-events (conn)
+  "Send CONN the recorded pauses it has not seen yet."
+  (let ((snapshot (read-gc-snapshot :histograms nil))
+        (last (conn-last-seq conn)))
+    (when snapshot
+      (dolist (r (gc-snapshot-records snapshot))
+        (when (> (getf r :seq) last)
+          (unless (send-frame conn (list :event :gc r)) (return))
+          (setf last (getf r :seq))))
+      (setf (conn-last-seq conn) last))))
+
+(defun event-sender-loop (conn)
+  "Body of a subscribed connection's sender thread: sends its events when the event thread
+says there are new ones.  A peer that reads nothing blocks only this thread, and only until
+the send timeout disconnects it.  Ends when the connection unsubscribes or closes."
+  (loop
+    (sb-thread:wait-on-semaphore (conn-events-ready conn) :timeout 1)
+    (unless (sb-thread:with-mutex ((conn-lock conn))
+              (or (and *running* (conn-alive conn) (conn-subscribed conn))
+                  (setf (conn-sender conn) nil)))
+      (return))
+    (send-new-events conn)))
+
+;;;; ------------------------------------------------------------------------
 ;;;; Argument helpers
 
 (defun check-plist (args allowed op)
@@ -975,7 +1252,7 @@ of n_gcs (or of *gc-epoch*) does."
 
 (defun op-memory (args)
   (check-plist args '() :memory)
-  (list :heap-used (sb-kernel:dynamic-usage)
+  (list :heap-used (heap-used)
         :heap-limit (sb-ext:dynamic-space-size)
         :bytes-consed (sb-ext:get-bytes-consed)
         :nursery-size (sb-ext:bytes-consed-between-gcs)
@@ -1030,7 +1307,7 @@ of n_gcs (or of *gc-epoch*) does."
   (let ((features (loop for f in *features*
                         for i from 0 below 200
                         collect (if (symbolp f) (symbol-name f) (safe-string (lambda (s) (princ f s)) 100)))))
-    (list :pid (sb-unix:unix-getpid)
+    (list :pid (os-getpid)
           :lisp-implementation (lisp-implementation-type)
           :lisp-version (lisp-implementation-version)
           :agent-version *version*
@@ -1050,21 +1327,14 @@ of n_gcs (or of *gc-epoch*) does."
 ;;;; Threads
 
 (defun thread-tid (thread)
-  (let ((f (internal-fbound "THREAD-OS-TID" "SB-THREAD")))
-    (and f
-         (let ((tid (ignore-errors (funcall f thread))))
-           (and (integerp tid) (plusp tid) tid)))))
+  (let ((tid (ignore-errors (os-thread-id thread))))
+    (and (integerp tid) (plusp tid) tid)))
 
 (defun main-thread-p (thread)
-  (let ((f (internal-fbound "MAIN-THREAD" "SB-THREAD"))
-        (v (internal-symbol "*INITIAL-THREAD*" "SB-THREAD")))
-    (cond (f (eq thread (ignore-errors (funcall f))))
-          ((and v (boundp v)) (eq thread (symbol-value v)))
-          (t nil))))
+  (eq thread (ignore-errors (main-lisp-thread))))
 
 (defun thread-daemon-p (thread)
-  (let ((f (internal-fbound "THREAD-EPHEMERAL-P" "SB-THREAD")))
-    (and f (ignore-errors (funcall f thread)) t)))
+  (and (ignore-errors (system-thread-p thread)) t))
 
 (defun object-name-string (name)
   (cond ((null name) "")
@@ -1073,22 +1343,17 @@ of n_gcs (or of *gc-epoch*) does."
 
 (defun waiting-for (thread)
   "Return (values name type) for what THREAD waits on, or NIL."
-  (let ((f (internal-fbound "THREAD-WAITING-FOR" "SB-THREAD")))
-    (when f
-      (let ((w (ignore-errors (funcall f thread))))
-        (when (consp w) (setf w (cdr w)))   ; (timeout . object) in some versions
-        (cond ((null w) nil)
-              ((typep w 'sb-thread:mutex)
-               (values (object-name-string (sb-thread:mutex-name w)) "mutex"))
-              ((typep w 'sb-thread:waitqueue)
-               (values (object-name-string
-                        (let ((nf (internal-fbound "WAITQUEUE-NAME" "SB-THREAD")))
-                          (and nf (ignore-errors (funcall nf w)))))
-                       "waitqueue"))
-              ((typep w 'sb-thread:semaphore)
-               (values (object-name-string (sb-thread:semaphore-name w)) "semaphore"))
-              (t (values (safe-string (lambda (s) (princ w s)) 200)
-                         (safe-string (lambda (s) (princ (type-of w) s)) 100))))))))
+  (let ((w (ignore-errors (thread-blocker thread))))
+    (when (consp w) (setf w (cdr w)))   ; (timeout . object) in some versions
+    (cond ((null w) nil)
+          ((typep w 'sb-thread:mutex)
+           (values (object-name-string (sb-thread:mutex-name w)) "mutex"))
+          ((typep w 'sb-thread:waitqueue)
+           (values (object-name-string (ignore-errors (waitqueue-label w))) "waitqueue"))
+          ((typep w 'sb-thread:semaphore)
+           (values (object-name-string (sb-thread:semaphore-name w)) "semaphore"))
+          (t (values (safe-string (lambda (s) (princ w s)) 200)
+                     (safe-string (lambda (s) (princ (type-of w) s)) 100))))))
 
 (defun thread-plist (thread)
   (let ((name (sb-thread:thread-name thread)))
@@ -1097,7 +1362,7 @@ of n_gcs (or of *gc-epoch*) does."
             :name name
             :alive (and (sb-thread:thread-alive-p thread) t)
             :main (and (main-thread-p thread) t)
-            :agent (and (agent-thread-name-p name) t)
+            :agent (agent-thread-p thread)
             :daemon (thread-daemon-p thread)
             :waiting-for wname
             :waiting-for-type wtype))))
@@ -1114,7 +1379,7 @@ of n_gcs (or of *gc-epoch*) does."
 
 (defun capture-frames (max-frames from)
   "List of printed frames of the current thread (at most MAX-FRAMES) and a truncated flag."
-  (let* ((raw (sb-debug:list-backtrace :count (+ max-frames 3) :from from))
+  (let* ((raw (list-frames :count (+ max-frames 3) :from from))
          (printed (mapcar #'print-frame raw)))
     ;; the signal context leaves a bogus frame on top of an interrupted stack
     (loop while (and printed (search "bogus stack frame" (first printed)))
@@ -1220,14 +1485,20 @@ of n_gcs (or of *gc-epoch*) does."
       (fail "BAD-ARGUMENT" "~(:events~) must be a list of event kinds; known kinds: (:gc)"))
     (sb-thread:with-mutex ((conn-lock conn))
       (setf (conn-last-seq conn) (aref **stats** +s-count+)
-            (conn-subscribed conn) (and (member :gc events) t)))
+            (conn-subscribed conn) (and (member :gc events) t))
+      ;; events go out on a thread of this connection's own, which only this peer can block
+      (when (and (conn-subscribed conn) (null (conn-sender conn)))
+        (setf (conn-sender conn)
+              (spawn (format nil "sbmon-agent events ~d" (conn-id conn))
+                     (lambda () (event-sender-loop conn))))))
+    (sb-thread:signal-semaphore (conn-events-ready conn))
     (sb-thread:signal-semaphore *event-wakeup*)
     (list :subscribed (if (member :gc events) (list :gc) nil))))
 
 ;;;; ------------------------------------------------------------------------
 ;;;; Control and evaluation operations: :gc-run :gc-tune :kill-thread :profile :eval
-;;;; :reload-system.  sbmon calls them only when the operator allowed it (--allow control,
-;;;; --allow eval); the agent itself bounds every argument.
+;;;; :reload-system.  The agent serves them only when START's :allow names their class
+;;;; (:control, :eval; see *OPERATIONS*) and bounds every argument.
 
 (defconstant +eval-max-output+ 1048576)
 (defconstant +value-chars+ 4096)
@@ -1252,7 +1523,7 @@ of n_gcs (or of *gc-epoch*) does."
 (defun fail-with (kind extra fmt &rest args)
   "Like FAIL, with EXTRA (a plist such as (:backtrace (...))) appended to the error reply."
   (error 'agent-error :kind kind :extra extra
-                      :text (let ((*print-length* 20) (*print-level* 4))
+                      :text (let ((*print-length* 20) (*print-level* 4) (*print-pretty* nil))
                               (apply #'format nil fmt args))))
 
 (defun number-text (x)
@@ -1303,11 +1574,11 @@ of n_gcs (or of *gc-epoch*) does."
     (when (and full (not (eq (getf args :generation :absent) :absent)))
       (fail "BAD-ARGUMENT" ":gc-run takes :full t or :generation N, not both"))
     (let* ((count0 (gc-count-now))
-           (heap0 (sb-kernel:dynamic-usage))
+           (heap0 (heap-used))
            (t0 (mono-ns)))
       (if full (sb-ext:gc :full t) (sb-ext:gc :gen gen))
       (let* ((pause (seconds-since t0))
-             (heap1 (sb-kernel:dynamic-usage))
+             (heap1 (heap-used))
              (count1 (gc-count-now)))
         (list :generation (if full (1- +generations+) gen)
               :full full
@@ -1416,7 +1687,7 @@ of n_gcs (or of *gc-epoch*) does."
     (let ((name (object-name-string (sb-thread:thread-name thread))))
       (cond ((main-thread-p thread)
              (fail "REFUSED" "thread ~d (~s) is the main thread; it is never killed" tid name))
-            ((agent-thread-name-p name)
+            ((agent-thread-p thread)
              (fail "REFUSED" "thread ~d (~s) is one of the sbmon agent's own threads" tid name))
             ((thread-daemon-p thread)
              (fail "REFUSED" "thread ~d (~s) is an SBCL system thread" tid name)))
@@ -1509,7 +1780,7 @@ of the agent's own code; at most +EVAL-FRAMES+."
   (let* ((raw (handler-case
                   (let ((*print-pretty* nil))
                     (mapcar #'print-frame
-                            (sb-debug:list-backtrace :count (+ +eval-frames+ 40)
+                            (list-frames :count (+ +eval-frames+ 40)
                                                      :from :current-frame)))
                 (serious-condition () nil)))
          (last-system (let ((last nil))
@@ -1592,10 +1863,12 @@ enter the debugger reaches the debugger hooks, which record it and unwind."
          (thread nil))
     (unwind-protect
          (progn
-           (setf thread (sb-thread:make-thread
-                         (lambda ()
-                           (setf (svref box 0) (eval-in-thread code package out)))
-                         :name (format nil "sbmon-agent eval ~d" n)))
+           ;; not under CALL-QUIETLY: EVAL-IN-THREAD sets up the evaluation's own streams
+           ;; and debugger hooks
+           (setf thread (spawn (format nil "sbmon-agent eval ~d" n)
+                               (lambda ()
+                                 (setf (svref box 0) (eval-in-thread code package out)))
+                               :quietly nil))
            (register-control-thread thread)
            (sb-thread:join-thread thread :default nil :timeout timeout)
            (let ((result (svref box 0))
@@ -1617,6 +1890,9 @@ enter the debugger reaches the debugger hooks, which record it and unwind."
                   (fail-with "TIMEOUT" output
                              "evaluation exceeded ~a s and ~:[could not be stopped within 2 s (thread ~s still running)~;was stopped~*~]"
                              (number-text timeout) stopped (sb-thread:thread-name thread))))
+               ((exit-in-progress-p)
+                (fail-with "IMAGE-EXITING" output
+                           "the image is exiting (the evaluation called sb-ext:exit or another thread did)"))
                (t
                 (fail-with "ABORTED" output
                            "the evaluation thread ended without a result (it was terminated or called abort-thread)")))))
@@ -1628,14 +1904,11 @@ enter the debugger reaches the debugger hooks, which record it and unwind."
 
 ;;; --- :profile
 
-(defun sprof-symbol (name)
-  (or (internal-symbol name "SB-SPROF")
-      (fail "UNAVAILABLE" "sb-sprof has no ~a on this SBCL" name)))
-
 (defun sprof-call (name &rest args)
-  (let ((s (sprof-symbol name)))
-    (unless (fboundp s) (fail "UNAVAILABLE" "sb-sprof has no function ~a on this SBCL" name))
-    (apply s args)))
+  "Call sb-sprof's function NAME (some of those used are internal to sb-sprof)."
+  (apply (or (contrib-function "SB-SPROF" name)
+             (fail "UNAVAILABLE" "sb-sprof has no function ~a on this SBCL" name))
+         args))
 
 (defun ensure-module (module package)
   (unless (find-package package)
@@ -1693,8 +1966,9 @@ enter the debugger reaches the debugger hooks, which record it and unwind."
          (progn
            (register-control-thread self)
            (ensure-module :sb-sprof "SB-SPROF")
-           (let ((profiling (sprof-symbol "*PROFILING*")))
-             (when (and (boundp profiling) (symbol-value profiling))
+           (let ((profiling (or (contrib-variable "SB-SPROF" "*PROFILING*")
+                                (fail "UNAVAILABLE" "sb-sprof has no *PROFILING* on this SBCL"))))
+             (when (symbol-value profiling)
                (fail "BUSY" "sb-sprof is already profiling in this image (started outside sbmon)")))
            (sprof-call "RESET")
            (unwind-protect
@@ -1714,9 +1988,8 @@ enter the debugger reaches the debugger hooks, which record it and unwind."
 ;;; --- :reload-system
 
 (defun asdf-call (name &rest args)
-  (let ((s (internal-symbol name "ASDF")))
-    (unless (and s (fboundp s)) (fail "UNAVAILABLE" "ASDF has no function ~a" name))
-    (apply s args)))
+  (apply (or (contrib-function "ASDF" name) (fail "UNAVAILABLE" "ASDF has no function ~a" name))
+         args))
 
 (defun %load-system (name force)
   (if force
@@ -1766,31 +2039,62 @@ enter the debugger reaches the debugger hooks, which record it and unwind."
 ;;;; Dispatch
 
 (defparameter *operations*
-  ;; op  function  slow-p  needs-conn
-  '((:ping op-ping nil nil)
-    (:memory op-memory nil nil)
-    (:gc op-gc nil nil)
-    (:runtime op-runtime nil nil)
-    (:threads op-threads nil nil)
-    (:backtrace op-backtrace t nil)
-    (:backtraces op-backtraces t nil)
-    (:subscribe op-subscribe nil t)
-    ;; control and evaluation (sbmon calls these only with --allow control / --allow eval)
-    (:gc-run op-gc-run t nil)
-    (:gc-tune op-gc-tune nil nil)
-    (:kill-thread op-kill-thread t nil)
-    (:profile op-profile t nil)
-    (:eval op-eval t nil)
-    (:reload-system op-reload-system t nil)))
+  ;; op  function  slow-p  needs-conn  class (served only when START's :allow names it)
+  '((:ping op-ping nil nil :read)
+    (:memory op-memory nil nil :read)
+    (:gc op-gc nil nil :read)
+    (:runtime op-runtime nil nil :read)
+    (:threads op-threads nil nil :read)
+    (:backtrace op-backtrace t nil :read)
+    (:backtraces op-backtraces t nil :read)
+    (:subscribe op-subscribe nil t :read)
+    (:gc-run op-gc-run t nil :control)
+    (:gc-tune op-gc-tune nil nil :control)
+    (:kill-thread op-kill-thread t nil :control)
+    (:profile op-profile t nil :control)
+    ;; loading a system runs its code: as powerful as :eval, and in the same class as
+    ;; sbmon's code_reload_system tool
+    (:eval op-eval t nil :eval)
+    (:reload-system op-reload-system t nil :eval)))
+
+(defparameter *operation-classes* '(:read :control :eval)
+  "The classes of operations, in the order START's :allow lists them.")
+
+(defparameter *internal-capabilities* '(:gc-count :thread-tids :thread-kinds :thread-waits
+                                        :backtrace-frames)
+  "Capability flags that hold when the SBCL internals they need are present (see the section
+on internals): :gc-count n_gcs, :thread-tids OS thread ids (:tid, needed by :backtrace and
+:kill-thread), :thread-kinds main and system threads, :thread-waits :waiting-for, :backtrace-frames the
+frames of :backtrace, :backtraces and of :eval errors.")
 
 (defun capabilities ()
+  "The welcome's :capabilities: every operation implemented, :pause-timing when GC pauses
+are measured, and the flags of *INTERNAL-CAPABILITIES* whose internals are present."
   (append (mapcar #'first *operations*)
-          (when (pause-timing-p) (list :pause-timing))))
+          (when (pause-timing-p) (list :pause-timing))
+          (remove-if-not #'capability-internals-present-p *internal-capabilities*)))
+
+(defun normalize-allow (allow)
+  "ALLOW (START's :allow) as a list of classes in canonical order, :read always included."
+  (unless (and (listp allow) (every (lambda (c) (member c *operation-classes*)) allow))
+    (error ":allow must be a list of ~{~s~^, ~}; got ~s" *operation-classes* allow))
+  (remove-if-not (lambda (c) (or (eq c :read) (member c allow))) *operation-classes*))
+
+(defun allowed-p (entry)
+  (member (fifth entry) *allow*))
+
+(defun not-allowed-error (entry)
+  (let ((op (first entry)) (class (fifth entry)) (*print-pretty* nil))
+    (list :error :type "NOT-ALLOWED"
+                 :message (format nil "operation ~(~s~) needs ~(~s~) in the agent's allow set: ~
+                                       start it with (sbmon-agent:start :allow '~(~s~)); it was ~
+                                       started with :allow '~(~s~)"
+                                  op class (normalize-allow (cons class *allow*)) *allow*))))
 
 (defun run-operation (conn entry args)
   "Run one operation; always returns (:ok VALUE) or (:error ...)."
-  (destructuring-bind (op fn slow needs-conn) entry
-    (declare (ignore op slow))
+  (destructuring-bind (op fn slow needs-conn class) entry
+    (declare (ignore op slow class))
     (handler-case
         (handler-bind ((warning #'muffle-warning))
           (list :ok (if needs-conn (funcall fn conn args) (funcall fn args))))
@@ -1861,9 +2165,79 @@ enter the debugger reaches the debugger hooks, which record it and unwind."
        (destructuring-bind (op args) (cddr msg)
          (let ((entry (and (keywordp op) (assoc op *operations*))))
            (cond ((null entry) (send-reply conn id (unknown-operation-error op)))
+                 ((not (allowed-p entry)) (send-reply conn id (not-allowed-error entry)))
                  ((third entry) (start-slow-call conn id entry args))
                  (t (send-reply conn id (run-operation conn entry args))))))
        t))))
+
+;;;; ------------------------------------------------------------------------
+;;;; Listening sockets
+
+(defun default-socket-directory ()
+  "$XDG_RUNTIME_DIR/sbmon, or /tmp/sbmon-<uid>."
+  (let ((xdg (getenv-nonempty "XDG_RUNTIME_DIR")))
+    (if xdg
+        (concatenate 'string (string-right-trim "/" xdg) "/sbmon")
+        (format nil "/tmp/sbmon-~d" (os-getuid)))))
+
+(defun ensure-private-directory (dir)
+  "Create DIR (mode 0700) if absent; refuse one that is not a directory owned by this user."
+  (let ((uid (os-getuid)))
+    (multiple-value-bind (kind owner) (file-kind dir)
+      (case kind
+        ((nil)
+         (multiple-value-bind (ok errno) (os-mkdir dir #o700)
+           (unless (or ok (file-kind dir))
+             (error "cannot create ~a: ~a" dir (os-error-text errno))))
+         (chmod dir #o700))
+        (:directory
+         (unless (eql owner uid)
+           (error "~a is not owned by uid ~d; refusing to use it" dir uid))
+         (chmod dir #o700))
+        (t (error "~a exists and is not a directory" dir))))
+    dir))
+
+(defun default-socket-path (dir)
+  "<DIR>/<pid>.sock, DIR created if need be."
+  (format nil "~a/~d.sock" (ensure-private-directory dir) (os-getpid)))
+
+(defun socket-live-p (path)
+  (let ((s (make-instance 'sb-bsd-sockets:local-socket :type :stream)))
+    (unwind-protect
+         (handler-case (progn (sb-bsd-sockets:socket-connect s path) t)
+           (serious-condition () nil))
+      (ignore-errors (sb-bsd-sockets:socket-close s)))))
+
+(defun open-unix-listener (path)
+  (case (file-kind path)
+    ((nil))
+    (:socket
+     (when (socket-live-p path)
+       (error "another process is listening on ~a" path))
+     (os-unlink path))
+    (t (error "~a exists and is not a socket" path)))
+  (let ((s (make-instance 'sb-bsd-sockets:local-socket :type :stream)))
+    (handler-case
+        (progn
+          (sb-bsd-sockets:socket-bind s path)
+          (chmod path #o600)
+          (sb-bsd-sockets:socket-listen s 16)
+          s)
+      (serious-condition (c)
+        (ignore-errors (sb-bsd-sockets:socket-close s))
+        (error c)))))
+
+(defun open-tcp-listener (port)
+  (let ((s (make-instance 'sb-bsd-sockets:inet-socket :type :stream :protocol :tcp)))
+    (handler-case
+        (progn
+          (setf (sb-bsd-sockets:sockopt-reuse-address s) t)
+          (sb-bsd-sockets:socket-bind s #(127 0 0 1) port)
+          (sb-bsd-sockets:socket-listen s 16)
+          (values s (nth-value 1 (sb-bsd-sockets:socket-name s))))
+      (serious-condition (c)
+        (ignore-errors (sb-bsd-sockets:socket-close s))
+        (error c)))))
 
 ;;;; ------------------------------------------------------------------------
 ;;;; Connections
@@ -1903,14 +2277,47 @@ enter the debugger reaches the debugger hooks, which record it and unwind."
                                       (if (< i (length b)) (char-code (char b i)) 0)))))
     (zerop diff)))
 
+(defun recv-exactly (fd octets deadline-ns)
+  "Fill OCTETS from FD by DEADLINE-NS (CLOCK_MONOTONIC): :OK, :EOF or :TIMEOUT."
+  (let ((got 0) (n (length octets)))
+    (loop while (< got n)
+          do (let ((r (recv-available fd octets got)))
+               (cond ((null r)
+                      (let ((left (- deadline-ns (mono-ns))))
+                        (when (<= left 0) (return-from recv-exactly :timeout))
+                        (wait-fd fd 1 (ceiling left 1000000))))
+                     ((zerop r) (return-from recv-exactly :eof))
+                     (t (incf got r)))))
+    :ok))
+
+(defun read-hello (conn)
+  "The first frame of CONN: its payload string, NIL at end of file, or :TIMEOUT.
+The deadline is absolute (CLOCK_MONOTONIC, *HELLO-TIMEOUT* seconds after the accept) and the
+socket is read directly, only what has arrived: a garbage collection cannot postpone it (as
+it does SB-SYS:WITH-DEADLINE) and a peer sending its hello a byte at a time is cut off too."
+  (let ((fd (conn-fd conn))
+        (deadline (+ (conn-accepted-ns conn) (round (* *hello-timeout* 1d9))))
+        (header (make-array 6 :element-type '(unsigned-byte 8))))
+    (flet ((fill-from-socket (buffer)
+             (let ((outcome (recv-exactly fd buffer deadline)))
+               (unless (eq outcome :ok)
+                 (return-from read-hello (if (eq outcome :timeout) :timeout nil))))))
+      (fill-from-socket header)
+      (let ((len (hex-header-length header)))
+        (when (> len +max-in-frame+)
+          (error 'frame-error
+                 :text (format nil "frame too large: ~d bytes (limit ~d)" len +max-in-frame+)))
+        (let ((payload (make-array len :element-type '(unsigned-byte 8))))
+          (fill-from-socket payload)
+          (handler-case (sb-ext:octets-to-string payload :external-format :utf-8)
+            (error () (error 'malformed :text "payload is not valid UTF-8"))))))))
+
 (defun handshake (conn)
   "Read the hello within the timeout.  Returns T if the welcome was sent."
-  (let ((payload (handler-case
-                     (sb-sys:with-deadline (:seconds +hello-timeout+)
-                       (read-frame (conn-stream conn)))
-                   (sb-sys:deadline-timeout ()
-                     (send-bye conn "timeout waiting for hello")
-                     (return-from handshake nil)))))
+  (let ((payload (read-hello conn)))
+    (when (eq payload :timeout)
+      (send-bye conn "timeout waiting for hello")
+      (return-from handshake nil))
     (unless payload (return-from handshake nil))
     (let ((msg (parse-payload payload)))
       (unless (and (consp msg) (eq (first msg) :hello)
@@ -1930,9 +2337,11 @@ enter the debugger reaches the debugger hooks, which record it and unwind."
               (return-from handshake nil))))
         (send-frame conn (list :welcome :protocol +protocol+
                                         :agent-version *version*
-                                        :pid (sb-unix:unix-getpid)
+                                        :pid (os-getpid)
                                         :lisp-version (lisp-implementation-version)
-                                        :capabilities (capabilities)))))))
+                                        :capabilities (capabilities)
+                                        :allow *allow*
+                                        :missing-internals (missing-internals)))))))
 
 (defun connection-loop (conn)
   (unwind-protect
@@ -1948,12 +2357,25 @@ enter the debugger reaches the debugger hooks, which record it and unwind."
          (serious-condition () nil))
     (close-connection conn)))
 
+(defun conn-shutdown (conn)
+  "Shut CONN's socket down: its reader sees end of file and a send blocked on it returns at
+once.  The descriptor stays open; once closed it is never touched again (its number may
+belong to another file by then)."
+  (sb-thread:with-mutex ((conn-lock conn))
+    (unless (conn-closed conn)
+      (fd-shutdown (conn-fd conn)))))
+
 (defun close-connection (conn)
+  ;; Shut down first: a sender blocked on a full socket holds the write lock until then.
+  (conn-shutdown conn)
   (sb-thread:with-mutex ((conn-write-lock conn))
     (setf (conn-alive conn) nil))
-  (fd-shutdown (conn-fd conn))
-  (ignore-errors (close (conn-stream conn) :abort t))
-  (ignore-errors (sb-bsd-sockets:socket-close (conn-socket conn)))
+  (sb-thread:signal-semaphore (conn-events-ready conn)) ; its sender, if any, ends
+  (when (sb-thread:with-mutex ((conn-lock conn))
+          (unless (conn-closed conn)
+            (setf (conn-closed conn) t)))
+    (ignore-errors (close (conn-stream conn) :abort t))
+    (ignore-errors (sb-bsd-sockets:socket-close (conn-socket conn))))
   (sb-thread:with-mutex (*state-lock*)
     (setf *connections* (remove conn *connections*))))
 
@@ -1965,7 +2387,6 @@ enter the debugger reaches the debugger hooks, which record it and unwind."
                                     client :input t :output nil
                                            :element-type '(unsigned-byte 8)
                                            :buffering :full))))
-    (set-send-timeout fd +send-timeout-seconds+)
     (let ((full nil))
       (sb-thread:with-mutex (*state-lock*)
         (if (>= (length *connections*) +max-connections+)
@@ -1973,7 +2394,7 @@ enter the debugger reaches the debugger hooks, which record it and unwind."
             (progn (setf (conn-id conn) (incf *conn-counter*))
                    (push conn *connections*))))
       (cond (full
-             (set-send-timeout fd 1)
+             (setf (conn-send-timeout conn) 1)
              (send-bye conn (format nil "too many connections (limit ~d)" +max-connections+))
              (close-connection conn))
             (t
@@ -1983,126 +2404,79 @@ enter the debugger reaches the debugger hooks, which record it and unwind."
                               (lambda () (connection-loop conn))))
                (serious-condition () (close-connection conn))))))))
 
+(defconstant +socket-check-ns+ 1000000000
+  "How often the listener checks that its socket file still exists.")
+
+(defun renew-listener-if-deleted (listener)
+  "LISTENER, or, when its socket file was deleted (say by a /tmp cleaner), a new listener
+bound at the same path (mode 0600, its private directory recreated if that went too); the
+old one is closed.  A path that another file now occupies is left alone."
+  (let ((path *socket-path*))
+    (if (or (null path) (file-kind path))
+        listener
+        ;; Under the state lock, so that neither STOP nor the exit hook, which remove the
+        ;; file for good, can see it come back.
+        (sb-thread:with-mutex (*state-lock*)
+          (let ((new (and *running* (not *exiting*) (not (file-kind path))
+                          (handler-case
+                              (progn (when *socket-dir* (ensure-private-directory *socket-dir*))
+                                     (open-unix-listener path))
+                            (serious-condition () nil)))))
+            (cond (new
+                   (ignore-errors (sb-bsd-sockets:socket-close listener))
+                   (setf *listener* new))
+                  (t listener)))))))
+
 (defun listener-loop (socket)
-  (let ((fd (sb-bsd-sockets:socket-file-descriptor socket)))
-    (loop while *running*
+  (let ((fd (sb-bsd-sockets:socket-file-descriptor socket))
+        (next-check (+ (mono-ns) +socket-check-ns+)))
+    (loop while (and *running* (not *exiting*))
           do (handler-case
-                 (when (sb-sys:wait-until-fd-usable fd :input 0.2d0 nil)
-                   (let ((client (sb-bsd-sockets:socket-accept socket)))
-                     (when client
-                       (if *running*
-                           (accept-connection client)
-                           (ignore-errors (sb-bsd-sockets:socket-close client))))))
+                 (progn
+                   (when (wait-fd fd 1 200)
+                     (let ((client (sb-bsd-sockets:socket-accept socket)))
+                       (when client
+                         (if (and *running* (not *exiting*))
+                             (accept-connection client)
+                             (ignore-errors (sb-bsd-sockets:socket-close client))))))
+                   (when (>= (mono-ns) next-check)
+                     (setf next-check (+ (mono-ns) +socket-check-ns+))
+                     (let ((renewed (renew-listener-if-deleted socket)))
+                       (unless (eq renewed socket)
+                         (setf socket renewed
+                               fd (sb-bsd-sockets:socket-file-descriptor renewed))))))
                (serious-condition () (sleep 0.05))))))
-
-;;;; ------------------------------------------------------------------------
-;;;; Events
-
-(defun event-loop ()
-  ;; Polls the pause counter: 40 times a second while someone is subscribed, once a second
-  ;; otherwise (the image pays for every wake-up, about 0.1 ms of CPU each).
-  (let ((seen (aref **stats** +s-count+)))
-    (loop while *running*
-          do (let ((subscribers (sb-thread:with-mutex (*state-lock*)
-                                  (remove-if-not #'conn-subscribed *connections*))))
-               (sb-thread:wait-on-semaphore *event-wakeup* :timeout (if subscribers 0.025 1)))
-             (let ((count (aref **stats** +s-count+)))
-               (when (/= count seen)
-                 (setf seen count)
-                 (let ((subscribers (sb-thread:with-mutex (*state-lock*)
-                                      (remove-if-not #'conn-subscribed *connections*))))
-                   (when subscribers
-                     (let ((records (gc-snapshot-records (read-gc-snapshot :histograms nil))))
-                       (dolist (conn subscribers)
-                         (handler-case
-                             (let ((last (conn-last-seq conn)))
-                               (dolist (r records)
-                                 (when (> (getf r :seq) last)
-                                   (unless (send-frame conn (list :event :gc r)) (return))
-                                   (setf last (getf r :seq))))
-                               (setf (conn-last-seq conn) last))
-                           (serious-condition () nil)))))))))))
 
 ;;;; ------------------------------------------------------------------------
 ;;;; Start / stop
 
-(defun default-socket-path ()
-  (let* ((uid (sb-unix:unix-getuid))
-         (xdg (getenv-nonempty "XDG_RUNTIME_DIR"))
-         (dir (if xdg
-                  (concatenate 'string (string-right-trim "/" xdg) "/sbmon")
-                  (format nil "/tmp/sbmon-~d" uid))))
-    (multiple-value-bind (kind owner) (file-kind dir)
-      (case kind
-        ((nil)
-         (multiple-value-bind (ok errno) (sb-unix:unix-mkdir dir #o700)
-           (unless (or ok (file-kind dir))
-             (error "cannot create ~a: ~a" dir (sb-int:strerror errno))))
-         (chmod dir #o700))
-        (:directory
-         (unless (eql owner uid)
-           (error "~a is not owned by uid ~d; refusing to use it" dir uid))
-         (chmod dir #o700))
-        (t (error "~a exists and is not a directory" dir))))
-    (format nil "~a/~d.sock" dir (sb-unix:unix-getpid))))
-
-(defun socket-live-p (path)
-  (let ((s (make-instance 'sb-bsd-sockets:local-socket :type :stream)))
-    (unwind-protect
-         (handler-case (progn (sb-bsd-sockets:socket-connect s path) t)
-           (serious-condition () nil))
-      (ignore-errors (sb-bsd-sockets:socket-close s)))))
-
-(defun open-unix-listener (path)
-  (case (file-kind path)
-    ((nil))
-    (:socket
-     (when (socket-live-p path)
-       (error "another process is listening on ~a" path))
-     (sb-unix:unix-unlink path))
-    (t (error "~a exists and is not a socket" path)))
-  (let ((s (make-instance 'sb-bsd-sockets:local-socket :type :stream)))
-    (handler-case
-        (progn
-          (sb-bsd-sockets:socket-bind s path)
-          (chmod path #o600)
-          (sb-bsd-sockets:socket-listen s 16)
-          s)
-      (serious-condition (c)
-        (ignore-errors (sb-bsd-sockets:socket-close s))
-        (error c)))))
-
-(defun open-tcp-listener (port)
-  (let ((s (make-instance 'sb-bsd-sockets:inet-socket :type :stream :protocol :tcp)))
-    (handler-case
-        (progn
-          (setf (sb-bsd-sockets:sockopt-reuse-address s) t)
-          (sb-bsd-sockets:socket-bind s #(127 0 0 1) port)
-          (sb-bsd-sockets:socket-listen s 16)
-          (values s (nth-value 1 (sb-bsd-sockets:socket-name s))))
-      (serious-condition (c)
-        (ignore-errors (sb-bsd-sockets:socket-close s))
-        (error c)))))
-
-(defun start (&key socket port)
+(defun start (&key socket port (hello-timeout +hello-timeout+) (allow '(:read)))
   "Start the agent and return its address: the Unix socket path, or \"127.0.0.1:PORT\".
 With no argument, listen on <dir>/<pid>.sock (<dir> = $XDG_RUNTIME_DIR/sbmon or
 /tmp/sbmon-<uid>, mode 0700; socket 0600).  :SOCKET PATH listens on that path.  :PORT N
 listens on 127.0.0.1:N and requires the token from ~/.sbmon-secret (created if absent).
-Calling START while running returns the current address."
+:HELLO-TIMEOUT (seconds, default 10) is how long a new connection may take to send its
+hello before it is closed.  :ALLOW lists the classes of operations served: :read (the
+figures, always served), :control (:gc-run :gc-tune :kill-thread :profile) and :eval (:eval
+:reload-system); e.g. :allow '(:read :control :eval).  Any other operation is answered with
+a NOT-ALLOWED error.  Calling START while running returns the current address."
   (sb-thread:with-recursive-lock (*start-stop-lock*)
-    (%start socket port)))
+    (%start socket port hello-timeout allow)))
 
-(defun %start (socket port)
+(defun %start (socket port hello-timeout allow)
   (when *running*
     (return-from %start *address*))
   (when (and socket port)
     (error "give either :socket or :port, not both"))
   (when port
     (check-type port (integer 0 65535)))
-  (let ((token (and port (read-secret-token)))
-        (path (and (not port) (or (and socket (namestring socket)) (default-socket-path))))
-        (listener nil) (addr nil))
+  (unless (and (realp hello-timeout) (< 0 hello-timeout 3601))
+    (error ":hello-timeout must be a number of seconds in (0, 3600], got ~s" hello-timeout))
+  (setf allow (normalize-allow allow))
+  (let* ((token (and port (read-secret-token)))
+         (dir (and (not port) (not socket) (default-socket-directory)))
+         (path (and (not port) (if socket (namestring socket) (default-socket-path dir))))
+         (listener nil) (addr nil))
     (when (and port (zerop (length token)))
       (error "~a is empty" (secret-path)))
     (if port
@@ -2114,7 +2488,11 @@ Calling START while running returns the current address."
       (setf *start-time* (now-epoch)
             *tcp-mode* (and port t)
             *tcp-token* token
+            *hello-timeout* hello-timeout
+            *allow* allow
             *socket-path* (and (not port) path)
+            *socket-dir* dir
+            *exiting* nil
             *listener* listener
             *address* addr
             *connections* '()
@@ -2126,12 +2504,37 @@ Calling START while running returns the current address."
     (setf *listener-thread* (spawn "sbmon-agent listener" (lambda () (listener-loop listener))))
     addr))
 
+(defconstant +bye-budget-seconds+ 0.25d0
+  "How long the exit hook may spend telling clients the image exits, all of them together.")
+
+(defun say-bye-now (conn reason deadline-ns)
+  "Send (:bye :reason REASON) to CONN without waiting on the peer (a full socket buffer
+drops it) nor, for its write lock, past DEADLINE-NS; then shut the connection down."
+  (handler-case
+      (multiple-value-bind (octets end) (encode-frame (list :bye :reason reason))
+        (sb-thread:with-mutex ((conn-write-lock conn)
+                               :timeout (max 0d0 (/ (- deadline-ns (mono-ns)) 1d9)))
+          (when (conn-alive conn)
+            (setf (conn-alive conn) nil)
+            (send-all (conn-fd conn) octets end :timeout 0))))
+    (serious-condition () nil))
+  (ignore-errors (conn-shutdown conn)))
+
 (defun exit-cleanup ()
-  "Exit hook: remove the agent's socket file when the image exits without STOP."
+  "Exit hook: tell every client (:bye :reason \"image exiting\") and remove the agent's
+socket file, when the image exits without STOP.  Bounded by +BYE-BUDGET-SECONDS+; SBCL may
+run it more than once (in the exiting thread, then in the main thread)."
+  (ignore-errors
+   (let ((deadline (+ (mono-ns) (round (* +bye-budget-seconds+ 1d9))))
+         (conns (sb-thread:with-mutex (*state-lock* :timeout +bye-budget-seconds+)
+                  (setf *exiting* t)
+                  (copy-list *connections*))))
+     (dolist (conn conns)
+       (say-bye-now conn "image exiting" deadline))))
   (ignore-errors
    (let ((path *socket-path*))
      (when (and path (eq (file-kind path) :socket))
-       (sb-unix:unix-unlink path)))))
+       (os-unlink path)))))
 
 (defun finish-thread (thread &optional (timeout 2))
   (when (and thread (not (eq thread sb-thread:*current-thread*)))
@@ -2140,8 +2543,8 @@ Calling START while running returns the current address."
       (sb-thread:join-thread thread :default nil :timeout timeout))))
 
 (defun stop ()
-  "Stop the agent: close every connection, stop its threads, remove the socket file and the
-GC wrappers.  Returns T if the agent was running."
+  "Stop the agent: close every connection, end the threads it started (and no other), remove
+its socket file, its exit hook and the GC wrappers.  Returns T if the agent was running."
   (sb-thread:with-recursive-lock (*start-stop-lock*)
     (%stop)))
 
@@ -2160,10 +2563,10 @@ GC wrappers.  Returns T if the agent was running."
         (ignore-errors (sb-thread:terminate-thread th))))
     (finish-thread listener-thread)
     (ignore-errors (sb-bsd-sockets:socket-close listener))
-    (when path (ignore-errors (when (eq (file-kind path) :socket) (sb-unix:unix-unlink path))))
+    (when path (ignore-errors (when (eq (file-kind path) :socket) (os-unlink path))))
     (dolist (c conns)
-      (sb-thread:with-mutex ((conn-write-lock c)) (setf (conn-alive c) nil))
-      (fd-shutdown (conn-fd c)))
+      (conn-shutdown c)
+      (sb-thread:with-mutex ((conn-write-lock c)) (setf (conn-alive c) nil)))
     (dolist (c conns)
       (finish-thread (conn-thread c))
       (dolist (w (sb-thread:with-mutex ((conn-lock c)) (copy-list (conn-workers c))))
@@ -2171,12 +2574,13 @@ GC wrappers.  Returns T if the agent was running."
       (close-connection c))
     (sb-thread:signal-semaphore *event-wakeup*)
     (finish-thread event-thread)
-    ;; any worker still around (e.g. one that was starting during stop)
-    (dolist (th (sb-thread:list-all-threads))
-      (when (and (agent-thread-name-p (sb-thread:thread-name th))
-                 (not (eq th sb-thread:*current-thread*)))
-        (finish-thread th)))
+    ;; any other thread the agent started (a worker starting during stop, an eval thread),
+    ;; and only those
+    (dolist (th (agent-threads))
+      (finish-thread th))
+    (setf sb-ext:*exit-hooks* (remove 'exit-cleanup sb-ext:*exit-hooks*))
     (sb-thread:with-mutex (*state-lock*)
       (setf *listener* nil *listener-thread* nil *event-thread* nil
-            *connections* '() *address* nil *socket-path* nil *tcp-token* nil))
+            *connections* '() *address* nil *socket-path* nil *socket-dir* nil
+            *tcp-token* nil))
     t))

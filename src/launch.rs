@@ -32,6 +32,22 @@ pub struct LaunchOptions {
     pub after_start: Vec<String>,
     /// Further SBCL toplevel options (`--load app.lisp`, `--eval ...`), processed after that.
     pub toplevel_args: Vec<String>,
+    /// How long the agent waits for a new connection's hello (`:hello-timeout`); `None`
+    /// keeps the agent's default (10 s).
+    pub hello_timeout: Option<Duration>,
+    /// Classes of operations beyond read that the agent serves (`:allow`); read-only by
+    /// default, like sbmon itself.
+    pub allow: AgentAllow,
+}
+
+/// What an agent serves beyond its read operations: `(sbmon-agent:start :allow '(:read ...))`
+/// (docs/protocol.md, "Operation classes"). The classes are those of sbmon's `--allow`.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct AgentAllow {
+    /// `:control`: gc-run, gc-tune, kill-thread, profile.
+    pub control: bool,
+    /// `:eval`: eval, reload-system.
+    pub eval: bool,
 }
 
 impl Default for LaunchOptions {
@@ -44,6 +60,8 @@ impl Default for LaunchOptions {
             before_start: Vec::new(),
             after_start: Vec::new(),
             toplevel_args: Vec::new(),
+            hello_timeout: None,
+            allow: AgentAllow::default(),
         }
     }
 }
@@ -69,6 +87,33 @@ pub enum LaunchError {
     },
 }
 
+/// The `(sbmon-agent:start ...)` form for `options`.
+fn start_form(options: &LaunchOptions) -> String {
+    let mut form = String::from("(sbmon-agent:start");
+    match &options.listen {
+        Some(Address::Unix(path)) => {
+            form += &format!(" :socket {}", Sexp::string(path.to_string_lossy()))
+        }
+        Some(Address::Tcp { port, .. }) => form += &format!(" :port {port}"),
+        None => {}
+    }
+    if options.allow.control || options.allow.eval {
+        form += " :allow '(:read";
+        if options.allow.control {
+            form += " :control";
+        }
+        if options.allow.eval {
+            form += " :eval";
+        }
+        form.push(')');
+    }
+    if let Some(timeout) = options.hello_timeout {
+        form += &format!(" :hello-timeout {}", Sexp::Float(timeout.as_secs_f64()));
+    }
+    form.push(')');
+    form
+}
+
 /// A running SBCL that this process started; stopped when dropped.
 pub struct Sbcl {
     child: Child,
@@ -90,14 +135,7 @@ impl Sbcl {
             std::fs::File::create(scratch.path().join("sbcl.log")).map_err(LaunchError::Scratch)?;
         let log_err = log.try_clone().map_err(LaunchError::Scratch)?;
 
-        let start = match &options.listen {
-            Some(Address::Unix(path)) => format!(
-                "(sbmon-agent:start :socket {})",
-                Sexp::string(path.to_string_lossy())
-            ),
-            Some(Address::Tcp { port, .. }) => format!("(sbmon-agent:start :port {port})"),
-            None => "(sbmon-agent:start)".to_string(),
-        };
+        let start = start_form(options);
         let mut cmd = Command::new(&options.sbcl);
         cmd.envs(options.env.iter().map(|(k, v)| (k, v)))
             .args(&options.runtime_args)

@@ -11,7 +11,7 @@ use tokio_util::sync::CancellationToken;
 use crate::agent::{ClientOptions, address};
 use crate::audit::Audit;
 use crate::config::Config;
-use crate::launch::{LaunchError, LaunchOptions, Sbcl};
+use crate::launch::{AgentAllow, LaunchError, LaunchOptions, Sbcl};
 use crate::targets::{Target, Targets, default_name};
 use crate::tools::{Allow, Catalog};
 
@@ -155,6 +155,11 @@ pub async fn launch(
         sbcl,
         runtime_args,
         toplevel_args,
+        // The agent serves what this sbmon offers, and no more.
+        allow: AgentAllow {
+            control: options.allow.control,
+            eval: options.allow.eval,
+        },
         ..LaunchOptions::default()
     })?;
     eprintln!(

@@ -38,7 +38,11 @@ async fn eval(c: &Catalog, code: &str) -> Value {
 
 #[tokio::test]
 async fn control_and_eval_tools_exist_only_when_allowed() {
-    let image = Image::start(Setup::default()).await;
+    let image = Image::start(Setup {
+        allow: ALL,
+        ..Setup::default()
+    })
+    .await;
     let read_only = catalog(&image, Allow::default());
     let names: Vec<&str> = read_only.tools().map(|t| t.name).collect();
     for hidden in [
@@ -120,7 +124,11 @@ async fn control_and_eval_tools_exist_only_when_allowed() {
 
 #[tokio::test]
 async fn gc_tune_reads_back_and_memory_gc_frees_what_the_test_made() {
-    let image = Image::start(Setup::default()).await;
+    let image = Image::start(Setup {
+        allow: ALL,
+        ..Setup::default()
+    })
+    .await;
     let c = catalog(&image, ALL);
     let tuned = c
         .call(
@@ -207,6 +215,7 @@ async fn gc_tune_reads_back_and_memory_gc_frees_what_the_test_made() {
 async fn thread_kill_ends_threads_and_refuses_main_and_agent_threads() {
     let image = Image::start(Setup {
         forms: vec![common::sleeper("victim")],
+        allow: ALL,
         ..Setup::default()
     })
     .await;
@@ -271,6 +280,7 @@ async fn profile_names_the_busy_function() {
                 Sexp::string(churn_trigger.to_string_lossy())
             ),
         ],
+        allow: ALL,
         ..Setup::default()
     })
     .await;
@@ -327,7 +337,11 @@ async fn profile_names_the_busy_function() {
 
 #[tokio::test]
 async fn repl_eval_keeps_definitions_reports_errors_and_stops_runaways() {
-    let image = Image::start(Setup::default()).await;
+    let image = Image::start(Setup {
+        allow: ALL,
+        ..Setup::default()
+    })
+    .await;
     let c = catalog(&image, ALL);
     let def = eval(&c, "(defun sbmon-double (x) (* x 2))").await;
     assert_eq!(def["ok"], true);
@@ -390,7 +404,11 @@ async fn repl_eval_keeps_definitions_reports_errors_and_stops_runaways() {
 
 #[tokio::test]
 async fn reload_picks_up_changed_sources() {
-    let image = Image::start(Setup::default()).await;
+    let image = Image::start(Setup {
+        allow: ALL,
+        ..Setup::default()
+    })
+    .await;
     let c = catalog(&image, ALL);
     let dir = tempfile::tempdir().unwrap();
     std::fs::write(

@@ -106,19 +106,24 @@ impl Connection {
         };
         let reader_task = {
             let (pending, closed, events) = (pending.clone(), closed.clone(), events.clone());
+            let pid = welcome.pid;
             tokio::spawn(async move {
-                let reason = loop {
+                let error = loop {
                     match reader.next().await {
-                        Some(Ok(message)) => dispatch(message, &pending, &events),
-                        Some(Err(e)) => break e.to_string(),
-                        None => break "the agent closed the connection".to_string(),
+                        Some(Ok(message)) => {
+                            if let Some(error) = dispatch(message, pid, &pending, &events) {
+                                break error;
+                            }
+                        }
+                        Some(Err(e)) => break AgentError::Lost(e.to_string()),
+                        None => break AgentError::Lost("the agent closed the connection".into()),
                     }
                 };
-                tracing::debug!("agent connection ended: {reason}");
+                tracing::debug!("agent connection ended: {error}");
                 closed.store(true, Ordering::SeqCst);
                 let waiting: Vec<_> = lock(&pending).drain().collect();
                 for (_, tx) in waiting {
-                    let _ = tx.send(Err(AgentError::Lost(reason.clone())));
+                    let _ = tx.send(Err(error.clone()));
                 }
             })
         };
@@ -227,23 +232,46 @@ fn parse_welcome(reply: &Sexp) -> Result<Welcome, AgentError> {
     }
 }
 
-fn dispatch(message: Sexp, pending: &Pending, events: &broadcast::Sender<(String, Sexp)>) {
+/// The agent's goodbye when its image exits (docs/protocol.md, "The image exiting").
+const IMAGE_EXITING: &str = "image exiting";
+
+/// Handle one message from the agent (of image `pid`); returns the error that ends the
+/// connection when the agent said goodbye.
+fn dispatch(
+    message: Sexp,
+    pid: i32,
+    pending: &Pending,
+    events: &broadcast::Sender<(String, Sexp)>,
+) -> Option<AgentError> {
     let items = message.as_list().unwrap_or_default();
     match (items.first().and_then(Sexp::as_keyword), items) {
         (Some("return"), [_, Sexp::Int(id), outcome]) => {
-            let Some(tx) = lock(pending).remove(&(*id as u64)) else {
-                return; // the caller gave up (timeout) before the reply came
-            };
-            let _ = tx.send(decode_outcome(outcome));
+            // None: the caller gave up (timeout) before the reply came.
+            if let Some(tx) = lock(pending).remove(&(*id as u64)) {
+                let _ = tx.send(decode_outcome(outcome, pid));
+            }
         }
         (Some("event"), [_, Sexp::Keyword(kind), value]) => {
             let _ = events.send((kind.clone(), value.clone()));
         }
+        (Some("bye"), [_, rest @ ..]) => {
+            let reason = Sexp::List(rest.to_vec())
+                .get("reason")
+                .and_then(Sexp::as_str)
+                .unwrap_or("no reason given")
+                .to_string();
+            return Some(if reason == IMAGE_EXITING {
+                AgentError::ImageExited { pid }
+            } else {
+                AgentError::Lost(format!("the agent closed the connection: {reason}"))
+            });
+        }
         _ => tracing::warn!("ignoring unexpected message from agent: {message}"),
     }
+    None
 }
 
-fn decode_outcome(outcome: &Sexp) -> Result<Sexp, AgentError> {
+fn decode_outcome(outcome: &Sexp, pid: i32) -> Result<Sexp, AgentError> {
     match outcome.as_list() {
         Some([Sexp::Keyword(k), value]) if k == "ok" => Ok(value.clone()),
         Some([Sexp::Keyword(k), details @ ..]) if k == "error" => {
@@ -255,6 +283,12 @@ fn decode_outcome(outcome: &Sexp) -> Result<Sexp, AgentError> {
                     .unwrap_or_default()
                     .to_string()
             };
+            match text("type").as_str() {
+                "NOT-ALLOWED" => return Err(AgentError::NotAllowed(text("message"))),
+                // An evaluation that ended because the image is exiting.
+                "IMAGE-EXITING" => return Err(AgentError::ImageExited { pid }),
+                _ => {}
+            }
             let backtrace = details
                 .get("backtrace")
                 .and_then(Sexp::as_list)

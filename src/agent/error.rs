@@ -23,6 +23,16 @@ pub enum AgentError {
         "lost the connection to the agent: {0}; it reconnects on the next call once the image is back"
     )]
     Lost(String),
+    #[error(
+        "the agent in the image refuses this operation: {0}. sbmon's --allow only decides which \
+         tools sbmon offers; the agent serves what its own (sbmon-agent:start :allow ...) names"
+    )]
+    NotAllowed(String),
+    #[error(
+        "the SBCL image exited (pid {pid}); the agent said goodbye before it went. It answers \
+         again once the image is restarted"
+    )]
+    ImageExited { pid: i32 },
     #[error("the agent reported {kind}: {message}")]
     Remote {
         kind: String,
@@ -45,6 +55,7 @@ impl AgentError {
                 | AgentError::Handshake(_)
                 | AgentError::Timeout { .. }
                 | AgentError::Lost(_)
+                | AgentError::ImageExited { .. }
         )
     }
 }

@@ -10,8 +10,25 @@ pub struct Welcome {
     pub agent_version: String,
     pub pid: i32,
     pub lisp_version: String,
+    /// Operations the agent implements, and flags such as `pause-timing`.
     #[serde(default)]
     pub capabilities: Vec<String>,
+    /// Classes of operations the agent serves (`read`, `control`, `eval`), as given to
+    /// `(sbmon-agent:start :allow ...)`; the others it answers with NOT-ALLOWED. Empty from an
+    /// agent older than this field, which served every class.
+    #[serde(default)]
+    pub allow: Vec<String>,
+    /// SBCL internals the agent looked for and did not find (a newer SBCL renamed them);
+    /// the capability flags that need them are absent from `capabilities`.
+    #[serde(default)]
+    pub missing_internals: Vec<String>,
+}
+
+impl Welcome {
+    /// True when the agent serves operations of `class` (`read`, `control` or `eval`).
+    pub fn allows(&self, class: &str) -> bool {
+        self.allow.is_empty() || self.allow.iter().any(|c| c == class)
+    }
 }
 
 #[derive(Debug, Clone, Deserialize)]

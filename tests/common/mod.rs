@@ -11,9 +11,9 @@ use std::time::{Duration, Instant};
 
 use sbmon::agent::{Address, AgentClient, ClientOptions};
 use sbmon::config::Config;
-use sbmon::launch::{LaunchOptions, Sbcl};
+use sbmon::launch::{AgentAllow, LaunchOptions, Sbcl};
 use sbmon::targets::{Target, Targets};
-use sbmon::tools::Catalog;
+use sbmon::tools::{Allow, Catalog};
 use sbmon::wire::Sexp;
 use serde_json::Value;
 
@@ -82,6 +82,10 @@ pub struct Setup {
     pub env: Vec<(String, String)>,
     /// Start the collector thread (see FIXTURE).
     pub collector: bool,
+    /// The agent's `:hello-timeout` (its default, 10 s, when `None`).
+    pub hello_timeout: Option<Duration>,
+    /// Operation classes the agent serves beyond read (`:allow`); read-only by default.
+    pub allow: Allow,
 }
 
 impl Image {
@@ -108,6 +112,11 @@ impl Image {
             listen,
             env: setup.env.clone(),
             before_start,
+            hello_timeout: setup.hello_timeout,
+            allow: AgentAllow {
+                control: setup.allow.control,
+                eval: setup.allow.eval,
+            },
             ..LaunchOptions::default()
         };
         let mut sbcl = Sbcl::spawn(&options).expect("spawn sbcl");
