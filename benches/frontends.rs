@@ -86,6 +86,7 @@ async fn main() {
     let (samples, concurrent) = time_calls(iterations, || async {
         let answer: serde_json::Value = http
             .post(&url)
+            .header("content-type", "application/json")
             .body(body.clone())
             .send()
             .await
