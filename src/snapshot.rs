@@ -4,8 +4,8 @@
 
 use std::time::Duration;
 
+use crate::agent::AgentError;
 use crate::agent::reply::{Gc, LispThread, Memory, Welcome};
-use crate::agent::{AgentError, alongside};
 use crate::process::{self, ProcessError, ProcessSnapshot, TaskInfo};
 use crate::targets::Target;
 
@@ -51,11 +51,14 @@ impl Snapshot {
         };
         let pid = welcome.pid;
         let calls = async { tokio::join!(c.ping(), c.memory(), c.gc(), c.threads()) };
-        let read_proc = || {
+        // On the blocking pool: the fd walk and the task files cost what the target makes
+        // them cost. The calls are polled first, so their requests are queued and the agent
+        // works while the pool thread reads.
+        let read_proc = crate::blocking::run(move || {
             let tasks = (detail == Detail::Tasks).then(|| process::tasks(pid));
             (process::snapshot(pid), tasks)
-        };
-        let ((rtt, memory, gc, threads), (process, tasks)) = alongside(calls, read_proc).await;
+        });
+        let ((rtt, memory, gc, threads), (process, tasks)) = tokio::join!(calls, read_proc);
         match rtt {
             // An agent that stopped answering: report it down rather than half its figures.
             Err(e) => Snapshot {
