@@ -50,7 +50,7 @@ impl Snapshot {
             }
         };
         let pid = welcome.pid;
-        let calls = async { tokio::join!(c.ping(), c.memory(), c.gc(), c.threads()) };
+        let calls = async { tokio::join!(c.ping(), c.memory(), target.read_gc(), c.threads()) };
         // On the blocking pool: the fd walk and the task files cost what the target makes
         // them cost. The calls are polled first, so their requests are queued and the agent
         // works while the pool thread reads.

@@ -210,7 +210,7 @@ fn observe_image(ctx: &Context, target: &Target, image: &Readings, checks: &mut 
 
     checks.push(match (&image.gc, proc) {
         (Err(e), _) => unknown("gc.time", &h.gc.time, format!("could not be read: {e}")),
-        (Ok(gc), _) if let Some(rate) = target.gc_rate(gc.gc_cpu_seconds) => check(
+        (Ok(_), _) if let Some(rate) = target.gc_rate_last_minute() => check(
             "gc.time",
             rate.ratio,
             &h.gc.time,
