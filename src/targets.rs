@@ -14,6 +14,7 @@ use crate::agent::address::Found;
 use crate::agent::reply::Gc;
 use crate::agent::{Address, AgentClient, AgentError, ClientOptions};
 use crate::events::GcFeed;
+use crate::snapshot::InFlight;
 
 /// Samples older than this are dropped; rates look back one minute.
 const HISTORY_SPAN: Duration = Duration::from_secs(300);
@@ -28,6 +29,8 @@ pub struct Target {
     gc_feed: Mutex<Weak<GcFeed>>,
     /// Tool calls this target served or failed, for the `availability.errors` check.
     pub calls: CallWindow,
+    /// Snapshots being taken, which concurrent requests share.
+    pub(crate) readings: InFlight,
 }
 
 /// How a tool call went, as far as the target is concerned.
@@ -140,6 +143,7 @@ impl Target {
             gc_history: Mutex::new(GcHistory::default()),
             gc_feed: Mutex::new(Weak::new()),
             calls: CallWindow::default(),
+            readings: InFlight::default(),
         }
     }
 
