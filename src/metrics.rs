@@ -8,7 +8,7 @@ use std::sync::Arc;
 use std::time::Instant;
 
 use crate::histogram::{Histogram, Reading};
-use crate::snapshot::{Detail, Readings, Snapshot};
+use crate::snapshot::{Detail, Readings};
 use crate::targets::Target;
 use crate::tools::Context;
 use crate::tools::health::{self, Status};
@@ -170,7 +170,7 @@ pub async fn render(ctx: &Context, scope: Scope) -> String {
         Scope::Own => Vec::new(),
     };
     let snapshots =
-        futures::future::join_all(targets.iter().map(|t| Snapshot::take(t, Detail::Tasks))).await;
+        futures::future::join_all(targets.iter().map(|t| t.snapshot(Detail::Tasks))).await;
     let mut e = Exposition::default();
     if all {
         e.gauge(

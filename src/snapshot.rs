@@ -13,10 +13,9 @@ use futures::FutureExt;
 use futures::channel::oneshot;
 use futures::future::Shared;
 
-use crate::agent::AgentError;
 use crate::agent::reply::{Gc, LispThread, Memory, Welcome};
+use crate::agent::{AgentClient, AgentError};
 use crate::process::{self, ProcessError, ProcessSnapshot, TaskInfo};
-use crate::targets::Target;
 
 pub struct Snapshot {
     /// The ping round trip, or why the agent could not be reached.
@@ -54,29 +53,9 @@ impl Detail {
 }
 
 impl Snapshot {
-    /// A reading of `target` with at least `detail`: the one in flight for this target if
-    /// there is one that covers `detail`, else a new one that later requests can join.
-    pub async fn take(target: &Target, detail: Detail) -> Arc<Snapshot> {
-        loop {
-            match target.readings.join_or_lead(detail) {
-                Role::Follow(reading) => match reading.await {
-                    Ok(snapshot) => return snapshot,
-                    // Its leader was dropped before it finished (the client went away);
-                    // the slot is free again, so take the lead or join whoever took it.
-                    Err(oneshot::Canceled) => continue,
-                },
-                Role::Lead(lead) => {
-                    let snapshot = Arc::new(Snapshot::read(target, lead.detail).await);
-                    lead.finish(snapshot.clone());
-                    return snapshot;
-                }
-            }
-        }
-    }
-
-    /// A new reading, not shared with anyone.
-    async fn read(target: &Target, detail: Detail) -> Snapshot {
-        let c = &target.client;
+    /// A new reading through `client`, not shared with anyone.
+    pub async fn read(client: &AgentClient, detail: Detail) -> Snapshot {
+        let c = client;
         // Connects if need be; an unreachable agent ends the reading here, after one timeout.
         let welcome = match c.welcome().await {
             Ok(w) => w,
@@ -88,7 +67,7 @@ impl Snapshot {
             }
         };
         let pid = welcome.pid;
-        let calls = async { tokio::join!(c.ping(), c.memory(), target.read_gc(), c.threads()) };
+        let calls = async { tokio::join!(c.ping(), c.memory(), c.gc(), c.threads()) };
         // On the blocking pool: the fd walk and the task files cost what the target makes
         // them cost. The calls are polled first, so their requests are queued and the agent
         // works while the pool thread reads.
@@ -103,20 +82,17 @@ impl Snapshot {
                 rtt: Err(e),
                 image: None,
             },
-            Ok(rtt) => {
-                target.calls.reached();
-                Snapshot {
-                    rtt: Ok(rtt),
-                    image: Some(Readings {
-                        welcome,
-                        memory,
-                        gc,
-                        threads,
-                        process,
-                        tasks,
-                    }),
-                }
-            }
+            Ok(rtt) => Snapshot {
+                rtt: Ok(rtt),
+                image: Some(Readings {
+                    welcome,
+                    memory,
+                    gc,
+                    threads,
+                    process,
+                    tasks,
+                }),
+            },
         }
     }
 }
@@ -162,6 +138,30 @@ struct Lead<'a> {
 }
 
 impl InFlight {
+    /// The reading in flight that covers `detail` if there is one, else a new one taken with
+    /// `read`, which requests arriving meanwhile join.
+    pub async fn share<F, Fut>(&self, detail: Detail, read: F) -> Arc<Snapshot>
+    where
+        F: Fn(Detail) -> Fut,
+        Fut: Future<Output = Snapshot>,
+    {
+        loop {
+            match self.join_or_lead(detail) {
+                Role::Follow(reading) => match reading.await {
+                    Ok(snapshot) => return snapshot,
+                    // Its leader was dropped before it finished (the client went away);
+                    // the slot is free again, so take the lead or join whoever took it.
+                    Err(oneshot::Canceled) => continue,
+                },
+                Role::Lead(lead) => {
+                    let snapshot = Arc::new(read(lead.detail).await);
+                    lead.finish(snapshot.clone());
+                    return snapshot;
+                }
+            }
+        }
+    }
+
     fn join_or_lead(&self, detail: Detail) -> Role<'_> {
         let mut slots = self.slots.lock().unwrap_or_else(|p| p.into_inner());
         for running in [Detail::Tasks, Detail::Process] {

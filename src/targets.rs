@@ -2,9 +2,10 @@
 //! that rate-based health checks need (GC CPU seconds sampled over the last minutes, and the
 //! outcomes of the tool calls it served).
 //!
-//! GC readings enter the history in one place, [`Target::read_gc`], whoever asked for them (a
-//! health check, a scrape, `gc_stats`); computing the rate only reads the history, so the
-//! figure for the last minute does not depend on who else looked at it.
+//! GC readings enter the history where they arrive, [`Target::read_gc`] and
+//! [`Target::snapshot`], whoever asked for them (a health check, a scrape, `gc_stats`);
+//! computing the rate only reads the history, so the figure for the last minute does not
+//! depend on who else looked at it.
 
 use std::collections::VecDeque;
 use std::sync::{Arc, Mutex, RwLock, Weak};
@@ -14,7 +15,7 @@ use crate::agent::address::Found;
 use crate::agent::reply::Gc;
 use crate::agent::{Address, AgentClient, AgentError, ClientOptions};
 use crate::events::GcFeed;
-use crate::snapshot::InFlight;
+use crate::snapshot::{Detail, InFlight, Snapshot};
 
 /// Samples older than this are dropped; rates look back one minute.
 const HISTORY_SPAN: Duration = Duration::from_secs(300);
@@ -168,11 +169,29 @@ impl Target {
     }
 
     /// The agent's GC figures, recorded in the history the GC-time rate is computed from.
-    /// Every reading of `:gc` for this target goes through here.
+    /// Every reading of `:gc` for this target goes through here or [`Target::snapshot`].
     pub async fn read_gc(&self) -> Result<Gc, AgentError> {
         let gc = self.client.gc().await?;
         self.observe_gc(Instant::now(), gc.gc_cpu_seconds);
         Ok(gc)
+    }
+
+    /// A reading of the image and its process with at least `detail`: the one in flight for
+    /// this target if there is one that covers `detail`, else a new one that requests arriving
+    /// meanwhile share, so a burst of probes costs the image one reading.
+    pub async fn snapshot(&self, detail: Detail) -> Arc<Snapshot> {
+        self.readings
+            .share(detail, |detail| async move {
+                let snapshot = Snapshot::read(&self.client, detail).await;
+                if let Some(readings) = &snapshot.image {
+                    self.calls.reached();
+                    if let Ok(gc) = &readings.gc {
+                        self.observe_gc(Instant::now(), gc.gc_cpu_seconds);
+                    }
+                }
+                snapshot
+            })
+            .await
     }
 
     fn observe_gc(&self, at: Instant, gc_cpu_seconds: f64) {

@@ -98,7 +98,7 @@ pub async fn health_check(ctx: &Context, args: Args) -> Result<HealthReport, Too
 /// Grade every check for one target. An unreachable agent is itself the critical finding,
 /// so this never fails.
 pub async fn evaluate(ctx: &Context, target: &Target) -> HealthReport {
-    grade(ctx, target, &*Snapshot::take(target, Detail::Process).await)
+    grade(ctx, target, &*target.snapshot(Detail::Process).await)
 }
 
 /// Grade a snapshot already taken (a scrape grades the snapshot it exports).
