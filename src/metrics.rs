@@ -2,12 +2,12 @@
 //! target, the same snapshot health is graded from. docs/metrics.md is the list of metrics.
 //! A target that cannot be reached gives `sbmon_target_up 0` and none of its other series.
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::HashMap;
 use std::fmt::Write as _;
 use std::sync::Arc;
 use std::time::Instant;
 
-use crate::histogram::{Histogram, Reading};
+use crate::histogram::Reading;
 use crate::snapshot::{Detail, Readings};
 use crate::targets::Target;
 use crate::tools::Context;
@@ -215,7 +215,7 @@ pub async fn render(ctx: &Context, scope: Scope) -> String {
         }
     }
     if all {
-        for (tool, ok, error, duration) in tool_totals(ctx) {
+        for (tool, ok, error, duration) in ctx.calls.totals() {
             for (outcome, n) in [("ok", ok), ("error", error)] {
                 e.counter(
                     "sbmon_tool_calls_total",
@@ -239,22 +239,6 @@ pub async fn render(ctx: &Context, scope: Scope) -> String {
         );
     }
     e.finish()
-}
-
-/// Every tool's calls, in name order: those not called yet at zero, so that rates and alerts
-/// over them work from the first scrape instead of from the first call.
-fn tool_totals(ctx: &Context) -> Vec<(&'static str, u64, u64, Reading)> {
-    let mut totals: BTreeMap<&'static str, (u64, u64, Reading)> = crate::tools::TOOLS
-        .iter()
-        .map(|t| (t.name, (0, 0, Histogram::default().read())))
-        .collect();
-    for (tool, ok, error, duration) in ctx.calls.totals() {
-        totals.insert(tool, (ok, error, duration));
-    }
-    totals
-        .into_iter()
-        .map(|(tool, (ok, error, duration))| (tool, ok, error, duration))
-        .collect()
 }
 
 fn image_metrics(e: &mut Exposition, target: &str, r: &Readings) {
