@@ -22,6 +22,16 @@ use support::Latencies;
 
 const IN_FLIGHT: usize = 8;
 
+/// The `sbmon serve` under test, stopped when dropped, also when the bench panics.
+struct Server(std::process::Child);
+
+impl Drop for Server {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
 fn report(name: &str, sequential: Latencies, concurrent: Duration, concurrent_calls: usize) {
     println!(
         "{name:<22} p50={:>7.1}µs p99={:>7.1}µs  sequential {:>6.0} calls/s  {IN_FLIGHT} in flight {:>6.0} calls/s",
@@ -64,14 +74,16 @@ async fn main() {
     println!("memory_stats through the front ends, {iterations} calls per path");
 
     // JSON-RPC over HTTP, one keep-alive client.
-    let mut server = Command::new(env!("CARGO_BIN_EXE_sbmon"))
-        .args(["serve", "--http", "127.0.0.1:0", "--target", &target])
-        .stdin(Stdio::null())
-        .stdout(Stdio::null())
-        .stderr(Stdio::piped())
-        .spawn()
-        .expect("start sbmon serve");
-    let stderr = server.stderr.take().unwrap();
+    let mut server = Server(
+        Command::new(env!("CARGO_BIN_EXE_sbmon"))
+            .args(["serve", "--http", "127.0.0.1:0", "--target", &target])
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("start sbmon serve"),
+    );
+    let stderr = server.0.stderr.take().unwrap();
     let url = BufReader::new(stderr)
         .lines()
         .map_while(Result::ok)
@@ -86,6 +98,7 @@ async fn main() {
     let (samples, concurrent) = time_calls(iterations, || async {
         let answer: serde_json::Value = http
             .post(&url)
+            .header("content-type", "application/json")
             .body(body.clone())
             .send()
             .await
@@ -119,8 +132,7 @@ async fn main() {
     .await;
     let scrapes = iterations / 3 / IN_FLIGHT * IN_FLIGHT;
     report("/metrics?target=app", samples, concurrent, scrapes);
-    let _ = server.kill();
-    let _ = server.wait();
+    drop(server);
 
     // MCP over stdio with the rmcp client, through a child `sbmon serve --stdio`.
     let mut cmd = tokio::process::Command::new(env!("CARGO_BIN_EXE_sbmon"));

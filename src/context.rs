@@ -26,6 +26,15 @@ pub struct CallLog {
 }
 
 impl CallLog {
+    /// A log that reports `tools` from the start, at zero until called, so that rates and
+    /// alerts over their counters work before the first call.
+    pub fn counting(tools: impl IntoIterator<Item = &'static str>) -> Self {
+        let per_tool = tools.into_iter().map(|t| (t, ToolCounters::default()));
+        CallLog {
+            per_tool: Mutex::new(per_tool.collect()),
+        }
+    }
+
     pub fn record(&self, tool: &'static str, ok: bool, elapsed: Duration) {
         let mut per_tool = self.per_tool.lock().unwrap_or_else(|p| p.into_inner());
         let counters = per_tool.entry(tool).or_default();
@@ -55,11 +64,11 @@ pub struct Context {
 }
 
 impl Context {
-    pub fn new(targets: Arc<Targets>, config: Arc<Config>) -> Self {
+    pub fn new(targets: Arc<Targets>, config: Arc<Config>, calls: CallLog) -> Self {
         Context {
             targets,
             config,
-            calls: CallLog::default(),
+            calls,
         }
     }
 

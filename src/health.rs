@@ -100,7 +100,7 @@ fn percent(x: f64) -> String {
 /// Grade every check for one target. An unreachable agent is itself the critical finding,
 /// so this never fails.
 pub async fn evaluate(ctx: &Context, target: &Target) -> HealthReport {
-    grade(ctx, target, &Snapshot::take(target, Detail::Process).await)
+    grade(ctx, target, &*target.snapshot(Detail::Process).await)
 }
 
 /// Grade a snapshot already taken (a scrape grades the snapshot it exports).
@@ -212,7 +212,7 @@ fn observe_image(ctx: &Context, target: &Target, image: &Readings, checks: &mut 
 
     checks.push(match (&image.gc, proc) {
         (Err(e), _) => unknown("gc.time", &h.gc.time, format!("could not be read: {e}")),
-        (Ok(gc), _) if let Some(rate) = target.gc_rate(gc.gc_cpu_seconds) => check(
+        (Ok(_), _) if let Some(rate) = target.gc_rate_last_minute() => check(
             "gc.time",
             rate.ratio,
             &h.gc.time,

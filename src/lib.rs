@@ -4,6 +4,7 @@
 
 pub mod agent;
 pub mod audit;
+pub mod blocking;
 pub mod cli;
 pub mod config;
 pub mod context;

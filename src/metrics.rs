@@ -10,7 +10,7 @@ use std::time::Instant;
 use crate::context::Context;
 use crate::health::{self, Status};
 use crate::histogram::Reading;
-use crate::snapshot::{Detail, Readings, Snapshot};
+use crate::snapshot::{Detail, Readings};
 use crate::targets::Target;
 
 pub const CONTENT_TYPE: &str = "text/plain; version=0.0.4; charset=utf-8";
@@ -170,7 +170,7 @@ pub async fn render(ctx: &Context, scope: Scope) -> String {
         Scope::Own => Vec::new(),
     };
     let snapshots =
-        futures::future::join_all(targets.iter().map(|t| Snapshot::take(t, Detail::Tasks))).await;
+        futures::future::join_all(targets.iter().map(|t| t.snapshot(Detail::Tasks))).await;
     let mut e = Exposition::default();
     if all {
         e.gauge(

@@ -7,6 +7,10 @@
 //! Everything here is called on every scrape, so each function reads only the files it needs,
 //! each once, and the system-wide constants (clock ticks, boot time, physical memory) are read
 //! once per sbmon process.
+//!
+//! The reads whose cost the target sets (a `readlink` per open fd, two files per thread) run
+//! in a [`blocking::section`](crate::blocking::section), so an image with 100k fds slows its
+//! own reading but never the runtime that serves everyone else.
 
 use std::io::{self, Read};
 use std::os::unix::ffi::OsStrExt;
@@ -212,6 +216,10 @@ fn stat_times(stat: &Stat) -> Result<ProcessTimes, ProcessError> {
 /// Every task (thread) of process `pid`, ordered by thread id. A task that exits while the list
 /// is being read is left out.
 pub fn tasks(pid: i32) -> Result<Vec<TaskInfo>, ProcessError> {
+    crate::blocking::section(|| tasks_of(pid))
+}
+
+fn tasks_of(pid: i32) -> Result<Vec<TaskInfo>, ProcessError> {
     let process = open(pid)?;
     let gone = || ProcessError::NotFound { pid };
     let iter = process
@@ -508,6 +516,10 @@ fn parse_max_open_files(text: &str) -> Option<Option<u64>> {
 
 /// Counts entries of /proc/PID/fd and how many of them are sockets: one `readlink` per fd.
 fn count_fds(pid: i32) -> Result<(u64, u64), ProcessError> {
+    crate::blocking::section(|| count_fds_in(pid))
+}
+
+fn count_fds_in(pid: i32) -> Result<(u64, u64), ProcessError> {
     let dir = proc_path(pid, "fd");
     let entries = std::fs::read_dir(&dir).map_err(|e| from_io(e, &dir, pid))?;
     let mut link = dir.clone();

@@ -70,12 +70,17 @@ pub async fn serve(options: ServeOptions, targets: Option<Vec<Target>>) -> Resul
     let targets = Arc::new(Targets::new(targets.unwrap_or_default()));
     if discovered {
         let (targets, client, stop) = (targets.clone(), options.client.clone(), stop.clone());
-        targets.sync_discovered(&address::discover(), &client);
+        // A scan lists the runtime directory and reads /proc/PID/stat per socket in it: on
+        // the blocking pool, since a crowded or slow directory must not hold up requests.
+        targets.sync_discovered(&crate::blocking::run(address::discover).await, &client);
         tokio::spawn(async move {
             let mut tick = tokio::time::interval(DISCOVERY_INTERVAL);
             loop {
                 tokio::select! {
-                    _ = tick.tick() => targets.sync_discovered(&address::discover(), &client),
+                    _ = tick.tick() => {
+                        let found = crate::blocking::run(address::discover).await;
+                        targets.sync_discovered(&found, &client);
+                    }
                     _ = stop.cancelled() => break,
                 }
             }

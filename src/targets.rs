@@ -1,14 +1,21 @@
 //! The SBCL images sbmon watches: each target is a named agent client plus the short history
 //! that rate-based health checks need (GC CPU seconds sampled over the last minutes, and the
 //! outcomes of the tool calls it served).
+//!
+//! GC readings enter the history where they arrive, [`Target::read_gc`] and
+//! [`Target::snapshot`], whoever asked for them (a health check, a scrape, `gc_stats`);
+//! computing the rate only reads the history, so the figure for the last minute does not
+//! depend on who else looked at it.
 
 use std::collections::VecDeque;
 use std::sync::{Arc, Mutex, RwLock, Weak};
 use std::time::{Duration, Instant};
 
 use crate::agent::address::Found;
+use crate::agent::reply::Gc;
 use crate::agent::{Address, AgentClient, AgentError, ClientOptions};
 use crate::events::GcFeed;
+use crate::snapshot::{Detail, InFlight, Snapshot};
 
 use serde::Serialize;
 
@@ -20,11 +27,13 @@ pub const RATE_WINDOW: Duration = Duration::from_secs(60);
 pub struct Target {
     pub name: String,
     pub client: AgentClient,
-    gc_samples: Mutex<VecDeque<(Instant, f64)>>,
+    gc_history: Mutex<GcHistory>,
     /// The GC event feed while anyone follows it.
     gc_feed: Mutex<Weak<GcFeed>>,
     /// Tool calls this target served or failed, for the `availability.errors` check.
     pub calls: CallWindow,
+    /// Snapshots being taken, which concurrent requests share.
+    pub(crate) readings: InFlight,
 }
 
 /// How a tool call went, as far as the target is concerned.
@@ -80,11 +89,53 @@ impl CallWindow {
     }
 }
 
-/// GC CPU seconds per wall second between an earlier sample and now.
+/// GC CPU seconds per wall second between two readings of the last minute.
 #[derive(Debug, Clone, Copy)]
 pub struct Rate {
     pub ratio: f64,
     pub window_seconds: f64,
+}
+
+/// Cumulative GC CPU seconds as read over the last minutes, oldest first.
+#[derive(Default)]
+struct GcHistory {
+    samples: VecDeque<(Instant, f64)>,
+}
+
+impl GcHistory {
+    fn observe(&mut self, at: Instant, gc_cpu_seconds: f64) {
+        if self
+            .samples
+            .back()
+            .is_some_and(|(_, last)| gc_cpu_seconds < *last)
+        {
+            // The counter went back: the image restarted, and its past says nothing now.
+            self.samples.clear();
+        }
+        while self
+            .samples
+            .front()
+            .is_some_and(|(t, _)| at.saturating_duration_since(*t) > HISTORY_SPAN)
+            || self.samples.len() >= HISTORY_MAX
+        {
+            self.samples.pop_front();
+        }
+        self.samples.push_back((at, gc_cpu_seconds));
+    }
+
+    /// The GC share of wall time from the oldest to the newest reading taken within
+    /// [`RATE_WINDOW`] before `now`.
+    fn rate(&self, now: Instant) -> Option<Rate> {
+        let recent = |(t, _): &&(Instant, f64)| now.saturating_duration_since(*t) <= RATE_WINDOW;
+        let (first_at, first) = *self.samples.iter().find(recent)?;
+        let (last_at, last) = *self.samples.back().filter(recent)?;
+        let window = last_at.saturating_duration_since(first_at).as_secs_f64();
+        // Below a tenth of a second the ratio is noise.
+        (window >= 0.1 && last >= first).then(|| Rate {
+            ratio: (last - first) / window,
+            window_seconds: window,
+        })
+    }
 }
 
 impl Target {
@@ -92,9 +143,10 @@ impl Target {
         Target {
             name: name.into(),
             client: AgentClient::new(address, options),
-            gc_samples: Mutex::new(VecDeque::new()),
+            gc_history: Mutex::new(GcHistory::default()),
             gc_feed: Mutex::new(Weak::new()),
             calls: CallWindow::default(),
+            readings: InFlight::default(),
         }
     }
 
@@ -118,33 +170,46 @@ impl Target {
         Ok(self.client.welcome().await?.pid)
     }
 
-    /// Remember a reading of the cumulative GC CPU time, and return the GC share of wall time
-    /// since the oldest reading within the last minute (None without an older reading).
-    pub fn gc_rate(&self, gc_cpu_seconds: f64) -> Option<Rate> {
-        let now = Instant::now();
-        let mut samples = self
-            .gc_samples
+    /// The agent's GC figures, recorded in the history the GC-time rate is computed from.
+    /// Every reading of `:gc` for this target goes through here or [`Target::snapshot`].
+    pub async fn read_gc(&self) -> Result<Gc, AgentError> {
+        let gc = self.client.gc().await?;
+        self.observe_gc(Instant::now(), gc.gc_cpu_seconds);
+        Ok(gc)
+    }
+
+    /// A reading of the image and its process with at least `detail`: the one in flight for
+    /// this target if there is one that covers `detail`, else a new one that requests arriving
+    /// meanwhile share, so a burst of probes costs the image one reading.
+    pub async fn snapshot(&self, detail: Detail) -> Arc<Snapshot> {
+        self.readings
+            .share(detail, |detail| async move {
+                let snapshot = Snapshot::read(&self.client, detail).await;
+                if let Some(readings) = &snapshot.image {
+                    self.calls.reached();
+                    if let Ok(gc) = &readings.gc {
+                        self.observe_gc(Instant::now(), gc.gc_cpu_seconds);
+                    }
+                }
+                snapshot
+            })
+            .await
+    }
+
+    fn observe_gc(&self, at: Instant, gc_cpu_seconds: f64) {
+        self.gc_history
             .lock()
-            .unwrap_or_else(|poisoned| poisoned.into_inner());
-        while samples
-            .front()
-            .is_some_and(|(t, _)| now.duration_since(*t) > HISTORY_SPAN)
-            || samples.len() >= HISTORY_MAX
-        {
-            samples.pop_front();
-        }
-        let base = samples
-            .iter()
-            .find(|(t, _)| now.duration_since(*t) <= RATE_WINDOW)
-            .copied();
-        samples.push_back((now, gc_cpu_seconds));
-        let (then, earlier) = base?;
-        let window = now.duration_since(then).as_secs_f64();
-        // Below a tenth of a second the ratio is noise; a restarted image resets the counter.
-        (window >= 0.1 && gc_cpu_seconds >= earlier).then(|| Rate {
-            ratio: (gc_cpu_seconds - earlier) / window,
-            window_seconds: window,
-        })
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
+            .observe(at, gc_cpu_seconds);
+    }
+
+    /// The GC share of wall time over the readings of the last minute (`None` until two
+    /// readings at least a tenth of a second apart exist). Changes nothing.
+    pub fn gc_rate_last_minute(&self) -> Option<Rate> {
+        self.gc_history
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
+            .rate(Instant::now())
     }
 }
 
@@ -322,24 +387,72 @@ mod tests {
         assert_eq!(default_name(&b), "unix:/tmp/app.sock");
     }
 
-    #[test]
-    fn gc_rate_needs_an_earlier_sample() {
-        let t = Target::new(
+    fn target() -> Target {
+        Target::new(
             "x",
             "unix:/nonexistent".parse().unwrap(),
             ClientOptions::default(),
-        );
-        assert!(t.gc_rate(1.0).is_none());
-        std::thread::sleep(Duration::from_millis(150));
-        let rate = t.gc_rate(1.03).unwrap();
-        assert!(rate.window_seconds >= 0.15);
-        assert!(
-            rate.ratio > 0.0 && rate.ratio <= 0.03 / 0.15 + 1e-9,
-            "{rate:?}"
-        );
-        // A counter that went backwards (image restarted) gives no rate.
-        std::thread::sleep(Duration::from_millis(150));
-        assert!(t.gc_rate(0.5).is_none());
+        )
+    }
+
+    #[test]
+    fn gc_rate_needs_two_readings_a_tenth_of_a_second_apart() {
+        let t0 = Instant::now();
+        let mut h = GcHistory::default();
+        assert!(h.rate(t0).is_none());
+        h.observe(t0, 1.0);
+        assert!(h.rate(t0).is_none());
+        h.observe(t0 + Duration::from_millis(50), 1.01);
+        assert!(h.rate(t0 + Duration::from_millis(50)).is_none());
+        h.observe(t0 + Duration::from_secs(2), 1.5);
+        let rate = h.rate(t0 + Duration::from_secs(2)).unwrap();
+        assert_eq!(rate.window_seconds, 2.0);
+        assert!((rate.ratio - 0.25).abs() < 1e-12, "{rate:?}");
+    }
+
+    #[test]
+    fn gc_rate_looks_back_one_minute_only() {
+        let t0 = Instant::now();
+        let mut h = GcHistory::default();
+        h.observe(t0, 0.0);
+        h.observe(t0 + Duration::from_secs(30), 10.0);
+        h.observe(t0 + Duration::from_secs(70), 12.0);
+        // The reading at 0 s is out of the window; 30 s .. 70 s remain.
+        let rate = h.rate(t0 + Duration::from_secs(70)).unwrap();
+        assert_eq!(rate.window_seconds, 40.0);
+        assert!((rate.ratio - 0.05).abs() < 1e-12, "{rate:?}");
+        // Nothing read in the last minute: no rate.
+        assert!(h.rate(t0 + Duration::from_secs(200)).is_none());
+    }
+
+    #[test]
+    fn a_restarted_image_starts_a_new_history() {
+        let t0 = Instant::now();
+        let mut h = GcHistory::default();
+        h.observe(t0, 5.0);
+        h.observe(t0 + Duration::from_secs(1), 5.5);
+        h.observe(t0 + Duration::from_secs(2), 0.1);
+        assert!(h.rate(t0 + Duration::from_secs(2)).is_none());
+        h.observe(t0 + Duration::from_secs(4), 0.3);
+        let rate = h.rate(t0 + Duration::from_secs(4)).unwrap();
+        assert_eq!(rate.window_seconds, 2.0);
+        assert!((rate.ratio - 0.1).abs() < 1e-12, "{rate:?}");
+    }
+
+    #[test]
+    fn reading_the_rate_records_nothing() {
+        let t = target();
+        let t0 = Instant::now() - Duration::from_secs(10);
+        t.observe_gc(t0, 1.0);
+        t.observe_gc(t0 + Duration::from_secs(5), 2.0);
+        let first = t.gc_rate_last_minute().unwrap();
+        for _ in 0..3 {
+            let again = t.gc_rate_last_minute().unwrap();
+            assert_eq!(again.window_seconds, first.window_seconds);
+            assert_eq!(again.ratio, first.ratio);
+        }
+        assert_eq!(first.window_seconds, 5.0);
+        assert_eq!(t.gc_history.lock().unwrap().samples.len(), 2);
     }
 
     #[test]

@@ -53,7 +53,14 @@ fn eval_request(code: &str) -> String {
 
 #[tokio::test]
 async fn cross_site_requests_are_refused_on_every_endpoint() {
-    let image = Image::start(Setup::default()).await;
+    let image = Image::start(Setup {
+        allow: Allow {
+            control: true,
+            eval: true,
+        },
+        ..Setup::default()
+    })
+    .await;
     let app = format!("app={}", image.sbcl.address);
     let sbmon = Sbmon::start("serve", &["--target", &app, "--allow", "eval"], &[]);
     let base = &sbmon.base;
@@ -295,7 +302,14 @@ async fn nursery(c: &Catalog) -> u64 {
 
 #[tokio::test]
 async fn gc_tune_refuses_a_nursery_below_the_floor() {
-    let image = Image::start(Setup::default()).await;
+    let image = Image::start(Setup {
+        allow: Allow {
+            control: true,
+            eval: true,
+        },
+        ..Setup::default()
+    })
+    .await;
     let control = Allow {
         control: true,
         eval: false,
@@ -340,7 +354,14 @@ async fn gc_tune_refuses_a_nursery_below_the_floor() {
 
 #[tokio::test]
 async fn audit_log_records_failed_evaluations() {
-    let image = Image::start(Setup::default()).await;
+    let image = Image::start(Setup {
+        allow: Allow {
+            control: true,
+            eval: true,
+        },
+        ..Setup::default()
+    })
+    .await;
     let log = image.dir.path().join("audit.jsonl");
     let eval = Allow {
         control: false,

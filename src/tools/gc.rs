@@ -150,9 +150,9 @@ impl Tool for GcStatsTool {
 async fn gc_stats(ctx: &Context, args: Args) -> Result<GcStats, ToolError> {
     let target = ctx.target(args.target.as_deref())?;
     let pid = target.pid().await?;
-    let (gc, proc) = alongside(target.client.gc(), || process::times(pid)).await;
+    let (gc, proc) = alongside(target.read_gc(), || process::times(pid)).await;
     let (gc, proc) = (gc?, proc?);
-    let recent_rate = target.gc_rate(gc.gc_cpu_seconds);
+    let recent_rate = target.gc_rate_last_minute();
     Ok(summarize(
         target.name.clone(),
         pid,

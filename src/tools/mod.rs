@@ -27,7 +27,7 @@ use serde_json::Value;
 use crate::agent::{Address, AgentError, ClientOptions};
 use crate::audit::{Audit, Verdict};
 use crate::config::Config;
-use crate::context::Context;
+use crate::context::{CallLog, Context};
 use crate::echo::clip;
 use crate::process::ProcessError;
 use crate::targets::{Outcome, Target, TargetError, Targets, default_name};
@@ -322,7 +322,16 @@ impl Catalog {
         audit: Audit,
     ) -> Self {
         Catalog {
-            ctx: Arc::new(Context::new(targets, config)),
+            ctx: Arc::new(Context::new(
+                targets,
+                config,
+                CallLog::counting(
+                    TOOLS
+                        .iter()
+                        .filter(|t| allow.permits(t.class))
+                        .map(|t| t.name),
+                ),
+            )),
             allow,
             audit,
         }

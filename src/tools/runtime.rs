@@ -82,7 +82,7 @@ impl Tool for RuntimeStatsTool {
 async fn runtime_stats(ctx: &Context, args: Args) -> Result<RuntimeStats, ToolError> {
     let target = ctx.target(args.target.as_deref())?;
     let pid = target.pid().await?;
-    let calls = async { tokio::try_join!(target.client.runtime(), target.client.gc()) };
+    let calls = async { tokio::try_join!(target.client.runtime(), target.read_gc()) };
     let (calls, proc) = alongside(calls, || process::snapshot(pid)).await;
     let ((rt, gc), proc) = (calls?, proc?);
     Ok(RuntimeStats {
