@@ -12,9 +12,10 @@ use schemars::JsonSchema;
 use serde::Serialize;
 use tokio::sync::{broadcast, watch};
 
+use crate::agent::ops::{Event, EventKind, SubscribeRequest};
 use crate::agent::reply::PauseRecord;
 use crate::agent::{AgentClient, Connection};
-use crate::wire::{Sexp, from_sexp};
+use crate::wire::Sexp;
 
 /// Events a follower may fall behind by before it is told it missed some.
 const FOLLOWER_BACKLOG: usize = 256;
@@ -137,11 +138,10 @@ async fn follow(
             Ok(conn) => {
                 // Listen before subscribing, so nothing pushed right after is lost.
                 let pushed = conn.events();
-                let gc = Sexp::plist([("events", Sexp::List(vec![Sexp::keyword("gc")]))]);
-                match conn
-                    .call("subscribe", gc, client.options().call_timeout)
-                    .await
-                {
+                let gc = SubscribeRequest {
+                    events: vec![EventKind::Gc],
+                };
+                match conn.subscribe(&gc, client.options().call_timeout).await {
                     Ok(_) => {
                         subscribed.send_replace(true);
                         relay(&name, &conn, pushed, &out, &mut previous_seq).await;
@@ -175,15 +175,15 @@ async fn relay(
             }
         };
         match event {
-            Ok((kind, value)) if kind == "gc" => match from_sexp::<PauseRecord>(&value) {
-                Ok(record) => {
+            Ok((kind, value)) => match Event::decode(&kind, &value) {
+                Ok(Event::Gc(record)) => {
                     let seq = record.seq;
                     let _ = out.send(GcEvent::new(name, record, *previous_seq));
                     *previous_seq = Some(seq);
                 }
-                Err(e) => tracing::warn!("malformed GC event from {name}: {e}"),
+                Ok(Event::Other(_)) => {}
+                Err(e) => tracing::warn!("malformed {kind} event from {name}: {e}"),
             },
-            Ok(_) => {}
             // The seq numbers show followers the gap.
             Err(broadcast::error::RecvError::Lagged(_)) => {}
             Err(broadcast::error::RecvError::Closed) => return,

@@ -12,7 +12,8 @@ use tokio::sync::{broadcast, mpsc, oneshot};
 use tokio::task::JoinHandle;
 use tokio_util::codec::{FramedRead, FramedWrite};
 
-use super::error::AgentError;
+use super::error::{AgentError, RemoteKind};
+use super::ops::{CapturedOutput, Operation, SubscribeRequest};
 use super::reply::Welcome;
 use crate::wire::{FrameCodec, Sexp, from_sexp};
 
@@ -152,6 +153,18 @@ impl Connection {
         self.events.subscribe()
     }
 
+    /// Have the agent push events of the kinds `request` names on this connection (they
+    /// arrive through [`Connection::events`]).
+    pub async fn subscribe(
+        &self,
+        request: &SubscribeRequest,
+        timeout: Duration,
+    ) -> Result<(), AgentError> {
+        self.call(SubscribeRequest::OP, request.args(), timeout)
+            .await
+            .map(drop)
+    }
+
     /// Send `(:call ID OP ARGS)` and wait for its `(:return ID ...)`.
     pub async fn call(&self, op: &str, args: Sexp, timeout: Duration) -> Result<Sexp, AgentError> {
         if self.is_closed() {
@@ -283,10 +296,11 @@ fn decode_outcome(outcome: &Sexp, pid: i32) -> Result<Sexp, AgentError> {
                     .unwrap_or_default()
                     .to_string()
             };
-            match text("type").as_str() {
-                "NOT-ALLOWED" => return Err(AgentError::NotAllowed(text("message"))),
+            let kind = RemoteKind::parse(&text("type"));
+            match kind {
+                RemoteKind::NotAllowed => return Err(AgentError::NotAllowed(text("message"))),
                 // An evaluation that ended because the image is exiting.
-                "IMAGE-EXITING" => return Err(AgentError::ImageExited { pid }),
+                RemoteKind::ImageExiting => return Err(AgentError::ImageExited { pid }),
                 _ => {}
             }
             let backtrace = details
@@ -296,10 +310,19 @@ fn decode_outcome(outcome: &Sexp, pid: i32) -> Result<Sexp, AgentError> {
                 .iter()
                 .filter_map(|f| f.as_str().map(str::to_string))
                 .collect();
+            // :eval and :reload-system send what the code wrote before it failed.
+            let output = details
+                .get("output")
+                .and_then(Sexp::as_str)
+                .map(|text| CapturedOutput {
+                    text: text.to_string(),
+                    truncated: matches!(details.get("output-truncated"), Some(Sexp::T)),
+                });
             Err(AgentError::Remote {
-                kind: text("type"),
+                kind,
                 message: text("message"),
                 backtrace,
+                output,
             })
         }
         _ => Err(AgentError::Protocol(format!("malformed return {outcome}"))),

@@ -4,6 +4,7 @@
 pub mod address;
 pub mod connection;
 pub mod error;
+pub mod ops;
 pub mod reply;
 
 use std::path::PathBuf;
@@ -14,10 +15,14 @@ use serde::de::DeserializeOwned;
 
 pub use address::Address;
 pub use connection::Connection;
-pub use error::AgentError;
+pub use error::{AgentError, RemoteKind};
 
 use crate::histogram::Histogram;
 use crate::wire::{Sexp, from_sexp};
+use ops::{
+    EvalFailure, EvalOutcome, EvalRequest, GcRunRequest, GcTuneRequest, KillThreadRequest,
+    Operation, ProfileRequest, ReloadRequest,
+};
 
 #[derive(Debug, Clone)]
 pub struct ClientOptions {
@@ -170,8 +175,9 @@ impl AgentClient {
         Ok(value)
     }
 
-    /// Call `op` and decode its value into `T`.
-    pub async fn call<T: DeserializeOwned>(
+    /// Call `op` and decode its value into `T`. Private: callers outside the agent layer use
+    /// the typed methods, so only this layer knows operation names and argument keys.
+    async fn call<T: DeserializeOwned>(
         &self,
         op: &str,
         args: Sexp,
@@ -237,8 +243,69 @@ impl AgentClient {
             .await
     }
 
+    /// `:gc-run`: collect and report the heap before and after.
+    pub async fn gc_run(&self, request: GcRunRequest) -> Result<reply::GcRun, AgentError> {
+        self.slow_call(GcRunRequest::OP, request.args(), GcRunRequest::TIMEOUT)
+            .await
+    }
+
+    /// `:gc-tune` (a fast operation): set GC parameters, report them before and after.
+    pub async fn gc_tune(&self, request: &GcTuneRequest) -> Result<reply::GcTune, AgentError> {
+        self.call(GcTuneRequest::OP, request.args(), None).await
+    }
+
+    /// `:kill-thread`: terminate a thread and wait for it to end.
+    pub async fn kill_thread(
+        &self,
+        request: KillThreadRequest,
+    ) -> Result<reply::KilledThread, AgentError> {
+        self.slow_call(KillThreadRequest::OP, request.args(), request.timeout())
+            .await
+    }
+
+    /// `:profile`: a statistical profile of the whole image.
+    pub async fn profile(&self, request: ProfileRequest) -> Result<reply::Profile, AgentError> {
+        self.slow_call(ProfileRequest::OP, request.args(), request.timeout())
+            .await
+    }
+
+    /// `:eval`. Code that signals an error or runs out of time is an [`EvalOutcome::Failed`]
+    /// with what it printed; only a call the agent refused (a bad argument, too many calls in
+    /// flight) or could not make is an `Err`.
+    pub async fn eval(&self, request: &EvalRequest) -> Result<EvalOutcome, AgentError> {
+        match self
+            .slow_call(EvalRequest::OP, request.args(), request.timeout())
+            .await
+        {
+            Ok(evaluation) => Ok(EvalOutcome::Done(evaluation)),
+            Err(AgentError::Remote {
+                kind,
+                message,
+                backtrace,
+                output,
+            }) if !matches!(kind, RemoteKind::BadArgument | RemoteKind::Busy) => {
+                Ok(EvalOutcome::Failed(EvalFailure {
+                    kind,
+                    message,
+                    backtrace,
+                    output: output.unwrap_or_default(),
+                }))
+            }
+            Err(e) => Err(e),
+        }
+    }
+
+    /// `:reload-system`: load an ASDF system (which runs its code).
+    pub async fn reload_system(
+        &self,
+        request: &ReloadRequest,
+    ) -> Result<reply::Reload, AgentError> {
+        self.slow_call(ReloadRequest::OP, request.args(), ReloadRequest::TIMEOUT)
+            .await
+    }
+
     /// A call the agent runs on a worker thread; it waits `timeout` once its turn comes.
-    pub async fn slow_call<T: DeserializeOwned>(
+    async fn slow_call<T: DeserializeOwned>(
         &self,
         op: &str,
         args: Sexp,

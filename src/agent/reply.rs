@@ -1,10 +1,10 @@
 //! Typed values of the agent's operations (docs/protocol.md, "Operations and their values").
-//! Parts that tools return as they are also derive `Serialize` and `JsonSchema`.
+//! Only `Deserialize`: tools map these into result types of their own, so that renaming a
+//! keyword on the wire cannot silently change a tool's output schema.
 
-use schemars::JsonSchema;
-use serde::{Deserialize, Serialize};
+use serde::Deserialize;
 
-#[derive(Debug, Clone, Deserialize, Serialize, JsonSchema)]
+#[derive(Debug, Clone, Deserialize)]
 pub struct Welcome {
     pub protocol: i64,
     pub agent_version: String,
@@ -42,7 +42,7 @@ pub struct Memory {
 }
 
 /// One GC generation as the agent sees it.
-#[derive(Debug, Clone, Deserialize, Serialize, JsonSchema)]
+#[derive(Debug, Clone, Deserialize)]
 pub struct Generation {
     pub generation: u8,
     /// Bytes allocated in this generation (sb-ext:generation-bytes-allocated).
@@ -74,7 +74,7 @@ pub struct Gc {
 }
 
 /// How each GC figure was obtained inside the image.
-#[derive(Debug, Clone, Deserialize, Serialize, JsonSchema)]
+#[derive(Debug, Clone, Deserialize)]
 pub struct MeasuredBy {
     pub count: String,
     pub cpu: String,
@@ -101,7 +101,7 @@ pub struct PauseHistogram {
 }
 
 /// One measured collection.
-#[derive(Debug, Clone, Deserialize, Serialize, JsonSchema)]
+#[derive(Debug, Clone, Deserialize)]
 pub struct PauseRecord {
     pub seq: u64,
     pub generation: u8,
@@ -113,8 +113,8 @@ pub struct PauseRecord {
     pub time: f64,
 }
 
-/// What the image is: `runtime_stats` returns these fields as they are.
-#[derive(Debug, Clone, Deserialize, Serialize, JsonSchema)]
+/// `:runtime`: what the image is.
+#[derive(Debug, Clone, Deserialize)]
 pub struct Runtime {
     pub pid: i32,
     pub lisp_implementation: String,
@@ -154,4 +154,95 @@ pub struct Backtrace {
     pub frames: Vec<String>,
     #[serde(default)]
     pub truncated: bool,
+}
+
+/// `:gc-run`.
+#[derive(Debug, Clone, Deserialize)]
+pub struct GcRun {
+    pub generation: u8,
+    pub full: bool,
+    pub heap_before: u64,
+    pub heap_after: u64,
+    pub bytes_freed: i64,
+    pub pause_seconds: f64,
+    pub gc_count_before: u64,
+    pub gc_count_after: u64,
+}
+
+/// `:gc-tune`: the parameters before and after.
+#[derive(Debug, Clone, Deserialize)]
+pub struct GcTune {
+    pub before: GcParameters,
+    pub after: GcParameters,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+pub struct GcParameters {
+    pub nursery_size: u64,
+    pub generations: Vec<GenerationParameters>,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+pub struct GenerationParameters {
+    pub generation: u8,
+    pub bytes_consed_between_gcs: u64,
+    pub number_of_gcs_before_promotion: u64,
+    pub minimum_age_before_gc: f64,
+}
+
+/// `:kill-thread`.
+#[derive(Debug, Clone, Deserialize)]
+pub struct KilledThread {
+    pub tid: i32,
+    pub name: Option<String>,
+    pub ended: bool,
+    pub waited_seconds: f64,
+}
+
+/// `:profile`.
+#[derive(Debug, Clone, Deserialize)]
+pub struct Profile {
+    pub mode: String,
+    pub seconds: f64,
+    pub samples: u64,
+    pub rows: Vec<ProfileRow>,
+    #[serde(default)]
+    pub threads: Vec<String>,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+pub struct ProfileRow {
+    pub function: String,
+    pub samples: u64,
+    pub self_percent: f64,
+    pub cumulative_percent: f64,
+}
+
+/// `:eval` that ran to the end.
+#[derive(Debug, Clone, Deserialize)]
+pub struct Evaluation {
+    #[serde(default)]
+    pub values: Vec<String>,
+    #[serde(default)]
+    pub output: String,
+    #[serde(default)]
+    pub output_truncated: bool,
+    #[serde(default)]
+    pub forms: u64,
+    #[serde(default)]
+    pub seconds: f64,
+}
+
+/// `:reload-system`.
+#[derive(Debug, Clone, Deserialize)]
+pub struct Reload {
+    pub system: String,
+    pub forced: bool,
+    pub seconds: f64,
+    #[serde(default)]
+    pub warnings: Vec<String>,
+    #[serde(default)]
+    pub output: String,
+    #[serde(default)]
+    pub output_truncated: bool,
 }

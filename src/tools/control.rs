@@ -2,8 +2,6 @@
 //! `profile_cpu`. They change the image; the agent validates and bounds each action, and the
 //! catalog writes every call to the audit log.
 
-use std::time::Duration;
-
 use schemars::JsonSchema;
 use serde::{Deserialize, Serialize};
 
@@ -12,8 +10,9 @@ use std::fmt::Write as _;
 use super::summary::{MAX_FIELD_CHARS, bytes_i64, bytes_u64, cut};
 use super::threads::{ThreadId, find_thread};
 use super::{Class, Tool, ToolError};
+use crate::agent::ops::{self, GcRunRequest, GcTuneRequest, KillThreadRequest, ProfileRequest};
+use crate::agent::reply;
 use crate::context::Context;
-use crate::wire::Sexp;
 
 #[derive(Debug, Default, Deserialize, JsonSchema)]
 #[serde(deny_unknown_fields)]
@@ -27,7 +26,7 @@ pub struct GcArgs {
     pub target: Option<String>,
 }
 
-#[derive(Debug, Serialize, Deserialize, JsonSchema)]
+#[derive(Debug, Serialize, JsonSchema)]
 pub struct GcOutcome {
     pub generation: u8,
     pub full: bool,
@@ -44,18 +43,30 @@ pub struct GcOutcome {
 async fn memory_gc(ctx: &Context, args: GcArgs) -> Result<GcOutcome, ToolError> {
     let target = ctx.target(args.target.as_deref())?;
     let request = if args.full {
-        Sexp::plist([("full", Sexp::T)])
+        GcRunRequest::Full
     } else {
         let generation = args.generation.unwrap_or(0);
         if generation > 6 {
             return Err(ToolError::invalid("memory_gc", "generation must be 0..6"));
         }
-        Sexp::plist([("generation", Sexp::Int(generation.into()))])
+        GcRunRequest::Generation(generation)
     };
-    Ok(target
-        .client
-        .slow_call("gc-run", request, Duration::from_secs(120))
-        .await?)
+    Ok(target.client.gc_run(request).await?.into())
+}
+
+impl From<reply::GcRun> for GcOutcome {
+    fn from(r: reply::GcRun) -> Self {
+        GcOutcome {
+            generation: r.generation,
+            full: r.full,
+            heap_before: r.heap_before,
+            heap_after: r.heap_after,
+            bytes_freed: r.bytes_freed,
+            pause_seconds: r.pause_seconds,
+            gc_count_before: r.gc_count_before,
+            gc_count_after: r.gc_count_after,
+        }
+    }
 }
 
 /// New parameters for one generation; absent fields stay as they are.
@@ -146,13 +157,13 @@ fn check_floor(args: &TuneArgs) -> Result<(), ToolError> {
 }
 
 /// GC parameters of the image.
-#[derive(Debug, Serialize, Deserialize, JsonSchema)]
+#[derive(Debug, Serialize, JsonSchema)]
 pub struct GcParameters {
     pub nursery_size: u64,
     pub generations: Vec<GenerationParameters>,
 }
 
-#[derive(Debug, PartialEq, Serialize, Deserialize, JsonSchema)]
+#[derive(Debug, PartialEq, Serialize, JsonSchema)]
 pub struct GenerationParameters {
     pub generation: u8,
     pub bytes_consed_between_gcs: u64,
@@ -160,66 +171,123 @@ pub struct GenerationParameters {
     pub minimum_age_before_gc: f64,
 }
 
-#[derive(Debug, Serialize, Deserialize, JsonSchema)]
+#[derive(Debug, Serialize, JsonSchema)]
 pub struct TuneOutcome {
     pub before: GcParameters,
     pub after: GcParameters,
 }
 
-/// Merge both spellings into one entry per generation; a value given twice is refused.
-fn generation_plists(args: &TuneArgs) -> Result<Vec<Sexp>, ToolError> {
-    let mut merged: Vec<(u8, Vec<(&'static str, Sexp)>)> = Vec::new();
-    let mut set = |generation: u8, key: &'static str, value: Sexp| -> Result<(), ToolError> {
-        let entry = match merged.iter_mut().find(|(g, _)| *g == generation) {
-            Some(entry) => entry,
+impl From<reply::GcTune> for TuneOutcome {
+    fn from(r: reply::GcTune) -> Self {
+        TuneOutcome {
+            before: r.before.into(),
+            after: r.after.into(),
+        }
+    }
+}
+
+impl From<reply::GcParameters> for GcParameters {
+    fn from(r: reply::GcParameters) -> Self {
+        GcParameters {
+            nursery_size: r.nursery_size,
+            generations: r.generations.into_iter().map(Into::into).collect(),
+        }
+    }
+}
+
+impl From<reply::GenerationParameters> for GenerationParameters {
+    fn from(r: reply::GenerationParameters) -> Self {
+        GenerationParameters {
+            generation: r.generation,
+            bytes_consed_between_gcs: r.bytes_consed_between_gcs,
+            number_of_gcs_before_promotion: r.number_of_gcs_before_promotion,
+            minimum_age_before_gc: r.minimum_age_before_gc,
+        }
+    }
+}
+
+/// Merge both spellings into one entry per generation (in the order generations are first
+/// named); a value given twice is refused.
+fn generation_tunings(args: &TuneArgs) -> Result<Vec<ops::GenerationTuning>, ToolError> {
+    let mut merged: Vec<ops::GenerationTuning> = Vec::new();
+    fn entry(
+        merged: &mut Vec<ops::GenerationTuning>,
+        generation: u8,
+    ) -> &mut ops::GenerationTuning {
+        match merged.iter().position(|g| g.generation == generation) {
+            Some(i) => &mut merged[i],
             None => {
-                merged.push((generation, Vec::new()));
+                merged.push(ops::GenerationTuning {
+                    generation,
+                    ..Default::default()
+                });
                 merged.last_mut().expect("just pushed")
             }
-        };
-        if entry.1.iter().any(|(k, _)| *k == key) {
-            return Err(ToolError::invalid(
-                "gc_tune",
-                format!("{key} of generation {generation} is given twice"),
-            ));
         }
-        entry.1.push((key, value));
-        Ok(())
-    };
+    }
     for g in &args.generations {
+        let e = entry(&mut merged, g.generation);
         if let Some(v) = g.bytes_consed_between_gcs {
-            set(g.generation, "bytes-consed-between-gcs", int(v)?)?;
+            set(
+                &mut e.bytes_consed_between_gcs,
+                fits(v)?,
+                "bytes-consed-between-gcs",
+                g.generation,
+            )?;
         }
         if let Some(v) = g.number_of_gcs_before_promotion {
-            set(g.generation, "number-of-gcs-before-promotion", int(v)?)?;
+            set(
+                &mut e.number_of_gcs_before_promotion,
+                fits(v)?,
+                "number-of-gcs-before-promotion",
+                g.generation,
+            )?;
         }
         if let Some(v) = g.minimum_age_before_gc {
-            set(g.generation, "minimum-age-before-gc", Sexp::Float(v))?;
+            set(
+                &mut e.minimum_age_before_gc,
+                v,
+                "minimum-age-before-gc",
+                g.generation,
+            )?;
         }
     }
     for (g, v) in args.generation_sizes.iter().enumerate() {
-        set(generation_index(g)?, "bytes-consed-between-gcs", int(*v)?)?;
-    }
-    for (g, v) in args.promotion_thresholds.iter().enumerate() {
+        let g = generation_index(g)?;
         set(
-            generation_index(g)?,
-            "minimum-age-before-gc",
-            Sexp::Float(*v),
+            &mut entry(&mut merged, g).bytes_consed_between_gcs,
+            fits(*v)?,
+            "bytes-consed-between-gcs",
+            g,
         )?;
     }
-    Ok(merged
-        .into_iter()
-        .map(|(generation, fields)| {
-            let mut plist = vec![("generation", Sexp::Int(generation.into()))];
-            plist.extend(fields);
-            Sexp::plist(plist)
-        })
-        .collect())
+    for (g, v) in args.promotion_thresholds.iter().enumerate() {
+        let g = generation_index(g)?;
+        set(
+            &mut entry(&mut merged, g).minimum_age_before_gc,
+            *v,
+            "minimum-age-before-gc",
+            g,
+        )?;
+    }
+    Ok(merged)
 }
 
-fn int(v: u64) -> Result<Sexp, ToolError> {
+fn set<T>(slot: &mut Option<T>, value: T, key: &str, generation: u8) -> Result<(), ToolError> {
+    if slot.is_some() {
+        return Err(ToolError::invalid(
+            "gc_tune",
+            format!("{key} of generation {generation} is given twice"),
+        ));
+    }
+    *slot = Some(value);
+    Ok(())
+}
+
+/// The wire's integers are signed 64-bit.
+fn fits(v: u64) -> Result<u64, ToolError> {
     i64::try_from(v)
-        .map(Sexp::Int)
+        .map(|_| v)
         .map_err(|_| ToolError::invalid("gc_tune", format!("{v} is too large")))
 }
 
@@ -232,7 +300,7 @@ fn generation_index(i: usize) -> Result<u8, ToolError> {
 
 async fn gc_tune(ctx: &Context, args: TuneArgs) -> Result<TuneOutcome, ToolError> {
     check_floor(&args)?;
-    let generations = generation_plists(&args)?;
+    let generations = generation_tunings(&args)?;
     if generations.is_empty() && args.nursery_size_bytes.is_none() {
         return Err(ToolError::invalid(
             "gc_tune",
@@ -240,18 +308,12 @@ async fn gc_tune(ctx: &Context, args: TuneArgs) -> Result<TuneOutcome, ToolError
              promotion-thresholds",
         ));
     }
-    let mut request = Vec::new();
-    if let Some(n) = args.nursery_size_bytes {
-        request.push(("nursery-size", int(n)?));
-    }
-    if !generations.is_empty() {
-        request.push(("generations", Sexp::List(generations)));
-    }
+    let request = GcTuneRequest {
+        nursery_size: args.nursery_size_bytes.map(fits).transpose()?,
+        generations,
+    };
     let target = ctx.target(args.target.as_deref())?;
-    Ok(target
-        .client
-        .call("gc-tune", Sexp::plist(request), None)
-        .await?)
+    Ok(target.client.gc_tune(&request).await?.into())
 }
 
 #[derive(Debug, Deserialize, JsonSchema)]
@@ -267,7 +329,7 @@ pub struct KillArgs {
     pub target: Option<String>,
 }
 
-#[derive(Debug, Serialize, Deserialize, JsonSchema)]
+#[derive(Debug, Serialize, JsonSchema)]
 pub struct KillOutcome {
     pub tid: i32,
     pub name: Option<String>,
@@ -290,14 +352,16 @@ async fn thread_kill(ctx: &Context, args: KillArgs) -> Result<KillOutcome, ToolE
     let tid = thread.tid.ok_or_else(|| {
         ToolError::invalid("thread_kill", "that thread has no OS tid (it has exited)")
     })?;
-    let request = Sexp::plist([
-        ("tid", Sexp::Int(tid.into())),
-        ("timeout-ms", Sexp::Int(timeout_ms as i64)),
-    ]);
-    Ok(target
+    let killed = target
         .client
-        .slow_call("kill-thread", request, crate::agent::bounded_by(timeout_ms))
-        .await?)
+        .kill_thread(KillThreadRequest { tid, timeout_ms })
+        .await?;
+    Ok(KillOutcome {
+        tid: killed.tid,
+        name: killed.name,
+        ended: killed.ended,
+        waited_seconds: killed.waited_seconds,
+    })
 }
 
 #[derive(Debug, Clone, Copy, Default, Deserialize, JsonSchema)]
@@ -327,7 +391,7 @@ pub struct ProfileArgs {
     pub target: Option<String>,
 }
 
-#[derive(Debug, Serialize, Deserialize, JsonSchema)]
+#[derive(Debug, Serialize, JsonSchema)]
 pub struct ProfileRow {
     pub function: String,
     pub samples: u64,
@@ -335,7 +399,7 @@ pub struct ProfileRow {
     pub cumulative_percent: f64,
 }
 
-#[derive(Debug, Serialize, Deserialize, JsonSchema)]
+#[derive(Debug, Serialize, JsonSchema)]
 pub struct Profile {
     pub mode: String,
     pub seconds: f64,
@@ -358,18 +422,35 @@ async fn profile_cpu(ctx: &Context, args: ProfileArgs) -> Result<Profile, ToolEr
         return Err(ToolError::invalid("profile_cpu", "max_rows must be 1..200"));
     }
     let mode = match args.mode {
-        ProfileMode::Cpu => "cpu",
-        ProfileMode::Alloc => "alloc",
-        ProfileMode::Time => "time",
+        ProfileMode::Cpu => ops::ProfileMode::Cpu,
+        ProfileMode::Alloc => ops::ProfileMode::Alloc,
+        ProfileMode::Time => ops::ProfileMode::Time,
     };
     let target = ctx.target(args.target.as_deref())?;
-    let request = Sexp::plist([
-        ("seconds", Sexp::Float(seconds)),
-        ("mode", Sexp::keyword(mode)),
-        ("max-rows", Sexp::Int(max_rows.into())),
-    ]);
-    let timeout = Duration::from_secs_f64(seconds) + Duration::from_secs(30);
-    Ok(target.client.slow_call("profile", request, timeout).await?)
+    let profile = target
+        .client
+        .profile(ProfileRequest {
+            seconds,
+            mode,
+            max_rows,
+        })
+        .await?;
+    Ok(Profile {
+        mode: profile.mode,
+        seconds: profile.seconds,
+        samples: profile.samples,
+        rows: profile
+            .rows
+            .into_iter()
+            .map(|r| ProfileRow {
+                function: r.function,
+                samples: r.samples,
+                self_percent: r.self_percent,
+                cumulative_percent: r.cumulative_percent,
+            })
+            .collect(),
+        threads: profile.threads,
+    })
 }
 
 pub struct MemoryGc;

@@ -1,9 +1,7 @@
 //! Eval tools (offered only with `--allow eval`): `repl_eval` and `code_reload_system`. The
 //! agent evaluates on its own thread with a timeout, captures bounded output and never enters
 //! the debugger. An error in the evaluated code is part of the result (type, message,
-//! backtrace): the tool worked, the code failed.
-
-use std::time::Duration;
+//! backtrace, and what it printed before): the tool worked, the code failed.
 
 use schemars::JsonSchema;
 use serde::{Deserialize, Serialize};
@@ -12,10 +10,9 @@ use std::fmt::Write as _;
 
 use super::summary::{MAX_FIELD_CHARS, cut};
 use super::{Class, Tool, ToolError};
-use crate::agent::AgentError;
+use crate::agent::ops::{CapturedOutput, EvalOutcome, EvalRequest, ReloadRequest};
 use crate::audit::Verdict;
 use crate::context::Context;
-use crate::wire::Sexp;
 
 /// Source text accepted in one call; the agent's frame limit is 1 MiB.
 const MAX_CODE_BYTES: usize = 256 * 1024;
@@ -46,16 +43,13 @@ pub struct LispError {
     pub backtrace: Vec<String>,
 }
 
-#[derive(Debug, Serialize, Deserialize, JsonSchema)]
+// The `#[serde(default)]`s below keep these fields optional in the output schema, as they
+// were when this type was also decoded from the agent; the schema must not change.
+#[derive(Debug, Serialize, JsonSchema)]
 pub struct Evaluation {
     /// Printed values of the last form.
     #[serde(default)]
     pub values: Vec<String>,
-    /// Standard output of the evaluation (bounded).
-    #[serde(default)]
-    pub output: String,
-    #[serde(default)]
-    pub output_truncated: bool,
     /// Forms evaluated.
     #[serde(default)]
     pub forms: u64,
@@ -63,33 +57,36 @@ pub struct Evaluation {
     pub seconds: f64,
 }
 
+// No doc comment: a flattened type's doc would become the description of `EvalResult`.
+#[derive(Debug, Serialize, JsonSchema)]
+pub struct Output {
+    /// Standard output of the evaluation (bounded).
+    #[serde(default)]
+    pub output: String,
+    #[serde(default)]
+    pub output_truncated: bool,
+}
+
+impl From<CapturedOutput> for Output {
+    fn from(o: CapturedOutput) -> Self {
+        Output {
+            output: o.text,
+            output_truncated: o.truncated,
+        }
+    }
+}
+
 #[derive(Debug, Serialize, JsonSchema)]
 pub struct EvalResult {
     pub ok: bool,
+    /// Absent when the code failed.
     #[serde(flatten)]
     pub evaluation: Option<Evaluation>,
+    /// What the code printed, also when it failed or ran out of time: often the clue.
+    #[serde(flatten)]
+    pub output: Output,
     /// Set when the code signalled an error or ran out of time.
     pub error: Option<LispError>,
-}
-
-/// An error the evaluated code caused, as opposed to a failure to reach the agent.
-fn code_error(e: AgentError) -> Result<EvalResult, ToolError> {
-    match e {
-        AgentError::Remote {
-            kind,
-            message,
-            backtrace,
-        } if kind != "BAD-ARGUMENT" && kind != "BUSY" => Ok(EvalResult {
-            ok: false,
-            evaluation: None,
-            error: Some(LispError {
-                kind,
-                message,
-                backtrace,
-            }),
-        }),
-        other => Err(other.into()),
-    }
 }
 
 async fn repl_eval(ctx: &Context, args: EvalArgs) -> Result<EvalResult, ToolError> {
@@ -116,29 +113,38 @@ async fn repl_eval(ctx: &Context, args: EvalArgs) -> Result<EvalResult, ToolErro
             "max_output must be 1..1048576",
         ));
     }
-    let mut request = vec![
-        ("code", Sexp::string(args.code)),
-        ("timeout-s", Sexp::Float(timeout_s)),
-        ("max-output", Sexp::Int(max_output as i64)),
-    ];
-    if let Some(package) = args.package {
-        request.push(("package", Sexp::string(package)));
-    }
+    let request = EvalRequest {
+        code: args.code,
+        package: args.package,
+        timeout_s,
+        max_output,
+    };
     let target = ctx.target(args.target.as_deref())?;
-    // The agent stops the evaluation at timeout_s; wait a little longer for its answer.
-    let wait = Duration::from_secs_f64(timeout_s) + Duration::from_secs(10);
-    match target
-        .client
-        .slow_call::<Evaluation>("eval", Sexp::plist(request), wait)
-        .await
-    {
-        Ok(evaluation) => Ok(EvalResult {
+    Ok(match target.client.eval(&request).await? {
+        EvalOutcome::Done(e) => EvalResult {
             ok: true,
-            evaluation: Some(evaluation),
+            evaluation: Some(Evaluation {
+                values: e.values,
+                forms: e.forms,
+                seconds: e.seconds,
+            }),
+            output: Output {
+                output: e.output,
+                output_truncated: e.output_truncated,
+            },
             error: None,
-        }),
-        Err(e) => code_error(e),
-    }
+        },
+        EvalOutcome::Failed(f) => EvalResult {
+            ok: false,
+            evaluation: None,
+            output: f.output.into(),
+            error: Some(LispError {
+                kind: f.kind.to_string(),
+                message: f.message,
+                backtrace: f.backtrace,
+            }),
+        },
+    })
 }
 
 #[derive(Debug, Deserialize, JsonSchema)]
@@ -153,7 +159,7 @@ pub struct ReloadArgs {
     pub target: Option<String>,
 }
 
-#[derive(Debug, Serialize, Deserialize, JsonSchema)]
+#[derive(Debug, Serialize, JsonSchema)]
 pub struct Reload {
     pub system: String,
     pub forced: bool,
@@ -169,15 +175,19 @@ pub struct Reload {
 
 async fn code_reload_system(ctx: &Context, args: ReloadArgs) -> Result<Reload, ToolError> {
     let target = ctx.target(args.target.as_deref())?;
-    let request = Sexp::plist([
-        ("system", Sexp::string(args.system)),
-        ("force", if args.force { Sexp::T } else { Sexp::Nil }),
-    ]);
-    // Loading a large system compiles it: allow minutes, not forever.
-    Ok(target
-        .client
-        .slow_call("reload-system", request, Duration::from_secs(600))
-        .await?)
+    let request = ReloadRequest {
+        system: args.system,
+        force: args.force,
+    };
+    let r = target.client.reload_system(&request).await?;
+    Ok(Reload {
+        system: r.system,
+        forced: r.forced,
+        seconds: r.seconds,
+        warnings: r.warnings,
+        output: r.output,
+        output_truncated: r.output_truncated,
+    })
 }
 
 pub struct ReplEval;
@@ -212,8 +222,8 @@ impl Tool for ReplEval {
         } else if let Some(e) = &r.evaluation {
             let _ = write!(out, "=> {}", e.values.join(" ; "));
         }
-        if let Some(e) = r.evaluation.as_ref().filter(|e| !e.output.is_empty()) {
-            let _ = write!(out, "\noutput:\n{}", e.output);
+        if !r.output.output.is_empty() {
+            let _ = write!(out, "\noutput:\n{}", r.output.output);
         }
         out
     }
@@ -266,6 +276,10 @@ mod tests {
         let failed = EvalResult {
             ok: false,
             evaluation: None,
+            output: Output {
+                output: "partial\n".into(),
+                output_truncated: false,
+            },
             error: Some(LispError {
                 kind: "DIVISION-BY-ZERO".into(),
                 message: "x".into(),
@@ -277,6 +291,7 @@ mod tests {
             text.starts_with("error DIVISION-BY-ZERO: x\n  (OOPS 0)"),
             "{text}"
         );
+        assert!(text.ends_with("\noutput:\npartial\n"), "{text}");
         assert!(matches!(ReplEval::verdict(&failed), Verdict::Failed(m) if m.contains("DIVISION")));
     }
 }

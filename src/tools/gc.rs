@@ -12,7 +12,7 @@ use tokio::sync::broadcast::error::RecvError;
 use super::summary::{bytes_i64, maybe_seconds, percent, seconds, target_label};
 use super::{Class, Tool, ToolError};
 
-use crate::agent::reply::{Gc, MeasuredBy, PauseRecord};
+use crate::agent::reply::{self, Gc};
 use crate::agent::{AgentError, alongside};
 use crate::context::Context;
 use crate::events::GcEvent;
@@ -52,6 +52,51 @@ pub struct GcStats {
     /// Unix time of the last measured collection.
     pub last_gc_time: Option<f64>,
     pub measured_by: MeasuredBy,
+}
+
+/// How each GC figure was obtained inside the image.
+#[derive(Debug, Clone, Serialize, JsonSchema)]
+pub struct MeasuredBy {
+    pub count: String,
+    pub cpu: String,
+    pub pause: String,
+}
+
+impl From<reply::MeasuredBy> for MeasuredBy {
+    fn from(m: reply::MeasuredBy) -> Self {
+        MeasuredBy {
+            count: m.count,
+            cpu: m.cpu,
+            pause: m.pause,
+        }
+    }
+}
+
+/// One measured collection.
+#[derive(Debug, Clone, Serialize, JsonSchema)]
+pub struct PauseRecord {
+    pub seq: u64,
+    pub generation: u8,
+    pub wall_seconds: f64,
+    pub cpu_seconds: f64,
+    pub heap_before: u64,
+    pub heap_after: u64,
+    /// Unix time (seconds) when the collection ended.
+    pub time: f64,
+}
+
+impl From<reply::PauseRecord> for PauseRecord {
+    fn from(r: reply::PauseRecord) -> Self {
+        PauseRecord {
+            seq: r.seq,
+            generation: r.generation,
+            wall_seconds: r.wall_seconds,
+            cpu_seconds: r.cpu_seconds,
+            heap_before: r.heap_before,
+            heap_after: r.heap_after,
+            time: r.time,
+        }
+    }
 }
 
 #[derive(Debug, Serialize, JsonSchema)]
@@ -222,8 +267,8 @@ fn summarize(
             .collect(),
         bytes_freed_recent,
         last_gc_time: gc.pauses.last_time,
-        recent: gc.recent,
-        measured_by: gc.measured_by,
+        recent: gc.recent.into_iter().map(PauseRecord::from).collect(),
+        measured_by: gc.measured_by.into(),
     }
 }
 

@@ -8,7 +8,7 @@ use serde::{Deserialize, Serialize};
 use super::summary::{MAX_FIELD_CHARS, bytes_u64, cut, percent, target_label};
 use super::{Class, Tool, ToolError};
 use crate::agent::alongside;
-use crate::agent::reply::Generation;
+use crate::agent::reply;
 use crate::context::Context;
 use crate::figures::ratio;
 use crate::process;
@@ -44,6 +44,34 @@ pub struct MemoryStats {
     pub memory_limit_bytes: u64,
     pub memory_limit_source: String,
     pub rss_limit_ratio: f64,
+}
+
+/// One GC generation as the agent sees it.
+#[derive(Debug, Clone, Serialize, JsonSchema)]
+pub struct Generation {
+    pub generation: u8,
+    /// Bytes allocated in this generation (sb-ext:generation-bytes-allocated).
+    pub bytes: u64,
+    /// GCs of this generation since it was last promoted (sb-ext:generation-number-of-gcs).
+    pub gc_count: u64,
+    pub bytes_consed_between_gcs: u64,
+    pub number_of_gcs_before_promotion: u64,
+    pub minimum_age_before_gc: f64,
+    pub average_age: f64,
+}
+
+impl From<reply::Generation> for Generation {
+    fn from(g: reply::Generation) -> Self {
+        Generation {
+            generation: g.generation,
+            bytes: g.bytes,
+            gc_count: g.gc_count,
+            bytes_consed_between_gcs: g.bytes_consed_between_gcs,
+            number_of_gcs_before_promotion: g.number_of_gcs_before_promotion,
+            minimum_age_before_gc: g.minimum_age_before_gc,
+            average_age: g.average_age,
+        }
+    }
 }
 
 pub struct MemoryStatsTool;
@@ -109,7 +137,7 @@ async fn memory_stats(ctx: &Context, args: Args) -> Result<MemoryStats, ToolErro
         heap_used_bytes: mem.heap_used,
         heap_limit_bytes: mem.heap_limit,
         heap_used_ratio: ratio(mem.heap_used as f64, mem.heap_limit as f64),
-        generations: mem.generations,
+        generations: mem.generations.into_iter().map(Generation::from).collect(),
         bytes_consed_total: mem.bytes_consed,
         nursery_size_bytes: mem.nursery_size,
         rss_bytes: proc.rss_bytes,

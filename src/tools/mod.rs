@@ -24,7 +24,7 @@ use serde::Serialize;
 use serde::de::DeserializeOwned;
 use serde_json::Value;
 
-use crate::agent::{Address, AgentError, ClientOptions};
+use crate::agent::{Address, AgentError, ClientOptions, RemoteKind};
 use crate::audit::{Audit, Verdict};
 use crate::config::Config;
 use crate::context::{CallLog, Context};
@@ -257,7 +257,15 @@ pub enum ToolError {
 
 /// Agent error kinds that mean the caller asked for something wrong or impossible, not that
 /// the image failed (docs/protocol.md).
-const CALLER_KINDS: &[&str] = &["BAD-ARGUMENT", "UNKNOWN-THREAD", "NOT-ALLOWED", "REFUSED"];
+fn is_caller_kind(kind: &RemoteKind) -> bool {
+    matches!(
+        kind,
+        RemoteKind::BadArgument
+            | RemoteKind::UnknownThread
+            | RemoteKind::NotAllowed
+            | RemoteKind::Refused
+    )
+}
 
 impl ToolError {
     /// Errors in what the caller asked (as opposed to failures while doing it): CLI exit 2,
@@ -269,7 +277,7 @@ impl ToolError {
             | ToolError::InvalidArguments { .. } => true,
             // The agent bounds every argument itself (docs/protocol.md); its refusal of one is
             // the caller's mistake as much as ours would be.
-            ToolError::Agent(AgentError::Remote { kind, .. }) => kind == "BAD-ARGUMENT",
+            ToolError::Agent(AgentError::Remote { kind, .. }) => *kind == RemoteKind::BadArgument,
             _ => false,
         }
     }
@@ -279,11 +287,7 @@ impl ToolError {
     pub fn target_outcome(&self) -> Option<Outcome> {
         match self {
             ToolError::Agent(e) if e.is_unreachable() => Some(Outcome::Unreachable),
-            ToolError::Agent(AgentError::Remote { kind, .. })
-                if CALLER_KINDS.contains(&kind.as_str()) =>
-            {
-                None
-            }
+            ToolError::Agent(AgentError::Remote { kind, .. }) if is_caller_kind(kind) => None,
             ToolError::Agent(_) | ToolError::Process(_) => Some(Outcome::Failed),
             _ => None,
         }

@@ -7,7 +7,7 @@ use serde::{Deserialize, Serialize};
 use super::summary::{duration, percent, seconds, target_label};
 use super::{Class, Tool, ToolError};
 use crate::agent::alongside;
-use crate::agent::reply::Runtime;
+use crate::agent::reply;
 use crate::context::Context;
 use crate::figures::ratio;
 use crate::process;
@@ -38,6 +38,43 @@ pub struct RuntimeStats {
     /// Soft limit on open files; null when unlimited.
     pub max_fds: Option<u64>,
     pub socket_count: u64,
+}
+
+// The doc comment is part of the output schema (schemars takes a flattened type's doc as the
+// description of `RuntimeStats`), kept as it was when this was the agent's reply type.
+/// What the image is: `runtime_stats` returns these fields as they are.
+#[derive(Debug, Clone, Serialize, JsonSchema)]
+pub struct Runtime {
+    pub pid: i32,
+    pub lisp_implementation: String,
+    pub lisp_version: String,
+    pub agent_version: String,
+    pub machine_type: Option<String>,
+    pub software_version: Option<String>,
+    pub features_count: u64,
+    /// *features* (at most 200 names).
+    #[serde(default)]
+    pub features: Vec<String>,
+    pub package_count: u64,
+    /// Threads Lisp knows about.
+    pub thread_count: u64,
+}
+
+impl From<reply::Runtime> for Runtime {
+    fn from(r: reply::Runtime) -> Self {
+        Runtime {
+            pid: r.pid,
+            lisp_implementation: r.lisp_implementation,
+            lisp_version: r.lisp_version,
+            agent_version: r.agent_version,
+            machine_type: r.machine_type,
+            software_version: r.software_version,
+            features_count: r.features_count,
+            features: r.features,
+            package_count: r.package_count,
+            thread_count: r.thread_count,
+        }
+    }
 }
 
 pub struct RuntimeStatsTool;
@@ -87,7 +124,7 @@ async fn runtime_stats(ctx: &Context, args: Args) -> Result<RuntimeStats, ToolEr
     let ((rt, gc), proc) = (calls?, proc?);
     Ok(RuntimeStats {
         target: target.name.clone(),
-        image: rt,
+        image: rt.into(),
         uptime_seconds: proc.uptime_seconds,
         start_time_unix: proc.start_time_unix,
         os_thread_count: proc.num_threads,
