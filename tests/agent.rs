@@ -5,15 +5,11 @@ mod common;
 
 use std::time::{Duration, Instant};
 
-use std::sync::Arc;
-
 use common::{Image, Sbmon, Setup, deaf_thread, process_exists};
 use sbmon::agent::{Address, AgentClient, AgentError, ClientOptions};
 use sbmon::audit::Audit;
-use sbmon::config::Config;
 use sbmon::launch::{LaunchOptions, Sbcl};
-use sbmon::targets::{Target, Targets};
-use sbmon::tools::{Allow, Catalog};
+use sbmon::tools::Allow;
 use sbmon::wire::Sexp;
 use serde_json::json;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
@@ -643,16 +639,6 @@ const ALL: Allow = Allow {
     eval: true,
 };
 
-fn catalog(image: &Image, allow: Allow) -> Catalog {
-    let target = Target::new("test", image.sbcl.address.clone(), ClientOptions::default());
-    Catalog::with_policy(
-        Arc::new(Targets::new(vec![target])),
-        Arc::new(Config::default()),
-        allow,
-        Audit::default(),
-    )
-}
-
 #[tokio::test]
 async fn agent_refuses_control_and_eval_ops_by_default() {
     let image = Image::start(Setup::default()).await;
@@ -707,7 +693,7 @@ async fn agent_refuses_control_and_eval_ops_by_default() {
             .contains("(sbmon-agent:start :allow '(:read :control))"),
         "{err}"
     );
-    let err = catalog(&image, ALL)
+    let err = common::catalog_over(&image, ALL, Audit::default())
         .call("repl_eval", json!({"code": "(+ 1 2)"}))
         .await
         .unwrap_err();
@@ -885,7 +871,7 @@ async fn eval_of_exit_reports_image_exited() {
     assert!(err.is_unreachable(), "{err}");
 
     // Through the repl_eval tool.
-    let err = catalog(&other, ALL)
+    let err = common::catalog_over(&other, ALL, Audit::default())
         .call("repl_eval", json!({"code": "(sb-ext:exit :code 3)"}))
         .await
         .unwrap_err();

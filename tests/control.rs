@@ -5,14 +5,10 @@
 mod common;
 
 use std::process::Command;
-use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use common::{Image, Sbmon, Setup, proc_tids};
-use sbmon::agent::ClientOptions;
 use sbmon::audit::Audit;
-use sbmon::config::Config;
-use sbmon::targets::{Target, Targets};
 use sbmon::tools::{Allow, Catalog, ToolError};
 use sbmon::wire::Sexp;
 use serde_json::{Value, json};
@@ -21,16 +17,6 @@ const ALL: Allow = Allow {
     control: true,
     eval: true,
 };
-
-fn catalog(image: &Image, allow: Allow) -> Catalog {
-    let target = Target::new("test", image.sbcl.address.clone(), ClientOptions::default());
-    Catalog::with_policy(
-        Arc::new(Targets::new(vec![target])),
-        Arc::new(Config::default()),
-        allow,
-        Audit::default(),
-    )
-}
 
 async fn eval(c: &Catalog, code: &str) -> Value {
     c.call("repl_eval", json!({"code": code})).await.unwrap()
@@ -43,7 +29,7 @@ async fn control_and_eval_tools_exist_only_when_allowed() {
         ..Setup::default()
     })
     .await;
-    let read_only = catalog(&image, Allow::default());
+    let read_only = common::catalog_over(&image, Allow::default(), Audit::default());
     let names: Vec<&str> = read_only.tools().map(|t| t.name).collect();
     for hidden in [
         "memory_gc",
@@ -64,12 +50,13 @@ async fn control_and_eval_tools_exist_only_when_allowed() {
         .unwrap_err();
     assert!(err.to_string().contains("--allow eval"), "{err}");
 
-    let control_only = catalog(
+    let control_only = common::catalog_over(
         &image,
         Allow {
             control: true,
             eval: false,
         },
+        Audit::default(),
     );
     assert!(control_only.tools().any(|t| t.name == "memory_gc"));
     assert!(!control_only.tools().any(|t| t.name == "repl_eval"));
@@ -129,7 +116,7 @@ async fn gc_tune_reads_back_and_memory_gc_frees_what_the_test_made() {
         ..Setup::default()
     })
     .await;
-    let c = catalog(&image, ALL);
+    let c = common::catalog_over(&image, ALL, Audit::default());
     let tuned = c
         .call(
             "gc_tune",
@@ -219,7 +206,7 @@ async fn thread_kill_ends_threads_and_refuses_main_and_agent_threads() {
         ..Setup::default()
     })
     .await;
-    let c = catalog(&image, ALL);
+    let c = common::catalog_over(&image, ALL, Audit::default());
     let list = c.call("thread_list", Value::Null).await.unwrap();
     let victim = list["threads"]
         .as_array()
@@ -284,7 +271,7 @@ async fn profile_names_the_busy_function() {
         ..Setup::default()
     })
     .await;
-    let c = catalog(&image, ALL);
+    let c = common::catalog_over(&image, ALL, Audit::default());
     let profile = c
         .call("profile_cpu", json!({"seconds": 1.0, "max_rows": 10}))
         .await
@@ -342,7 +329,7 @@ async fn repl_eval_keeps_definitions_reports_errors_and_stops_runaways() {
         ..Setup::default()
     })
     .await;
-    let c = catalog(&image, ALL);
+    let c = common::catalog_over(&image, ALL, Audit::default());
     let def = eval(&c, "(defun sbmon-double (x) (* x 2))").await;
     assert_eq!(def["ok"], true);
     let answer = eval(&c, "(sbmon-double 21)").await;
@@ -409,7 +396,7 @@ async fn reload_picks_up_changed_sources() {
         ..Setup::default()
     })
     .await;
-    let c = catalog(&image, ALL);
+    let c = common::catalog_over(&image, ALL, Audit::default());
     let dir = tempfile::tempdir().unwrap();
     std::fs::write(
         dir.path().join("sbmon-reload-test.asd"),

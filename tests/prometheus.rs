@@ -6,7 +6,6 @@
 mod common;
 
 use std::collections::HashMap;
-use std::io::Write;
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
@@ -34,33 +33,6 @@ fn sum(series: &HashMap<String, f64>, name: &str, with: &[&str]) -> f64 {
         })
         .map(|(_, v)| v)
         .sum()
-}
-
-fn promtool_check(text: &str) {
-    let mut child = Command::new("promtool")
-        .args(["check", "metrics"])
-        .stdin(Stdio::piped())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .expect("promtool is installed by tools/setup");
-    child
-        .stdin
-        .take()
-        .unwrap()
-        .write_all(text.as_bytes())
-        .unwrap();
-    let out = child.wait_with_output().unwrap();
-    let said = format!(
-        "{}{}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
-    assert!(
-        out.status.success(),
-        "promtool check metrics failed:\n{said}"
-    );
-    assert!(said.trim().is_empty(), "promtool lint findings:\n{said}");
 }
 
 /// Start time of process `pid` in seconds since the epoch, from /proc/stat and /proc/PID/stat.
@@ -93,7 +65,7 @@ async fn metrics_pass_promtool_and_match_proc() {
     let sbmon = Sbmon::serve(&image, &["gone=unix:/nonexistent/x.sock"]);
     let (status, text) = sbmon.get("/metrics").await;
     assert_eq!(status, 200);
-    promtool_check(&text);
+    common::promtool_check(&text);
     let m = parse(&text);
     let pid = image.pid();
     let app = "target=\"app\"";
@@ -203,7 +175,7 @@ async fn metrics_pass_promtool_and_match_proc() {
     // One target only: its series, without sbmon's own.
     let (status, one) = sbmon.get("/metrics?target=app").await;
     assert_eq!(status, 200);
-    promtool_check(&one);
+    common::promtool_check(&one);
     assert!(one.contains("sbcl_heap_used_bytes{target=\"app\"}"));
     assert!(!one.contains("sbmon_build_info") && !one.contains("\"gone\""));
     assert_eq!(sbmon.get("/metrics?target=nope").await.0, 404);
@@ -217,7 +189,7 @@ async fn metrics_pass_promtool_and_match_proc() {
     );
     let (status, own) = sbmon.get("/metrics?scope=self").await;
     assert_eq!(status, 200);
-    promtool_check(&own);
+    common::promtool_check(&own);
     assert!(own.contains("sbmon_build_info") && own.contains("sbmon_tool_calls_total"));
     assert!(!own.contains("target=\""), "{own}");
     let calls_after = sum(

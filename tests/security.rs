@@ -9,10 +9,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use common::{Image, Sbmon, Setup};
-use sbmon::agent::ClientOptions;
 use sbmon::audit::Audit;
-use sbmon::config::Config;
-use sbmon::targets::{Target, Targets};
 use sbmon::tools::{Allow, Catalog, ToolError};
 use serde_json::{Value, json};
 
@@ -268,20 +265,14 @@ async fn health_is_not_poisoned_by_callers_mistakes() {
     assert_eq!(errors_check(&report)["observed"], 0.0, "{report}");
 }
 
-fn test_catalog(image: &Image, allow: Allow, audit: Audit) -> Catalog {
-    let target = Target::new("test", image.sbcl.address.clone(), ClientOptions::default());
-    Catalog::with_policy(
-        Arc::new(Targets::new(vec![target])),
-        Arc::new(Config::default()),
-        allow,
-        audit,
-    )
-}
-
 #[tokio::test]
 async fn gc_watch_reports_a_target_lost_mid_watch() {
     let mut image = Image::start(Setup::default()).await;
-    let catalog = Arc::new(test_catalog(&image, Allow::default(), Audit::default()));
+    let catalog = Arc::new(common::catalog_over(
+        &image,
+        Allow::default(),
+        Audit::default(),
+    ));
     let watching = {
         let catalog = catalog.clone();
         tokio::spawn(async move { catalog.call("gc_watch", json!({"seconds": 3})).await })
@@ -314,7 +305,7 @@ async fn gc_tune_refuses_a_nursery_below_the_floor() {
         control: true,
         eval: false,
     };
-    let catalog = test_catalog(&image, control, Audit::default());
+    let catalog = common::catalog_over(&image, control, Audit::default());
     let before = nursery(&catalog).await;
     for bad in [
         json!({"nursery_size_bytes": 1}),
@@ -367,7 +358,7 @@ async fn audit_log_records_failed_evaluations() {
         control: false,
         eval: true,
     };
-    let catalog = test_catalog(&image, eval, Audit::to_file(&log).unwrap());
+    let catalog = common::catalog_over(&image, eval, Audit::to_file(&log).unwrap());
     let failed = catalog
         .call("repl_eval", json!({"code": "(error \"boom\")"}))
         .await
@@ -478,7 +469,7 @@ async fn rpc_echoes_ids_exactly_and_never_echoes_huge_input() {
 #[tokio::test]
 async fn bad_thread_ids_get_a_clear_message() {
     let image = Image::start(Setup::default()).await;
-    let catalog = test_catalog(&image, Allow::default(), Audit::default());
+    let catalog = common::catalog_over(&image, Allow::default(), Audit::default());
     let huge: Value = serde_json::from_str("1000000000000000000000000000000").unwrap();
     for bad in [huge, json!(1.5), json!(true), Value::Null, json!([1])] {
         let err = catalog

@@ -5,34 +5,8 @@
 
 mod common;
 
-use std::io::Write;
-use std::process::{Command, Stdio};
-
 use common::{Image, READ_TOOLS, Sbmon, Setup};
 use serde_json::json;
-
-fn promtool_check(text: &str) {
-    let mut child = Command::new("promtool")
-        .args(["check", "metrics"])
-        .stdin(Stdio::piped())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .expect("promtool is installed by tools/setup");
-    let mut stdin = child.stdin.take().unwrap();
-    stdin.write_all(text.as_bytes()).unwrap();
-    drop(stdin);
-    let out = child.wait_with_output().unwrap();
-    let said = format!(
-        "{}{}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
-    assert!(
-        out.status.success() && said.trim().is_empty(),
-        "promtool:\n{said}"
-    );
-}
 
 /// The value of the sample written exactly as `series` (name and labels), if present.
 fn value(text: &str, series: &str) -> Option<f64> {
@@ -77,7 +51,7 @@ async fn every_offered_tool_is_exported_at_zero_before_its_first_call() {
     for path in ["/metrics?scope=self", "/metrics"] {
         let (status, text) = sbmon.get(path).await;
         assert_eq!(status, 200);
-        promtool_check(&text);
+        common::promtool_check(&text);
         at_zero(&text, &READ_TOOLS, &not_read);
     }
 
@@ -87,7 +61,7 @@ async fn every_offered_tool_is_exported_at_zero_before_its_first_call() {
         .await;
     assert!(answer["result"].is_object(), "{answer}");
     let (_, text) = sbmon.get("/metrics?scope=self").await;
-    promtool_check(&text);
+    common::promtool_check(&text);
     let calls = |tool: &str, outcome: &str| {
         value(
             &text,
@@ -110,7 +84,7 @@ async fn every_offered_tool_is_exported_at_zero_before_its_first_call() {
     let app = format!("app={}", image.sbcl.address);
     let allowed = Sbmon::start("serve", &["--target", &app, "--allow", "control,eval"], &[]);
     let (_, text) = allowed.get("/metrics?scope=self").await;
-    promtool_check(&text);
+    common::promtool_check(&text);
     at_zero(&text, &READ_TOOLS, &[]);
     at_zero(&text, &not_read, &[]);
 }

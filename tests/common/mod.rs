@@ -331,3 +331,47 @@ impl Sbmon {
         (status, serde_json::from_str(&text).unwrap_or(Value::Null))
     }
 }
+
+/// `promtool check metrics` accepts `text` without a finding.
+pub fn promtool_check(text: &str) {
+    use std::io::Write;
+    let mut child = Command::new("promtool")
+        .args(["check", "metrics"])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("promtool is installed by tools/setup");
+    child
+        .stdin
+        .take()
+        .unwrap()
+        .write_all(text.as_bytes())
+        .unwrap();
+    let out = child.wait_with_output().unwrap();
+    let said = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(
+        out.status.success(),
+        "promtool check metrics failed:\n{said}"
+    );
+    assert!(said.trim().is_empty(), "promtool lint findings:\n{said}");
+}
+
+/// A catalog over the test's image as target `test`, offering `allow` and auditing to `audit`.
+pub fn catalog_over(
+    image: &Image,
+    allow: sbmon::tools::Allow,
+    audit: sbmon::audit::Audit,
+) -> Catalog {
+    let target = Target::new("test", image.sbcl.address.clone(), ClientOptions::default());
+    Catalog::with_policy(
+        Arc::new(Targets::new(vec![target])),
+        Arc::new(Config::default()),
+        allow,
+        audit,
+    )
+}
