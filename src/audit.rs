@@ -14,6 +14,8 @@ use std::time::{Duration, SystemTime};
 
 use serde_json::{Value, json};
 
+use crate::echo::clip_to;
+
 /// Strings in audited arguments longer than this are cut (eval code can be large).
 const MAX_ARG_CHARS: usize = 500;
 
@@ -71,7 +73,7 @@ impl Audit {
             "seconds": elapsed.as_secs_f64(),
         });
         if let Some(error) = error {
-            entry["error"] = Value::String(shorten_text(error));
+            entry["error"] = Value::String(clip_to(error, MAX_ARG_CHARS));
         }
         let line = entry.to_string();
         crate::blocking::section(|| self.write(&line));
@@ -88,18 +90,9 @@ impl Audit {
     }
 }
 
-fn shorten_text(s: &str) -> String {
-    if s.chars().count() > MAX_ARG_CHARS {
-        let cut: String = s.chars().take(MAX_ARG_CHARS).collect();
-        format!("{cut}... ({} chars)", s.chars().count())
-    } else {
-        s.to_string()
-    }
-}
-
 fn shorten(v: &Value) -> Value {
     match v {
-        Value::String(s) => Value::String(shorten_text(s)),
+        Value::String(s) => Value::String(clip_to(s, MAX_ARG_CHARS)),
         Value::Object(map) => {
             Value::Object(map.iter().map(|(k, v)| (k.clone(), shorten(v))).collect())
         }

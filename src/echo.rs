@@ -6,7 +6,12 @@ const ECHO_CHARS: usize = 300;
 
 /// `text` cut to a few hundred characters, saying how long it was.
 pub fn clip(text: &str) -> String {
-    match text.char_indices().nth(ECHO_CHARS) {
+    clip_to(text, ECHO_CHARS)
+}
+
+/// `text` cut to `max` characters, saying how long it was.
+pub fn clip_to(text: &str, max: usize) -> String {
+    match text.char_indices().nth(max) {
         None => text.to_string(),
         Some((end, _)) => format!("{}... ({} chars)", &text[..end], text.chars().count()),
     }

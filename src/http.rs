@@ -29,7 +29,7 @@ pub use guard::is_loopback_authority;
 
 use crate::health::{self, HealthReport, Status};
 use crate::metrics::Scope;
-use crate::tools::{Catalog, Class};
+use crate::tools::Catalog;
 
 /// Largest request body accepted on any endpoint.
 pub const MAX_BODY: usize = 1024 * 1024;
@@ -342,11 +342,7 @@ async fn landing(State(state): State<AppState>) -> Html<String> {
     let tools: String = catalog
         .tools()
         .map(|t| {
-            let class = match t.class {
-                Class::Read => "read",
-                Class::Control => "control",
-                Class::Eval => "eval",
-            };
+            let class = t.class.name();
             format!(
                 "<tr><td><code>{}</code></td><td>{class}</td><td>{}</td></tr>",
                 t.name,

@@ -54,8 +54,7 @@ impl Detail {
 
 impl Snapshot {
     /// A new reading through `client`, not shared with anyone.
-    pub async fn read(client: &AgentClient, detail: Detail) -> Snapshot {
-        let c = client;
+    pub async fn read(c: &AgentClient, detail: Detail) -> Snapshot {
         // Connects if need be; an unreachable agent ends the reading here, after one timeout.
         let welcome = match c.welcome().await {
             Ok(w) => w,

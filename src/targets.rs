@@ -59,10 +59,10 @@ const CALL_WINDOW_MAX: usize = 10_000;
 
 impl CallWindow {
     pub fn record(&self, outcome: Outcome) {
-        let mut recent = self.recent.lock().unwrap_or_else(|p| p.into_inner());
         if outcome == Outcome::Ok {
-            recent.retain(|(_, o)| *o != Outcome::Unreachable);
+            self.reached();
         }
+        let mut recent = self.recent.lock().unwrap_or_else(|p| p.into_inner());
         if recent.len() >= CALL_WINDOW_MAX {
             recent.pop_front();
         }

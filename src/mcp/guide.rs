@@ -7,7 +7,7 @@ use std::fmt::Write as _;
 
 use serde_json::Value;
 
-use crate::tools::{Catalog, Class};
+use crate::tools::Catalog;
 
 /// `sbmon://guide`: the tools as the catalog describes them (so it never drifts from what
 /// tools/list says), and how threads and targets are named.
@@ -33,11 +33,7 @@ pub(super) fn guide(catalog: &Catalog) -> String {
          ## Tools\n",
     );
     for def in catalog.tools() {
-        let class = match def.class {
-            Class::Read => "read",
-            Class::Control => "control",
-            Class::Eval => "eval",
-        };
+        let class = def.class.name();
         let _ = write!(
             out,
             "\n### `{}`: {} ({class})\n\n{}\n",

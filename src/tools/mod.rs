@@ -256,14 +256,12 @@ pub enum ToolError {
 }
 
 /// Agent error kinds that mean the caller asked for something wrong or impossible, not that
-/// the image failed (docs/protocol.md).
+/// the image failed (docs/protocol.md). `NOT-ALLOWED` never gets here: the client turns it
+/// into [`AgentError::NotAllowed`].
 fn is_caller_kind(kind: &RemoteKind) -> bool {
     matches!(
         kind,
-        RemoteKind::BadArgument
-            | RemoteKind::UnknownThread
-            | RemoteKind::NotAllowed
-            | RemoteKind::Refused
+        RemoteKind::BadArgument | RemoteKind::UnknownThread | RemoteKind::Refused
     )
 }
 
@@ -288,6 +286,9 @@ impl ToolError {
         match self {
             ToolError::Agent(e) if e.is_unreachable() => Some(Outcome::Unreachable),
             ToolError::Agent(AgentError::Remote { kind, .. }) if is_caller_kind(kind) => None,
+            // The agent's own :allow refused the operation: how the image was started, not a
+            // failure of it.
+            ToolError::Agent(AgentError::NotAllowed(_)) => None,
             ToolError::Agent(_) | ToolError::Process(_) => Some(Outcome::Failed),
             _ => None,
         }
@@ -431,6 +432,34 @@ impl Catalog {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn only_the_targets_own_failures_count_against_it() {
+        let remote = |kind| {
+            ToolError::Agent(AgentError::Remote {
+                kind,
+                message: String::new(),
+                backtrace: vec![],
+                output: None,
+            })
+        };
+        for mine in [
+            remote(RemoteKind::BadArgument),
+            remote(RemoteKind::UnknownThread),
+            ToolError::Agent(AgentError::NotAllowed("eval".into())),
+            ToolError::invalid("x", "bad"),
+        ] {
+            assert_eq!(mine.target_outcome(), None, "{mine}");
+        }
+        assert_eq!(
+            remote(RemoteKind::Lisp("STORAGE-CONDITION".into())).target_outcome(),
+            Some(Outcome::Failed)
+        );
+        assert_eq!(
+            ToolError::Agent(AgentError::Lost("gone".into())).target_outcome(),
+            Some(Outcome::Unreachable)
+        );
+    }
 
     #[test]
     fn tool_names_are_unique_and_schemas_are_objects_with_standard_formats() {
