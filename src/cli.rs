@@ -15,6 +15,7 @@ use tokio::sync::broadcast::error::RecvError;
 use crate::agent::{Address, AgentClient, ClientOptions, address};
 use crate::audit::Audit;
 use crate::config::Config;
+use crate::samples::Settings;
 use crate::serve::{ServeError, ServeOptions};
 use crate::targets::{Listing, Target, default_name};
 use crate::tools::{self, Allow, Catalog};
@@ -169,6 +170,12 @@ pub struct FrontEndArgs {
     /// File holding the token of TCP agents (default ~/.sbmon-secret).
     #[arg(long, value_name = "FILE")]
     pub agent_token_file: Option<PathBuf>,
+    /// Read every target every SECONDS (1..60) for memory_trend and windowed health checks.
+    #[arg(long, value_name = "SECONDS", default_value_t = 5)]
+    pub sample_interval: u64,
+    /// Keep SECONDS of samples per target (up to 86400; about 140 bytes a sample).
+    #[arg(long, value_name = "SECONDS", default_value_t = 3600)]
+    pub sample_history: u64,
     #[command(flatten)]
     pub client: ClientArgs,
     #[command(flatten)]
@@ -367,7 +374,12 @@ fn serve_options(front: &FrontEndArgs) -> Result<ServeOptions, String> {
             "--external-url {url:?} has no host: give e.g. http://mon.example:9405"
         ));
     }
+    let sampling = Settings::new(
+        Duration::from_secs(front.sample_interval),
+        Duration::from_secs(front.sample_history),
+    )?;
     Ok(ServeOptions {
+        sampling,
         allow: front.policy.allow(),
         audit: front.policy.audit()?,
         token,

@@ -6,6 +6,7 @@
 //! [health.memory]
 //! heap = { warning = 0.70, critical = 0.90 }   # heap used / dynamic-space-size
 //! rss = { warning = 0.80, critical = 0.95 }    # RSS / memory limit
+//! leak = { warning = 4096 }                    # bytes/s the retained heap must grow by to be a leak
 //! [health.gc]
 //! time = { warning = 0.05, critical = 0.20 }   # GC CPU seconds / wall seconds, last minute
 //! [health.threads]
@@ -59,6 +60,12 @@ macro_rules! threshold_group {
 threshold_group!(MemoryThresholds {
     heap: limits(0.70, 0.90),
     rss: limits(0.80, 0.95),
+    // Bytes a second: the least growth of the heap retained after GC that can be a leak
+    // (about 14 MiB an hour). No growth rate is critical by default.
+    leak: Threshold {
+        warning: 4096.0,
+        critical: None
+    },
 });
 threshold_group!(GcThresholds {
     time: limits(0.05, 0.20)
@@ -122,6 +129,7 @@ impl Config {
         let all = [
             ("memory.heap", h.memory.heap),
             ("memory.rss", h.memory.rss),
+            ("memory.leak", h.memory.leak),
             ("gc.time", h.gc.time),
             ("threads.count", h.threads.count),
             ("resources.fds", h.resources.fds),

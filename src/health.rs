@@ -10,6 +10,7 @@ use crate::context::Context;
 use crate::figures::{ratio, unix_now};
 use crate::snapshot::{Detail, Readings, Snapshot};
 use crate::targets::Target;
+use crate::trend::{self, Verdict};
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Serialize, JsonSchema)]
 #[serde(rename_all = "lowercase")]
@@ -140,6 +141,8 @@ pub fn grade(ctx: &Context, target: &Target, snap: &Snapshot) -> HealthReport {
         }
     }
 
+    checks.push(leak_check(ctx, target));
+
     let (failed, total) = target.calls.last_minute();
     let error_ratio = ratio(failed as f64, total as f64);
     checks.push(check(
@@ -163,6 +166,44 @@ pub fn grade(ctx: &Context, target: &Target, snap: &Snapshot) -> HealthReport {
             .max(Status::Healthy),
         checks,
         time: unix_now(),
+    }
+}
+
+/// `memory.leak`: degraded while the sampler's history says `leak_suspected` (critical too
+/// when the retained heap grows faster than a configured critical rate).
+fn leak_check(ctx: &Context, target: &Target) -> Check {
+    let t = &ctx.config.health.memory.leak;
+    if target.history.settings().is_none() {
+        return unknown(
+            "memory.leak",
+            t,
+            "needs the sampler of `sbmon serve` (a one-shot call keeps no history; `sbmon call \
+             memory_trend` samples live)"
+                .into(),
+        );
+    }
+    let trend = trend::recent(&target.history, trend::DEFAULT_WINDOW, t.warning);
+    let observed = trend.retained_growth.map(|f| f.slope);
+    let status = match (trend.verdict, observed) {
+        (Verdict::InsufficientData, _) => Status::Unknown,
+        (Verdict::LeakSuspected, Some(rate)) if t.critical.is_some_and(|c| rate >= c) => {
+            Status::Critical
+        }
+        (Verdict::LeakSuspected, _) => Status::Degraded,
+        _ => Status::Healthy,
+    };
+    Check {
+        name: "memory.leak".into(),
+        status,
+        observed,
+        warning: t.warning,
+        critical: t.critical,
+        reason: format!(
+            "{} over the last {:.0} s: {}",
+            trend.verdict.name(),
+            trend.covered_seconds,
+            trend.reason
+        ),
     }
 }
 

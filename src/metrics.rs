@@ -190,6 +190,22 @@ pub async fn render(ctx: &Context, scope: Scope) -> String {
             if up { 1.0 } else { 0.0 },
         );
         let report = health::grade(ctx, target, snap);
+        // The leak check observes the retained heap's growth over the sampler's window.
+        if let Some(rate) = report
+            .checks
+            .iter()
+            .filter(|_| up)
+            .find(|c| c.name == "memory.leak" && c.status != Status::Unknown)
+            .and_then(|c| c.observed)
+        {
+            e.gauge(
+                "sbcl_heap_retained_growth_bytes_per_second",
+                "Growth of the heap retained after GC over the memory_trend window (least \
+                 squares over the sampler's history).",
+                &[("target", name)],
+                rate,
+            );
+        }
         for check in &report.checks {
             let value = match check.status {
                 Status::Healthy => 0.0,

@@ -12,6 +12,7 @@ use crate::agent::{ClientOptions, address};
 use crate::audit::Audit;
 use crate::config::Config;
 use crate::launch::{AgentAllow, LaunchError, LaunchOptions, Sbcl};
+use crate::samples::Settings;
 use crate::targets::{Target, Targets, default_name};
 use crate::tools::{Allow, Catalog};
 
@@ -48,6 +49,8 @@ pub struct ServeOptions {
     /// (behind a proxy, or listening on 0.0.0.0); `/sd` advertises its host and port.
     pub external_url: Option<String>,
     pub client: ClientOptions,
+    /// How often the sampler reads each target, and how much it keeps.
+    pub sampling: Settings,
     pub config: Config,
     pub allow: Allow,
     pub audit: Audit,
@@ -86,6 +89,11 @@ pub async fn serve(options: ServeOptions, targets: Option<Vec<Target>>) -> Resul
             }
         });
     }
+    tokio::spawn(crate::sampler::run(
+        targets.clone(),
+        options.sampling,
+        stop.clone(),
+    ));
     if options.allow.control || options.allow.eval {
         eprintln!(
             "sbmon: allowed beyond read: {}{}; every such call is audited",

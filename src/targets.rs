@@ -15,6 +15,7 @@ use crate::agent::address::Found;
 use crate::agent::reply::Gc;
 use crate::agent::{Address, AgentClient, AgentError, ClientOptions};
 use crate::events::GcFeed;
+use crate::samples::History;
 use crate::snapshot::{Detail, InFlight, Snapshot};
 
 use serde::Serialize;
@@ -34,6 +35,8 @@ pub struct Target {
     pub calls: CallWindow,
     /// Snapshots being taken, which concurrent requests share.
     pub(crate) readings: InFlight,
+    /// Samples over time, while a sampler runs (`sbmon serve`).
+    pub history: History,
 }
 
 /// How a tool call went, as far as the target is concerned.
@@ -147,6 +150,7 @@ impl Target {
             gc_feed: Mutex::new(Weak::new()),
             calls: CallWindow::default(),
             readings: InFlight::default(),
+            history: History::default(),
         }
     }
 

@@ -134,6 +134,7 @@ impl ToolDef {
 pub static TOOLS: &[ToolDef] = &[
     ToolDef::of::<health::HealthCheck>(),
     ToolDef::of::<memory::MemoryStatsTool>(),
+    ToolDef::of::<memory::MemoryTrendTool>(),
     ToolDef::of::<gc::GcStatsTool>(),
     ToolDef::of::<gc::GcWatchTool>(),
     ToolDef::of::<runtime::RuntimeStatsTool>(),
