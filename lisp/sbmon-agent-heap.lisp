@@ -517,6 +517,26 @@ vector; and whether the walk ran out of time."
                     nil)))
         (values (subseq found 0 (aref tally +t-found+)) late (/ (- (mono-ns) t0) 1d9))))))
 
+(defun sample-weakly (kind key max max-seconds)
+  "SAMPLE-OBJECTS on a thread of its own, which ends before the search: only weak pointers
+come back, so no stack of the agent's holds the samples (a conservative stack scan would
+otherwise report this worker's stack as their root).  Returns (POINTERS LATE SECONDS)."
+  (let* ((box (vector nil))
+         (thread (spawn "sbmon-agent heap sampler"
+                        (lambda ()
+                          (setf (svref box 0)
+                                (handler-case
+                                    (multiple-value-bind (objects late seconds)
+                                        (sample-objects kind key max max-seconds)
+                                      (list (map 'list #'sb-ext:make-weak-pointer objects)
+                                            late seconds))
+                                  (serious-condition (c) c)))))))
+    (sb-thread:join-thread thread :default nil)
+    (let ((result (svref box 0)))
+      (cond ((typep result 'condition) (error result))
+            ((null result) (fail "ABORTED" "the heap sampler thread ended without a result"))
+            (t result)))))
+
 (defun object-type-name (x)
   (let ((widetag (if (consp x) (cons-typecode) (widetag-of x))))
     (if (or (= widetag (instance-widetag)) (= widetag (funcallable-instance-widetag)))
@@ -591,15 +611,12 @@ vector; and whether the walk ran out of time."
     (require-capability :heap-retainers ":heap-retainers (SB-EXT:SEARCH-ROOTS)")
     (multiple-value-bind (kind key) (type-matcher type)
       (check-heap-limit max-heap :heap-retainers)
-      (multiple-value-bind (objects late walk-seconds)
-          (with-heap-walk-slot () (sample-objects kind key max-paths max-seconds))
-        (let* ((pointers (map 'list #'sb-ext:make-weak-pointer objects))
-               (t0 (mono-ns))
-               (paths (progn
-                        (setf objects nil)
-                        (when pointers
-                          (funcall (search-roots-name) pointers
-                                   :criterion :oldest :gc t :print nil))))
+      (destructuring-bind (pointers late walk-seconds)
+          (with-heap-walk-slot () (sample-weakly kind key max-paths max-seconds))
+        (let* ((t0 (mono-ns))
+               (paths (when pointers
+                        (funcall (search-roots-name) pointers
+                                 :criterion :oldest :gc t :print nil)))
                (search-seconds (seconds-since t0)))
           (list :type type
                 :sampled (length pointers)
