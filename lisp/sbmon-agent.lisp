@@ -4,7 +4,8 @@
 ;;;; (Unix socket or loopback TCP + token), the framed s-expression protocol of
 ;;;; docs/protocol.md (its own reader and printer: nothing is evaluated or interned),
 ;;;; the operations (:ping :memory :gc :runtime :threads :backtrace :backtraces
-;;;; :subscribe, and the control/eval operations :gc-run :gc-tune :kill-thread :profile
+;;;; :subscribe, :heap-histogram :heap-retainers (in sbmon-agent-heap.lisp, loaded on first
+;;;; use), and the control/eval operations :gc-run :gc-tune :kill-thread :profile
 ;;;; :eval :reload-system, served only when START's :allow names their class), GC pause
 ;;;; measurement (an encapsulation of SB-KERNEL::SUB-GC and SB-EXT:GC that records into
 ;;;; preallocated arrays without consing) and the :gc event stream.
@@ -32,6 +33,7 @@
 ;;;;   Backtraces
 ;;;;   Subscribe
 ;;;;   Control and evaluation operations
+;;;;   Heap operations                    (loaded on first use from sbmon-agent-heap.lisp)
 ;;;;   Dispatch                           (the operation table, classes, :allow)
 ;;;;   Listening sockets
 ;;;;   Connections                        (handshake, connection threads, the listener)
@@ -2036,6 +2038,72 @@ enter the debugger reaches the debugger hooks, which record it and unwind."
              :warnings warnings output))))
 
 ;;;; ------------------------------------------------------------------------
+;;;; Heap operations, loaded on first use: :heap-histogram :heap-retainers
+;;;;
+;;;; They live in sbmon-agent-heap.lisp, which is not loaded with this file (SBCL scans
+;;;; loaded code on every nursery collection, so the resident agent stays small).  The
+;;;; contract: the file sbmon-agent-heap.lisp in the same directory as the loaded
+;;;; sbmon-agent.lisp.  The first call of either operation loads it, once, under a lock,
+;;;; compiled, with all output discarded; an agent loaded from a stream (no directory known)
+;;;; or a missing file makes the call fail with UNAVAILABLE naming the file.  Loading the
+;;;; part by hand after this file also works (it sets *HEAP-LOADED*).
+
+(defvar *agent-directory*
+  ;; the source's directory, also when this file was compiled to a fasl elsewhere (ASDF)
+  (let ((p (or #.(or *compile-file-truename* *load-truename*) *load-truename*)))
+    (and p (make-pathname :name nil :type nil :version nil :defaults p)))
+  "The directory this file was loaded from, or NIL (loaded from a stream).")
+
+(defparameter *heap-file-name* "sbmon-agent-heap.lisp")
+
+(defvar *heap-loaded* nil "True once sbmon-agent-heap.lisp is loaded.")
+(defvar *heap-load-lock* (sb-thread:make-mutex :name "sbmon-agent heap part"))
+
+;; The argument keywords of the heap operations, interned here: the payload reader only knows
+;; keywords that exist, and these must be known before the part that uses them is loaded.
+(defparameter *heap-argument-keys*
+  '(:top :since :generation :max-seconds :max-heap-bytes :type :max-paths :max-depth))
+
+(defun heap-part-path ()
+  (and *agent-directory* (merge-pathnames *heap-file-name* *agent-directory*)))
+
+(defun ensure-heap-part ()
+  "Load sbmon-agent-heap.lisp unless it is loaded; UNAVAILABLE when it cannot be."
+  (sb-thread:with-mutex (*heap-load-lock*)
+    (unless *heap-loaded*
+      (let ((path (heap-part-path)))
+        (unless path
+          (fail "UNAVAILABLE" "the heap operations live in ~a, beside sbmon-agent.lisp, but this ~
+                               agent was loaded from a stream and knows no directory: load that ~
+                               file after the agent" *heap-file-name*))
+        (unless (probe-file path)
+          (fail "UNAVAILABLE" "the heap operations need ~a, which is missing (it ships beside ~
+                               sbmon-agent.lisp)" (namestring path)))
+        (handler-case
+            (let* ((sink (make-broadcast-stream))
+                   (*standard-output* sink) (*error-output* sink) (*trace-output* sink)
+                   (*package* (find-package "SBMON-AGENT"))
+                   (*readtable* (copy-readtable nil))
+                   (*read-eval* t)
+                   (*load-verbose* nil) (*load-print* nil)
+                   (*compile-verbose* nil) (*compile-print* nil)
+                   (sb-ext:*evaluator-mode* :compile))
+              (handler-bind ((warning #'muffle-warning))
+                (load path)))
+          (serious-condition (c)
+            (fail "UNAVAILABLE" "loading ~a failed: ~a" (namestring path) (condition-message c))))
+        (unless *heap-loaded*
+          (fail "UNAVAILABLE" "~a loaded but did not define the heap operations"
+                (namestring path)))))))
+
+(defun heap-call (name args)
+  (ensure-heap-part)
+  (funcall (find-symbol name "SBMON-AGENT") args))
+
+(defun op-heap-histogram* (args) (heap-call "OP-HEAP-HISTOGRAM" args))
+(defun op-heap-retainers* (args) (heap-call "OP-HEAP-RETAINERS" args))
+
+;;;; ------------------------------------------------------------------------
 ;;;; Dispatch
 
 (defparameter *operations*
@@ -2048,6 +2116,9 @@ enter the debugger reaches the debugger hooks, which record it and unwind."
     (:backtrace op-backtrace t nil :read)
     (:backtraces op-backtraces t nil :read)
     (:subscribe op-subscribe nil t :read)
+    ;; loaded on first use (section "Heap operations"); they walk the heap
+    (:heap-histogram op-heap-histogram* t nil :read)
+    (:heap-retainers op-heap-retainers* t nil :read)
     (:gc-run op-gc-run t nil :control)
     (:gc-tune op-gc-tune nil nil :control)
     (:kill-thread op-kill-thread t nil :control)

@@ -1,5 +1,6 @@
-//! The config file (`--config FILE`, TOML): health thresholds. Every key is optional; what
-//! is absent keeps the defaults listed in the README ("Health checks and thresholds").
+//! The config file (`--config FILE`, TOML): health thresholds and the bounds of the heap
+//! walks. Every key is optional; what is absent keeps the defaults listed in the README
+//! ("Health checks and thresholds", "What fills the heap").
 //! Unknown keys are an error, so a typo never silently leaves a default in force.
 //!
 //! ```toml
@@ -16,6 +17,9 @@
 //! [health.availability]
 //! agent = { warning = 1.0 }                    # ping round trip, seconds; unreachable is critical
 //! errors = { warning = 0.01, critical = 0.10 } # failed tool calls / calls, last minute
+//! [heap]
+//! max_walk_heap_bytes = 4294967296  # heap_histogram / heap_retainers refuse a larger heap
+//! walk_seconds = 10                 # their default time budget for one walk
 //! ```
 
 use std::path::Path;
@@ -27,6 +31,29 @@ use serde::{Deserialize, Serialize};
 pub struct Config {
     #[serde(default)]
     pub health: HealthConfig,
+    #[serde(default)]
+    pub heap: HeapConfig,
+}
+
+/// Bounds of the heap walks of `heap_histogram` and `heap_retainers`, which hold off every
+/// collection of the image while they run (README, "What fills the heap").
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct HeapConfig {
+    /// The walks refuse an image whose heap in use is larger than this (bytes).
+    pub max_walk_heap_bytes: u64,
+    /// The time budget of one walk when the call gives none (seconds): past it the walk
+    /// stops and its result is marked truncated.
+    pub walk_seconds: f64,
+}
+
+impl Default for HeapConfig {
+    fn default() -> Self {
+        HeapConfig {
+            max_walk_heap_bytes: 4 << 30,
+            walk_seconds: 10.0,
+        }
+    }
 }
 
 /// A check's limits: at or above `warning` it is degraded, at or above `critical` critical.
@@ -125,6 +152,12 @@ impl Config {
     }
 
     fn validate(&self) -> Result<(), String> {
+        if !(self.heap.walk_seconds.is_finite() && (0.1..=60.0).contains(&self.heap.walk_seconds)) {
+            return Err("heap.walk_seconds must be a number in 0.1..60".into());
+        }
+        if self.heap.max_walk_heap_bytes == 0 {
+            return Err("heap.max_walk_heap_bytes must be at least 1".into());
+        }
         let h = &self.health;
         let all = [
             ("memory.heap", h.memory.heap),
@@ -169,5 +202,18 @@ mod tests {
         assert!(Config::parse("[health.memory]\nheapp = { warning = 0.1 }").is_err());
         assert!(Config::parse("[health.gc]\ntime = { warning = 0.5, critical = 0.1 }").is_err());
         assert!(Config::parse("[healt]").is_err());
+    }
+
+    #[test]
+    fn heap_walk_bounds_default_and_are_checked() {
+        let c = Config::parse("").unwrap();
+        assert_eq!(c.heap.max_walk_heap_bytes, 4 << 30);
+        assert_eq!(c.heap.walk_seconds, 10.0);
+        let c = Config::parse("[heap]\nmax_walk_heap_bytes = 1000\n").unwrap();
+        assert_eq!(c.heap.max_walk_heap_bytes, 1000);
+        assert_eq!(c.heap.walk_seconds, 10.0);
+        assert!(Config::parse("[heap]\nwalk_seconds = 0").is_err());
+        assert!(Config::parse("[heap]\nmax_walk_heap_bytes = 0").is_err());
+        assert!(Config::parse("[heap]\nmax_heap = 1").is_err());
     }
 }

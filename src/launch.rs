@@ -12,6 +12,9 @@ use crate::wire::Sexp;
 
 /// The agent, as shipped in `lisp/sbmon-agent.lisp`.
 pub const AGENT_SOURCE: &str = include_str!("../lisp/sbmon-agent.lisp");
+/// The agent's heap part, which it loads on first use from the directory it was loaded from
+/// (docs/protocol.md, "Heap operations").
+pub const AGENT_HEAP_SOURCE: &str = include_str!("../lisp/sbmon-agent-heap.lisp");
 /// The demo workload, as shipped in `examples/workload.lisp`.
 pub const WORKLOAD_SOURCE: &str = include_str!("../examples/workload.lisp");
 
@@ -131,6 +134,11 @@ impl Sbcl {
             .map_err(LaunchError::Scratch)?;
         let agent_path = scratch.path().join("sbmon-agent.lisp");
         std::fs::write(&agent_path, AGENT_SOURCE).map_err(LaunchError::Scratch)?;
+        std::fs::write(
+            scratch.path().join("sbmon-agent-heap.lisp"),
+            AGENT_HEAP_SOURCE,
+        )
+        .map_err(LaunchError::Scratch)?;
         let log =
             std::fs::File::create(scratch.path().join("sbcl.log")).map_err(LaunchError::Scratch)?;
         let log_err = log.try_clone().map_err(LaunchError::Scratch)?;

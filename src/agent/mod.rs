@@ -20,8 +20,8 @@ pub use error::{AgentError, RemoteKind};
 use crate::histogram::Histogram;
 use crate::wire::{Sexp, from_sexp};
 use ops::{
-    EvalFailure, EvalOutcome, EvalRequest, GcRunRequest, GcTuneRequest, KillThreadRequest,
-    Operation, ProfileRequest, ReloadRequest,
+    EvalFailure, EvalOutcome, EvalRequest, GcRunRequest, GcTuneRequest, HeapHistogramRequest,
+    HeapRetainersRequest, KillThreadRequest, Operation, ProfileRequest, ReloadRequest,
 };
 
 #[derive(Debug, Clone)]
@@ -301,6 +301,24 @@ impl AgentClient {
         request: &ReloadRequest,
     ) -> Result<reply::Reload, AgentError> {
         self.slow_call(ReloadRequest::OP, request.args(), ReloadRequest::TIMEOUT)
+            .await
+    }
+
+    /// `:heap-histogram`: the heap's live objects by type, or their change since a snapshot.
+    pub async fn heap_histogram(
+        &self,
+        request: HeapHistogramRequest,
+    ) -> Result<reply::HeapHistogram, AgentError> {
+        self.slow_call(HeapHistogramRequest::OP, request.args(), request.timeout())
+            .await
+    }
+
+    /// `:heap-retainers`: what keeps a sample of one type's objects alive (runs a full GC).
+    pub async fn heap_retainers(
+        &self,
+        request: &HeapRetainersRequest,
+    ) -> Result<reply::HeapRetainers, AgentError> {
+        self.slow_call(HeapRetainersRequest::OP, request.args(), request.timeout())
             .await
     }
 

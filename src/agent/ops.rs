@@ -219,6 +219,86 @@ impl ReloadRequest {
     pub(crate) const TIMEOUT: Duration = Duration::from_secs(600);
 }
 
+/// `:heap-histogram`: the live objects of the dynamic space by type (a read operation that
+/// walks the heap with collections held off, bounded by `max_seconds` and `max_heap_bytes`).
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct HeapHistogramRequest {
+    /// Rows returned, 1..500.
+    pub top: u32,
+    /// A snapshot id the agent returned: report the change per type since it.
+    pub since: Option<u64>,
+    /// Only the objects on the pages of this generation (0..6).
+    pub generation: Option<u8>,
+    /// The walk's time budget; past it the result is marked truncated.
+    pub max_seconds: f64,
+    /// The agent refuses (REFUSED) when the heap in use is larger.
+    pub max_heap_bytes: u64,
+}
+
+/// Loading the heap part (compiled on its first use) and naming the types come on top of
+/// the walk itself.
+const HEAP_MARGIN: Duration = Duration::from_secs(60);
+
+impl Operation for HeapHistogramRequest {
+    const OP: &'static str = "heap-histogram";
+    fn args(&self) -> Sexp {
+        let mut args = vec![
+            ("top", int(self.top)),
+            ("max-seconds", Sexp::Float(self.max_seconds)),
+            ("max-heap-bytes", count(self.max_heap_bytes)),
+        ];
+        if let Some(since) = self.since {
+            args.push(("since", count(since)));
+        }
+        if let Some(g) = self.generation {
+            args.push(("generation", int(g)));
+        }
+        Sexp::plist(args)
+    }
+}
+
+impl HeapHistogramRequest {
+    pub(crate) fn timeout(&self) -> Duration {
+        Duration::from_secs_f64(self.max_seconds) + HEAP_MARGIN
+    }
+}
+
+/// `:heap-retainers`: paths from GC roots to a sample of the live objects of one type. The
+/// search runs inside a full collection (SB-EXT:SEARCH-ROOTS with `:gc t`).
+#[derive(Debug, Clone, PartialEq)]
+pub struct HeapRetainersRequest {
+    /// A type name as `:heap-histogram` prints it.
+    pub type_name: String,
+    /// Objects sampled, 1..10.
+    pub max_paths: u32,
+    /// Steps kept per path (those nearest the object).
+    pub max_depth: u32,
+    /// The sampling walk's time budget.
+    pub max_seconds: f64,
+    pub max_heap_bytes: u64,
+}
+
+impl Operation for HeapRetainersRequest {
+    const OP: &'static str = "heap-retainers";
+    fn args(&self) -> Sexp {
+        Sexp::plist([
+            ("type", Sexp::string(self.type_name.clone())),
+            ("max-paths", int(self.max_paths)),
+            ("max-depth", int(self.max_depth)),
+            ("max-seconds", Sexp::Float(self.max_seconds)),
+            ("max-heap-bytes", count(self.max_heap_bytes)),
+        ])
+    }
+}
+
+impl HeapRetainersRequest {
+    /// The walk, then a full collection of a heap of up to `max_heap_bytes`, which the agent
+    /// does not bound: allow minutes, as `:gc-run` does.
+    pub(crate) fn timeout(&self) -> Duration {
+        Duration::from_secs_f64(self.max_seconds) + GcRunRequest::TIMEOUT
+    }
+}
+
 /// Kinds of events the agent pushes after `:subscribe`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum EventKind {
@@ -350,6 +430,28 @@ mod tests {
                 force: false
             }),
             "reload-system (:system \"demo\" :force nil)"
+        );
+        assert_eq!(
+            wire(&HeapHistogramRequest {
+                top: 30,
+                since: Some(2),
+                generation: Some(0),
+                max_seconds: 10.0,
+                max_heap_bytes: 1 << 32
+            }),
+            "heap-histogram (:top 30 :max-seconds 10.0d0 :max-heap-bytes 4294967296 :since 2 \
+             :generation 0)"
+        );
+        assert_eq!(
+            wire(&HeapRetainersRequest {
+                type_name: "APP::SESSION".into(),
+                max_paths: 3,
+                max_depth: 20,
+                max_seconds: 10.0,
+                max_heap_bytes: 1 << 32
+            }),
+            "heap-retainers (:type \"APP::SESSION\" :max-paths 3 :max-depth 20 :max-seconds \
+             10.0d0 :max-heap-bytes 4294967296)"
         );
         assert_eq!(
             wire(&SubscribeRequest {

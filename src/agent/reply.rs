@@ -246,3 +246,81 @@ pub struct Reload {
     #[serde(default)]
     pub output_truncated: bool,
 }
+
+/// `:heap-histogram`.
+#[derive(Debug, Clone, Deserialize)]
+pub struct HeapHistogram {
+    /// Absent when the walk was truncated (such a walk is not kept).
+    pub snapshot_id: Option<u64>,
+    /// The snapshot the deltas are relative to.
+    pub since: Option<u64>,
+    pub generation: Option<u8>,
+    #[serde(default)]
+    pub truncated: bool,
+    pub seconds: f64,
+    pub heap_used: u64,
+    pub objects: u64,
+    pub bytes: u64,
+    pub types: u64,
+    #[serde(default)]
+    pub rows: Vec<HeapRow>,
+    pub rows_omitted: u64,
+    pub objects_delta: Option<i64>,
+    pub bytes_delta: Option<i64>,
+    /// Ids of the snapshots the agent keeps, oldest first.
+    #[serde(default)]
+    pub snapshots: Vec<u64>,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+pub struct HeapRow {
+    #[serde(rename = "type")]
+    pub type_name: String,
+    pub count: u64,
+    pub bytes: u64,
+    pub count_delta: Option<i64>,
+    pub bytes_delta: Option<i64>,
+}
+
+/// `:heap-retainers`.
+#[derive(Debug, Clone, Deserialize)]
+pub struct HeapRetainers {
+    #[serde(rename = "type")]
+    pub type_name: String,
+    pub sampled: u64,
+    pub walk_seconds: f64,
+    #[serde(default)]
+    pub walk_truncated: bool,
+    pub search_seconds: f64,
+    #[serde(default)]
+    pub paths: Vec<RetainerPath>,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+pub struct RetainerPath {
+    pub target: String,
+    pub root: RetainerRoot,
+    /// The first symbol on the path whose value holds the next object.
+    pub global: Option<String>,
+    pub depth: u64,
+    pub steps_omitted: u64,
+    #[serde(default)]
+    pub steps: Vec<RetainerStep>,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+pub struct RetainerRoot {
+    pub kind: String,
+    pub thread: Option<String>,
+    pub symbol: Option<String>,
+    pub current: Option<bool>,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+pub struct RetainerStep {
+    #[serde(rename = "type")]
+    pub type_name: String,
+    pub via: String,
+    pub generation: Option<i64>,
+    pub symbol: Option<String>,
+}

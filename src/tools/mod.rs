@@ -9,6 +9,7 @@ pub mod eval;
 pub mod export;
 pub mod gc;
 pub mod health;
+pub mod heap;
 pub mod memory;
 pub mod runtime;
 pub mod summary;
@@ -142,6 +143,8 @@ pub static TOOLS: &[ToolDef] = &[
     ToolDef::of::<threads::ThreadListTool>(),
     ToolDef::of::<threads::ThreadInspect>(),
     ToolDef::of::<threads::ThreadDumpAll>(),
+    ToolDef::of::<heap::HeapHistogramTool>(),
+    ToolDef::of::<heap::HeapRetainersTool>(),
     ToolDef::of::<control::MemoryGc>(),
     ToolDef::of::<control::GcTune>(),
     ToolDef::of::<control::ThreadKill>(),

@@ -45,7 +45,7 @@ const FIXTURE: [&str; 2] = [
 ];
 
 /// Every read tool of the catalog: what a read-only sbmon lists.
-pub const READ_TOOLS: [&str; 9] = [
+pub const READ_TOOLS: [&str; 11] = [
     "health_check",
     "metrics_export",
     "memory_stats",
@@ -55,6 +55,8 @@ pub const READ_TOOLS: [&str; 9] = [
     "thread_list",
     "thread_inspect",
     "thread_dump_all",
+    "heap_histogram",
+    "heap_retainers",
 ];
 
 pub struct Image {
