@@ -28,9 +28,9 @@ pub enum SwankError {
     )]
     Connect { addr: String, reason: String },
     #[error(
-        "the Swank server at {addr} did not answer within {timeout:?}. {secret_hint} (SLIME \
-         2.27 then stops accepting connections until its listener thread is released in the \
-         image), or the image is too busy to answer"
+        "the Swank server at {addr} did not answer within {timeout:?}. {secret_hint} (after a \
+         wrong secret, SLIME 2.27's listener stops accepting connections), or the image is too \
+         busy to answer"
     )]
     NoAnswer {
         addr: String,
@@ -196,21 +196,33 @@ impl Swank {
             }
         };
         match tokio::time::timeout(timeout, answer).await {
+            // Swank hangs up on a client whose secret is wrong (or missing) before answering.
+            Ok(Err(SwankError::Closed { addr, detail })) if id == 1 => Err(SwankError::Closed {
+                addr,
+                detail: format!(
+                    "{detail}, before answering anything. {} (after a wrong secret, SLIME \
+                     2.27's listener stops accepting connections)",
+                    self.secret_hint()
+                ),
+            }),
             Ok(result) => result,
             Err(_) => Err(SwankError::NoAnswer {
                 addr: self.addr.clone(),
                 timeout,
-                secret_hint: match &self.secret_file {
-                    Some(file) => format!(
-                        "The secret sent (the first line of {}) may not be the image's \
-                         ~/.slime-secret",
-                        file.display()
-                    ),
-                    None => "If the image has a ~/.slime-secret, give the same secret \
-                             (--secret-file FILE, or ~/.slime-secret here)"
-                        .into(),
-                },
+                secret_hint: self.secret_hint(),
             }),
+        }
+    }
+
+    fn secret_hint(&self) -> String {
+        match &self.secret_file {
+            Some(file) => format!(
+                "The secret sent (the first line of {}) may not be the image's ~/.slime-secret",
+                file.display()
+            ),
+            None => "If the image has a ~/.slime-secret, give the same secret (--secret-file \
+                     FILE, or ~/.slime-secret here)"
+                .into(),
         }
     }
 
@@ -302,7 +314,8 @@ mod tests {
     #[test]
     fn frames_count_utf8_octets() {
         // SLIME 2.27's write-message and read-packet count octets, not characters.
-        assert_eq!(frame("(\"é\")").unwrap(), "000005(\"é\")".as_bytes());
+        // "é" is one character and two octets: 6 octets in all.
+        assert_eq!(frame("(\"é\")").unwrap(), "000006(\"é\")".as_bytes());
         assert!(frame(&"x".repeat(0x100_0000)).is_none());
     }
 }
