@@ -130,6 +130,16 @@ pub enum AttachError {
          agent from a file sbmon writes, and sbmon reads its /proc)"
     )]
     NotLocal(String),
+    #[error(
+        "the Swank server at {swank} checks the secret in {image_file}, and {given} holds \
+         another: sbmon sent nothing (after a wrong secret, SLIME 2.27's listener stops, and an \
+         image with its debugger disabled exits). Pass --secret-file {image_file}"
+    )]
+    WrongSecret {
+        swank: String,
+        image_file: String,
+        given: String,
+    },
     #[error("cannot resolve {0}: {1}")]
     Resolve(String, String),
     #[error("the image at {addr} is {lisp}, not SBCL")]
@@ -158,7 +168,10 @@ fn output_note(output: &str) -> String {
     if output.trim().is_empty() {
         String::new()
     } else {
-        format!("\nits output:\n{}", crate::echo::clip_to(output.trim(), 2000))
+        format!(
+            "\nits output:\n{}",
+            crate::echo::clip_to(output.trim(), 2000)
+        )
     }
 }
 
@@ -175,6 +188,105 @@ fn private_dir(dir: &Path) -> std::io::Result<()> {
         .mode(0o700)
         .create(dir)?;
     std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o700))
+}
+
+/// The pid of the local process listening on TCP `port` (from /proc/net/tcp{,6} and the
+/// processes' fds this user can read), if it can be found.
+fn listener_pid(port: u16) -> Option<i32> {
+    let mut inodes = Vec::new();
+    for table in ["/proc/net/tcp", "/proc/net/tcp6"] {
+        let Ok(text) = std::fs::read_to_string(table) else {
+            continue;
+        };
+        for line in text.lines().skip(1) {
+            let fields: Vec<&str> = line.split_whitespace().collect();
+            let (Some(local), Some(state), Some(inode)) =
+                (fields.get(1), fields.get(3), fields.get(9))
+            else {
+                continue;
+            };
+            let listening = *state == "0A";
+            let on_port = local
+                .rsplit_once(':')
+                .and_then(|(_, p)| u16::from_str_radix(p, 16).ok())
+                == Some(port);
+            if listening && on_port {
+                inodes.push(format!("socket:[{inode}]"));
+            }
+        }
+    }
+    if inodes.is_empty() {
+        return None;
+    }
+    for entry in std::fs::read_dir("/proc").ok()?.filter_map(Result::ok) {
+        let Some(pid) = entry
+            .file_name()
+            .to_str()
+            .and_then(|n| n.parse::<i32>().ok())
+        else {
+            continue;
+        };
+        let Ok(fds) = std::fs::read_dir(entry.path().join("fd")) else {
+            continue;
+        };
+        for fd in fds.filter_map(Result::ok) {
+            if let Ok(link) = std::fs::read_link(fd.path())
+                && inodes.iter().any(|i| link.as_os_str() == i.as_str())
+            {
+                return Some(pid);
+            }
+        }
+    }
+    None
+}
+
+/// The secret the Swank server of local process `pid` checks, the first line of its
+/// `$HOME/.slime-secret`: `Some(None)` when it has none, `None` when that cannot be read.
+fn image_secret(pid: i32) -> Option<Option<(String, PathBuf)>> {
+    let environ = std::fs::read(format!("/proc/{pid}/environ")).ok()?;
+    let home = environ
+        .split(|b| *b == 0)
+        .find_map(|var| var.strip_prefix(b"HOME="))
+        .map(|h| PathBuf::from(String::from_utf8_lossy(h).into_owned()))?;
+    let path = home.join(".slime-secret");
+    match std::fs::symlink_metadata(&path) {
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Some(None),
+        Err(_) => None,
+        Ok(_) => crate::swank::read_secret(&path)
+            .ok()
+            .map(|s| Some((s, path))),
+    }
+}
+
+/// The secret to send. SLIME 2.27's Swank does not survive a wrong one well (its listener
+/// stops; with the debugger disabled the whole image exits), so when the image's own secret
+/// can be read, a different one is never sent: the image's is used, or the given one refused.
+fn choose_secret(
+    swank: &SwankAddress,
+    explicit: Option<&Path>,
+) -> Result<Option<(String, PathBuf)>, AttachError> {
+    let given = match explicit {
+        Some(path) => Some((crate::swank::read_secret(path)?, path.to_path_buf())),
+        None => None,
+    };
+    let Some(required) = listener_pid(swank.port).and_then(image_secret) else {
+        return match given {
+            Some(g) => Ok(Some(g)),
+            None => Ok(crate::swank::secret_from(None)?),
+        };
+    };
+    match (required, given) {
+        (None, _) => Ok(None),
+        (Some(required), None) => Ok(Some(required)),
+        (Some((secret, path)), Some((mine, mine_path))) if secret != mine => {
+            Err(AttachError::WrongSecret {
+                swank: swank.to_string(),
+                image_file: path.display().to_string(),
+                given: mine_path.display().to_string(),
+            })
+        }
+        (Some(_), Some(given)) => Ok(Some(given)),
+    }
 }
 
 fn check_local(swank: &SwankAddress) -> Result<(), AttachError> {
@@ -263,7 +375,10 @@ fn install_form(path: &Path, start: &str) -> String {
         "{{VERSION}}",
         &Sexp::string(launch::agent_version()).to_string(),
     )
-    .replace("{{PATH}}", &Sexp::string(path.to_string_lossy()).to_string())
+    .replace(
+        "{{PATH}}",
+        &Sexp::string(path.to_string_lossy()).to_string(),
+    )
     .replace("{{START}}", &start)
 }
 
@@ -280,7 +395,7 @@ fn is_newer(running: &str, ours: &str) -> bool {
 pub async fn attach(options: &AttachOptions) -> Result<Attached, AttachError> {
     let began = Instant::now();
     check_local(&options.swank)?;
-    let secret = crate::swank::secret_from(options.secret_file.as_deref())?;
+    let secret = choose_secret(&options.swank, options.secret_file.as_deref())?;
     let mut swank = Swank::connect(
         &options.swank.host,
         options.swank.port,
@@ -331,7 +446,11 @@ pub async fn attach(options: &AttachOptions) -> Result<Attached, AttachError> {
         name: options.name.clone(),
         ..LaunchOptions::default()
     });
-    let value = read_value(&swank.eval(&install_form(&path, &start), options.timeout).await?)?;
+    let value = read_value(
+        &swank
+            .eval(&install_form(&path, &start), options.timeout)
+            .await?,
+    )?;
     let warnings: Vec<String> = value
         .get("warnings")
         .and_then(Sexp::as_list)
@@ -409,7 +528,7 @@ pub async fn detach(
     timeout: Duration,
 ) -> Result<Detached, AttachError> {
     check_local(swank_addr)?;
-    let secret = crate::swank::secret_from(secret_file)?;
+    let secret = choose_secret(swank_addr, secret_file)?;
     let mut swank = Swank::connect(&swank_addr.host, swank_addr.port, secret, FIRST_ANSWER).await?;
     let state = image_state(&mut swank).await?;
     if let Some(target) = target {
@@ -475,7 +594,10 @@ mod tests {
 
     #[test]
     fn the_install_form_names_no_agent_symbol_before_the_load() {
-        let form = install_form(Path::new("/x/sbmon-agent.lisp"), "(sbmon-agent:start :name \"o\")");
+        let form = install_form(
+            Path::new("/x/sbmon-agent.lisp"),
+            "(sbmon-agent:start :name \"o\")",
+        );
         // Swank reads the whole form before the agent's package exists.
         assert!(!form.contains("sbmon-agent:"), "{form}");
         assert!(form.contains("(load \"/x/sbmon-agent.lisp\")"));
@@ -490,5 +612,16 @@ mod tests {
             check_local(&"192.0.2.1:1".parse().unwrap()),
             Err(AttachError::NotLocal(_))
         ));
+    }
+}
+
+#[cfg(test)]
+mod listener_tests {
+    #[test]
+    fn finds_the_process_listening_on_a_port() {
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let port = listener.local_addr().unwrap().port();
+        assert_eq!(super::listener_pid(port), Some(std::process::id() as i32));
+        drop(listener);
     }
 }

@@ -14,8 +14,8 @@ use tokio::sync::broadcast::error::RecvError;
 
 use crate::agent::{Address, AgentClient, ClientOptions, address};
 use crate::audit::Audit;
-use crate::launch::AgentAllow;
 use crate::config::Config;
+use crate::launch::AgentAllow;
 use crate::serve::{ServeError, ServeOptions};
 use crate::targets::{Listing, Target, default_name};
 use crate::tools::{self, Allow, Catalog};

@@ -226,7 +226,14 @@ mod tests {
             parse_socket_name("42-orders-eu.sock"),
             Some((42, Some("orders-eu".into())))
         );
-        for bad in ["orders.sock", "42-.sock", "42-.x.sock", "-1.sock", "42.socket", "42-a b.sock"] {
+        for bad in [
+            "orders.sock",
+            "42-.sock",
+            "42-.x.sock",
+            "-1.sock",
+            "42.socket",
+            "42-a b.sock",
+        ] {
             assert_eq!(parse_socket_name(bad), None, "{bad}");
         }
         assert!(valid_image_name("orders_1.v2"));

@@ -22,11 +22,20 @@ fn fasl_dir() -> &'static PathBuf {
         let dir = std::env::temp_dir().join(format!("sbmon-test-swank-{}", std::process::id()));
         std::fs::create_dir_all(&dir).unwrap();
         let out = Command::new("sbcl")
-            .args(["--noinform", "--no-sysinit", "--no-userinit", "--non-interactive"])
+            .args([
+                "--noinform",
+                "--no-sysinit",
+                "--no-userinit",
+                "--non-interactive",
+            ])
             .args(["--eval", &load_swank(&dir)])
             .output()
             .expect("run sbcl");
-        assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
         dir
     })
 }
@@ -46,6 +55,20 @@ pub fn free_port() -> u16 {
         .local_addr()
         .unwrap()
         .port()
+}
+
+/// True when some process listens on TCP `port` of this machine.
+pub fn listening(port: u16) -> bool {
+    let text = std::fs::read_to_string("/proc/net/tcp").unwrap_or_default();
+    text.lines().skip(1).any(|line| {
+        let fields: Vec<&str> = line.split_whitespace().collect();
+        fields.get(3) == Some(&"0A")
+            && fields
+                .get(1)
+                .and_then(|l| l.rsplit_once(':'))
+                .and_then(|(_, p)| u16::from_str_radix(p, 16).ok())
+                == Some(port)
+    })
 }
 
 pub struct SwankImage {
@@ -90,12 +113,19 @@ impl SwankImage {
         let child = Command::new("sbcl")
             .env("HOME", &home)
             .env("XDG_RUNTIME_DIR", &runtime)
-            .args(["--noinform", "--no-sysinit", "--no-userinit", "--disable-debugger"])
+            .args([
+                "--noinform",
+                "--no-sysinit",
+                "--no-userinit",
+                "--disable-debugger",
+            ])
             .args(["--eval", &load_swank(&fasl)])
             .args(["--eval", counter])
             .args([
                 "--eval",
-                &format!("(funcall (find-symbol \"CREATE-SERVER\" \"SWANK\") :port {port} :dont-close t)"),
+                &format!(
+                    "(funcall (find-symbol \"CREATE-SERVER\" \"SWANK\") :port {port} :dont-close t)"
+                ),
             ])
             .args(["--eval", "(loop (sleep 3600))"])
             .stdin(Stdio::null())
@@ -111,8 +141,10 @@ impl SwankImage {
             home,
             runtime,
         };
+        // Wait by reading the kernel's socket table: a connection that closes without the
+        // secret would make Swank give up its listener.
         let deadline = Instant::now() + Duration::from_secs(60);
-        while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
+        while !listening(port) {
             assert!(Instant::now() < deadline, "Swank did not start on {port}");
             tokio::time::sleep(Duration::from_millis(50)).await;
         }
@@ -123,7 +155,12 @@ impl SwankImage {
     pub async fn eval(&self, form: &str) -> String {
         let secret = std::fs::read_to_string(self.home.join(".slime-secret"))
             .ok()
-            .map(|s| (s.trim_end_matches('\n').to_string(), self.home.join(".slime-secret")));
+            .map(|s| {
+                (
+                    s.trim_end_matches('\n').to_string(),
+                    self.home.join(".slime-secret"),
+                )
+            });
         let mut swank = Swank::connect("127.0.0.1", self.port, secret, Duration::from_secs(10))
             .await
             .expect("connect to swank");
