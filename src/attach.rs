@@ -151,7 +151,10 @@ pub enum AttachError {
     #[error("the image answered something unexpected: {0}")]
     Unexpected(String),
     #[error("the agent started at {target} but does not answer: {source}")]
-    NoHandshake { target: String, source: AgentError },
+    NoHandshake {
+        target: String,
+        source: Box<AgentError>,
+    },
     #[error(
         "--target {target} is the agent of pid {agent_pid}, but the Swank server at {swank} \
          belongs to pid {swank_pid}"
@@ -473,7 +476,7 @@ pub async fn attach(options: &AttachOptions) -> Result<Attached, AttachError> {
         .await
         .map_err(|source| AttachError::NoHandshake {
             target: target.clone(),
-            source,
+            source: Box::new(source),
         })?;
     if welcome.pid != state.pid {
         return Err(AttachError::Unexpected(format!(
@@ -538,7 +541,7 @@ pub async fn detach(
             .await
             .map_err(|source| AttachError::NoHandshake {
                 target: target.to_string(),
-                source,
+                source: Box::new(source),
             })?;
         if welcome.pid != state.pid {
             return Err(AttachError::OtherImage {

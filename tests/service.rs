@@ -31,8 +31,15 @@ fn the_systemd_unit_verifies_cleanly() {
     let unit = UNIT.replace("%h/.cargo/bin/sbmon", env!("CARGO_BIN_EXE_sbmon"));
     assert!(unit.contains(env!("CARGO_BIN_EXE_sbmon")));
     let (ok, said) = verify(&unit);
-    assert!(ok && said.trim().is_empty(), "systemd-analyze verify:\n{said}");
-    for hardening in ["NoNewPrivileges=yes", "ProtectSystem=strict", "CapabilityBoundingSet="] {
+    assert!(
+        ok && said.trim().is_empty(),
+        "systemd-analyze verify:\n{said}"
+    );
+    for hardening in [
+        "NoNewPrivileges=yes",
+        "ProtectSystem=strict",
+        "CapabilityBoundingSet=",
+    ] {
         assert!(UNIT.contains(hardening), "{hardening}");
     }
 
