@@ -1061,6 +1061,8 @@ of n_gcs (or of *gc-epoch*) does."
 (defvar *hello-timeout* +hello-timeout+
   "Seconds a new connection has to send its hello (START's :HELLO-TIMEOUT).")
 (defvar *start-time* 0d0)
+(defvar *name* nil
+  "The image's name (START's :NAME), or NIL: sbmon names the target by it.")
 (defvar *pending-backtraces*
   (make-hash-table :test 'eq :weakness :key :synchronized t)
   "thread -> backtrace box whose interrupt has not run yet (waiter gave up).")
@@ -2268,9 +2270,21 @@ are measured, and the flags of *INTERNAL-CAPABILITIES* whose internals are prese
         (t (error "~a exists and is not a directory" dir))))
     dir))
 
-(defun default-socket-path (dir)
-  "<DIR>/<pid>.sock, DIR created if need be."
-  (format nil "~a/~d.sock" (ensure-private-directory dir) (os-getpid)))
+(defun default-socket-path (dir name)
+  "<DIR>/<pid>.sock, or <DIR>/<pid>-<NAME>.sock for a named image, DIR created if need be.
+The pid comes first so that sbmon tells a stale socket from a live one without connecting."
+  (format nil "~a/~d~@[-~a~].sock" (ensure-private-directory dir) (os-getpid) name))
+
+(defun check-image-name (name)
+  "NAME, when it is a valid image name: 1 to 40 ASCII letters, digits, '.', '_' or '-', not
+starting with '.' or '-' (it becomes part of a file name and of Prometheus labels)."
+  (unless (and (stringp name) (<= 1 (length name) 40)
+               (every (lambda (c) (or (char<= #\a c #\z) (char<= #\A c #\Z) (char<= #\0 c #\9)
+                                      (member c '(#\. #\_ #\-))))
+                      name)
+               (not (member (char name 0) '(#\. #\-))))
+    (error ":name must be 1 to 40 letters, digits, '.', '_' or '-' (not first), got ~s" name))
+  name)
 
 (defun socket-live-p (path)
   (let ((s (make-instance 'sb-bsd-sockets:local-socket :type :stream)))
@@ -2408,6 +2422,7 @@ it does SB-SYS:WITH-DEADLINE) and a peer sending its hello a byte at a time is c
               (return-from handshake nil))))
         (send-frame conn (list :welcome :protocol +protocol+
                                         :agent-version *version*
+                                        :name *name*
                                         :pid (os-getpid)
                                         :lisp-version (lisp-implementation-version)
                                         :capabilities (capabilities)
@@ -2521,7 +2536,7 @@ old one is closed.  A path that another file now occupies is left alone."
 ;;;; ------------------------------------------------------------------------
 ;;;; Start / stop
 
-(defun start (&key socket port (hello-timeout +hello-timeout+) (allow '(:read)))
+(defun start (&key socket port (hello-timeout +hello-timeout+) (allow '(:read)) name)
   "Start the agent and return its address: the Unix socket path, or \"127.0.0.1:PORT\".
 With no argument, listen on <dir>/<pid>.sock (<dir> = $XDG_RUNTIME_DIR/sbmon or
 /tmp/sbmon-<uid>, mode 0700; socket 0600).  :SOCKET PATH listens on that path.  :PORT N
@@ -2530,11 +2545,14 @@ listens on 127.0.0.1:N and requires the token from ~/.sbmon-secret (created if a
 hello before it is closed.  :ALLOW lists the classes of operations served: :read (the
 figures, always served), :control (:gc-run :gc-tune :kill-thread :profile) and :eval (:eval
 :reload-system); e.g. :allow '(:read :control :eval).  Any other operation is answered with
-a NOT-ALLOWED error.  Calling START while running returns the current address."
+a NOT-ALLOWED error.  :NAME (1 to 40 letters, digits, '.', '_', '-') names the image: the
+welcome carries it, the default socket is then <dir>/<pid>-<name>.sock, and sbmon calls the
+target by it instead of pid-N, so its series survive a restart.  Calling START while running
+returns the current address."
   (sb-thread:with-recursive-lock (*start-stop-lock*)
-    (%start socket port hello-timeout allow)))
+    (%start socket port hello-timeout allow name)))
 
-(defun %start (socket port hello-timeout allow)
+(defun %start (socket port hello-timeout allow name)
   (when *running*
     (return-from %start *address*))
   (when (and socket port)
@@ -2544,9 +2562,10 @@ a NOT-ALLOWED error.  Calling START while running returns the current address."
   (unless (and (realp hello-timeout) (< 0 hello-timeout 3601))
     (error ":hello-timeout must be a number of seconds in (0, 3600], got ~s" hello-timeout))
   (setf allow (normalize-allow allow))
+  (when name (check-image-name name))
   (let* ((token (and port (read-secret-token)))
          (dir (and (not port) (not socket) (default-socket-directory)))
-         (path (and (not port) (if socket (namestring socket) (default-socket-path dir))))
+         (path (and (not port) (if socket (namestring socket) (default-socket-path dir name))))
          (listener nil) (addr nil))
     (when (and port (zerop (length token)))
       (error "~a is empty" (secret-path)))
@@ -2561,6 +2580,7 @@ a NOT-ALLOWED error.  Calling START while running returns the current address."
             *tcp-token* token
             *hello-timeout* hello-timeout
             *allow* allow
+            *name* name
             *socket-path* (and (not port) path)
             *socket-dir* dir
             *exiting* nil

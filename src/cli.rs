@@ -15,6 +15,7 @@ use tokio::sync::broadcast::error::RecvError;
 use crate::agent::{Address, AgentClient, ClientOptions, address};
 use crate::audit::Audit;
 use crate::config::Config;
+use crate::launch::AgentAllow;
 use crate::samples::Settings;
 use crate::serve::{ServeError, ServeOptions};
 use crate::targets::{Listing, Target, default_name};
@@ -36,7 +37,17 @@ pub enum Command {
         /// Print JSON instead of a table.
         #[arg(long)]
         json: bool,
+        /// First remove the sockets of processes that no longer exist (only agent sockets of
+        /// the runtime directory).
+        #[arg(long)]
+        prune: bool,
     },
+    /// Load the agent into a running image through its Swank server, start it, print its
+    /// target spec.
+    Attach(AttachArgs),
+    /// Stop the agent of an image through its Swank server, leaving the image as before the
+    /// attach.
+    Detach(DetachArgs),
     /// List the tools this sbmon would offer (read tools; --allow adds control and eval).
     Tools {
         /// Also list control and/or eval tools, as `--allow` on serve or call offers them.
@@ -118,6 +129,52 @@ pub struct TargetArgs {
     pub token_file: Option<PathBuf>,
 }
 
+/// How to reach an image's Swank server.
+#[derive(Debug, Args)]
+pub struct SwankArgs {
+    /// The image's Swank server, HOST:PORT (this machine only).
+    #[arg(long, value_name = "HOST:PORT")]
+    pub swank: crate::attach::SwankAddress,
+    /// The Swank secret (default: ~/.slime-secret when it exists, as SLIME does).
+    #[arg(long, value_name = "FILE")]
+    pub secret_file: Option<PathBuf>,
+    /// Seconds loading and starting (or stopping) the agent may take.
+    #[arg(long, default_value_t = 120.0, value_name = "SECONDS")]
+    pub timeout: f64,
+}
+
+#[derive(Debug, Args)]
+pub struct AttachArgs {
+    #[command(flatten)]
+    pub swank: SwankArgs,
+    /// Name the image (the target's name, kept across restarts).
+    #[arg(long, value_name = "NAME", value_parser = parse_name)]
+    pub name: Option<String>,
+    /// Where the agent listens (default: <runtime dir>/<pid>[-<name>].sock).
+    #[arg(long, value_name = "PATH")]
+    pub socket: Option<PathBuf>,
+    /// Operation classes the agent serves beyond read, e.g. --allow control,eval.
+    #[arg(long, value_delimiter = ',', value_name = "CLASS")]
+    pub allow: Vec<AllowClass>,
+    /// Print the outcome as JSON instead of the target spec.
+    #[arg(long)]
+    pub json: bool,
+}
+
+#[derive(Debug, Args)]
+pub struct DetachArgs {
+    #[command(flatten)]
+    pub swank: SwankArgs,
+    /// The agent to stop, checked to be that of the image behind --swank before anything is
+    /// stopped.
+    #[arg(long, value_name = "SPEC")]
+    pub target: Option<String>,
+}
+
+fn parse_name(name: &str) -> Result<String, String> {
+    crate::attach::check_name(name).map(|()| name.to_string())
+}
+
 #[derive(Debug, Args)]
 pub struct CallArgs {
     /// Tool name (see `sbmon tools`).
@@ -188,6 +245,13 @@ pub struct ServeArgs {
     /// Without it, sbmon watches every live agent of the runtime directory.
     #[arg(long = "target", value_name = "[NAME=]SPEC")]
     pub targets: Vec<String>,
+    /// Attach to the image behind a Swank server, at start and again whenever its agent is
+    /// gone (the image restarted); repeatable. NAME (default swank-PORT) names the target.
+    #[arg(long = "attach", value_name = "[NAME=]swank:HOST:PORT")]
+    pub attach: Vec<String>,
+    /// The Swank secret for --attach (default: ~/.slime-secret when it exists).
+    #[arg(long, value_name = "FILE")]
+    pub secret_file: Option<PathBuf>,
     #[command(flatten)]
     pub front: FrontEndArgs,
 }
@@ -199,6 +263,9 @@ pub struct LaunchArgs {
     /// The SBCL executable.
     #[arg(long, default_value = "sbcl")]
     pub sbcl: PathBuf,
+    /// Name the image (the target's name).
+    #[arg(long, value_name = "NAME", value_parser = parse_name)]
+    pub name: Option<String>,
     /// Arguments for SBCL, after `--` (e.g. -- --dynamic-space-size 2GB --load app.lisp).
     #[arg(last = true, value_name = "SBCL-ARGS")]
     pub sbcl_args: Vec<String>,
@@ -232,7 +299,9 @@ pub fn run(cli: Cli) -> ExitCode {
             Command::Call(args) => call(args).await,
             Command::Serve(args) => serve(args).await,
             Command::Launch(args) => launch(args).await,
-            Command::Targets { json } => targets(json).await,
+            Command::Targets { json, prune } => targets(json, prune).await,
+            Command::Attach(args) => attach(args).await,
+            Command::Detach(args) => detach(args).await,
             Command::Tools { allow } => tools(&allow),
             Command::Demo(args) => crate::demo::run(args.sbcl, args.duration).await,
             Command::Events(args) => events(args).await,
@@ -424,7 +493,24 @@ async fn serve(args: ServeArgs) -> ExitCode {
             Err(e) => return fail(USAGE, e),
         }
     };
-    match crate::serve::serve(options, targets).await {
+    let attach = match args
+        .attach
+        .iter()
+        .map(|spec| crate::attach::parse_attach_spec(spec))
+        .collect::<Result<Vec<_>, _>>()
+    {
+        Ok(list) => list,
+        Err(e) => return fail(USAGE, e),
+    };
+    let attach = crate::serve::AttachAll {
+        images: attach,
+        secret_file: args.secret_file.clone(),
+        allow: AgentAllow {
+            control: options.allow.control,
+            eval: options.allow.eval,
+        },
+    };
+    match crate::serve::serve_attaching(options, targets, attach).await {
         Ok(()) => ExitCode::SUCCESS,
         Err(e @ ServeError::NoFrontEnd | e @ ServeError::NotLoopback(_)) => fail(USAGE, e),
         Err(e) => fail(1, e),
@@ -436,7 +522,7 @@ async fn launch(args: LaunchArgs) -> ExitCode {
         Ok(o) => o,
         Err(e) => return fail(USAGE, e),
     };
-    match crate::serve::launch(options, args.sbcl, args.sbcl_args).await {
+    match crate::serve::launch(options, args.sbcl, args.name, args.sbcl_args).await {
         Ok(()) => ExitCode::SUCCESS,
         Err(e @ ServeError::NoFrontEnd | e @ ServeError::NotLoopback(_)) => fail(USAGE, e),
         Err(e) => fail(1, e),
@@ -543,8 +629,22 @@ async fn events(args: EventsArgs) -> ExitCode {
     ExitCode::SUCCESS
 }
 
-async fn targets(json: bool) -> ExitCode {
+async fn targets(json: bool, prune: bool) -> ExitCode {
     let dir = address::runtime_dir();
+    if prune {
+        match address::prune_in(&dir) {
+            Ok(removed) => {
+                for f in removed {
+                    eprintln!(
+                        "sbmon: removed {} (process {} is gone)",
+                        f.path.display(),
+                        f.pid
+                    );
+                }
+            }
+            Err(e) => return fail(1, format!("cannot prune {}: {e}", dir.display())),
+        }
+    }
     let found = address::discover_in(&dir);
     let options = ClientOptions {
         connect_timeout: Duration::from_secs(1),
@@ -552,9 +652,23 @@ async fn targets(json: bool) -> ExitCode {
     };
     let probes = found.iter().map(|f| {
         let client = AgentClient::new(Address::Unix(f.path.clone()), options.clone());
-        async move { Listing::probe(None, &client, Some(f.pid), f.process_alive).await }
+        async move { Listing::probe(f.name.clone(), &client, Some(f.pid), f.process_alive).await }
     });
-    let rows = futures::future::join_all(probes).await;
+    let mut rows = futures::future::join_all(probes).await;
+    // Two live images with one name are reported, each under its own pid.
+    for i in 0..rows.len() {
+        let Some(name) = rows[i].name.clone() else {
+            continue;
+        };
+        let live = |r: &Listing| r.status == "live" && r.name.as_deref() == Some(&name);
+        if live(&rows[i]) && rows.iter().filter(|r| live(r)).count() > 1 {
+            rows[i].error = Some(format!(
+                "{} live images are named {name:?}; sbmon serve watches them as {name} and \
+                 {name}@PID",
+                rows.iter().filter(|r| live(r)).count()
+            ));
+        }
+    }
     if json {
         return print_json(&rows);
     }
@@ -562,17 +676,117 @@ async fn targets(json: bool) -> ExitCode {
         println!("no agents in {}", dir.display());
         return ExitCode::SUCCESS;
     }
-    println!("{:<8} {:<14} {:<18} ADDRESS", "PID", "STATUS", "LISP");
+    println!(
+        "{:<8} {:<12} {:<14} {:<18} ADDRESS",
+        "PID", "NAME", "STATUS", "LISP"
+    );
     for r in &rows {
         println!(
-            "{:<8} {:<14} {:<18} {}",
+            "{:<8} {:<12} {:<14} {:<18} {}{}",
             r.pid.map_or("?".into(), |p| p.to_string()),
+            r.name.as_deref().unwrap_or("-"),
             r.status,
             r.lisp_version.as_deref().unwrap_or("-"),
-            r.address
+            r.address,
+            r.error
+                .as_deref()
+                .filter(|e| e.contains("live images are named"))
+                .map_or(String::new(), |e| format!("  ({e})"))
         );
     }
     ExitCode::SUCCESS
+}
+
+fn swank_timeout(args: &SwankArgs) -> Result<Duration, String> {
+    if !(args.timeout.is_finite() && args.timeout > 0.0 && args.timeout <= 3600.0) {
+        return Err("--timeout must be between 0 and 3600 seconds".into());
+    }
+    Ok(Duration::from_secs_f64(args.timeout))
+}
+
+async fn attach(args: AttachArgs) -> ExitCode {
+    let timeout = match swank_timeout(&args.swank) {
+        Ok(t) => t,
+        Err(e) => return fail(USAGE, e),
+    };
+    let allow = allow_of(&args.allow);
+    let options = crate::attach::AttachOptions {
+        swank: args.swank.swank.clone(),
+        secret_file: args.swank.secret_file.clone(),
+        name: args.name.clone(),
+        socket: args.socket.clone(),
+        allow: AgentAllow {
+            control: allow.control,
+            eval: allow.eval,
+        },
+        timeout,
+    };
+    match crate::attach::attach(&options).await {
+        Ok(done) => {
+            for w in &done.warnings {
+                eprintln!("sbmon: the agent's compilation warned: {w}");
+            }
+            eprintln!(
+                "sbmon: {} (pid {}, agent {}{}) in {:.2} s",
+                match done.outcome {
+                    "started" => "started the agent".to_string(),
+                    "replaced" => format!(
+                        "replaced agent {} with",
+                        done.replaced_version.as_deref().unwrap_or("?")
+                    ),
+                    "running" => "the agent already runs; nothing changed".to_string(),
+                    _ => "a newer agent already runs; left it alone".to_string(),
+                },
+                done.pid,
+                done.agent_version,
+                done.name
+                    .as_deref()
+                    .map_or(String::new(), |n| format!(", named {n}")),
+                done.seconds
+            );
+            if args.json {
+                print_json(&done)
+            } else {
+                println!("{}", done.target);
+                ExitCode::SUCCESS
+            }
+        }
+        Err(e) => fail(1, e),
+    }
+}
+
+async fn detach(args: DetachArgs) -> ExitCode {
+    let timeout = match swank_timeout(&args.swank) {
+        Ok(t) => t,
+        Err(e) => return fail(USAGE, e),
+    };
+    let target = match args.target.as_deref().map(str::parse::<Address>) {
+        None => None,
+        Some(Ok(a)) => Some(a),
+        Some(Err(e)) => return fail(USAGE, e),
+    };
+    match crate::attach::detach(
+        &args.swank.swank,
+        args.swank.secret_file.as_deref(),
+        target.as_ref(),
+        timeout,
+    )
+    .await
+    {
+        Ok(done) => {
+            eprintln!(
+                "sbmon: {} (pid {})",
+                match done.outcome.as_str() {
+                    "stopped" => "stopped the agent",
+                    "not-running" => "the agent was loaded but not running; removed it",
+                    _ => "no agent was loaded; nothing changed",
+                },
+                done.pid
+            );
+            ExitCode::SUCCESS
+        }
+        Err(e) => fail(1, e),
+    }
 }
 
 fn tools(allow: &[AllowClass]) -> ExitCode {

@@ -1,4 +1,4 @@
-//! Health grading: the dimensions of the SBCL monitoring guide (memory, GC, threads,
+//! Health grading: the dimensions of the README's health checks (memory, GC, threads,
 //! resources, availability), each graded from one snapshot against warning and critical
 //! thresholds. The `health_check` tool, `/health` and `/metrics` all grade here.
 

@@ -15,6 +15,38 @@ pub const AGENT_SOURCE: &str = include_str!("../lisp/sbmon-agent.lisp");
 /// The agent's heap part, which it loads on first use from the directory it was loaded from
 /// (docs/protocol.md, "Heap operations").
 pub const AGENT_HEAP_SOURCE: &str = include_str!("../lisp/sbmon-agent-heap.lisp");
+/// Every file of the agent, as (file name, source): what `launch` and `attach` write to the
+/// directory the image loads the agent from. The agent loads any further part it needs from
+/// the directory its own file was loaded from, so a part is one more entry here.
+pub const AGENT_FILES: &[(&str, &str)] = &[
+    ("sbmon-agent.lisp", AGENT_SOURCE),
+    ("sbmon-agent-heap.lisp", AGENT_HEAP_SOURCE),
+];
+/// The file the image loads (the others are loaded by it when needed).
+pub const AGENT_MAIN: &str = "sbmon-agent.lisp";
+
+/// The agent version embedded in this binary: `(defparameter *version* "...")` of the source.
+pub fn agent_version() -> &'static str {
+    const MARK: &str = "(defparameter *version* \"";
+    AGENT_SOURCE
+        .find(MARK)
+        .map(|at| &AGENT_SOURCE[at + MARK.len()..])
+        .and_then(|rest| rest.split('"').next())
+        .unwrap_or("unknown")
+}
+
+/// Write the agent's files into `dir` (which must exist); returns the path of the file to
+/// load. Each file is written whole under a temporary name and renamed into place, so an
+/// image loading it at the same moment never reads half of one.
+pub fn write_agent_files(dir: &Path) -> std::io::Result<PathBuf> {
+    for (name, source) in AGENT_FILES {
+        let partial = dir.join(format!(".{name}.{}", std::process::id()));
+        std::fs::write(&partial, source)?;
+        std::fs::rename(&partial, dir.join(name))?;
+    }
+    Ok(dir.join(AGENT_MAIN))
+}
+
 /// The demo workload, as shipped in `examples/workload.lisp`.
 pub const WORKLOAD_SOURCE: &str = include_str!("../examples/workload.lisp");
 
@@ -41,6 +73,8 @@ pub struct LaunchOptions {
     /// Classes of operations beyond read that the agent serves (`:allow`); read-only by
     /// default, like sbmon itself.
     pub allow: AgentAllow,
+    /// The image's name (`:name`): the target's name, and part of its default socket's.
+    pub name: Option<String>,
 }
 
 /// What an agent serves beyond its read operations: `(sbmon-agent:start :allow '(:read ...))`
@@ -65,6 +99,7 @@ impl Default for LaunchOptions {
             toplevel_args: Vec::new(),
             hello_timeout: None,
             allow: AgentAllow::default(),
+            name: None,
         }
     }
 }
@@ -91,8 +126,11 @@ pub enum LaunchError {
 }
 
 /// The `(sbmon-agent:start ...)` form for `options`.
-fn start_form(options: &LaunchOptions) -> String {
+pub fn start_form(options: &LaunchOptions) -> String {
     let mut form = String::from("(sbmon-agent:start");
+    if let Some(name) = &options.name {
+        form += &format!(" :name {}", Sexp::string(name.as_str()));
+    }
     match &options.listen {
         Some(Address::Unix(path)) => {
             form += &format!(" :socket {}", Sexp::string(path.to_string_lossy()))
@@ -132,13 +170,7 @@ impl Sbcl {
             .prefix("sbmon-launch-")
             .tempdir()
             .map_err(LaunchError::Scratch)?;
-        let agent_path = scratch.path().join("sbmon-agent.lisp");
-        std::fs::write(&agent_path, AGENT_SOURCE).map_err(LaunchError::Scratch)?;
-        std::fs::write(
-            scratch.path().join("sbmon-agent-heap.lisp"),
-            AGENT_HEAP_SOURCE,
-        )
-        .map_err(LaunchError::Scratch)?;
+        let agent_path = write_agent_files(scratch.path()).map_err(LaunchError::Scratch)?;
         let log =
             std::fs::File::create(scratch.path().join("sbcl.log")).map_err(LaunchError::Scratch)?;
         let log_err = log.try_clone().map_err(LaunchError::Scratch)?;
@@ -194,7 +226,11 @@ impl Sbcl {
                     .find(|(k, _)| k == "XDG_RUNTIME_DIR")
                     .map(|(_, v)| Path::new(v).join("sbmon"))
                     .unwrap_or_else(address::runtime_dir);
-                Address::Unix(runtime_dir.join(format!("{pid}.sock")))
+                let file = match &options.name {
+                    Some(name) => format!("{pid}-{name}.sock"),
+                    None => format!("{pid}.sock"),
+                };
+                Address::Unix(runtime_dir.join(file))
             }
         };
         Ok(Sbcl {

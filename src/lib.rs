@@ -3,6 +3,7 @@
 //! tools to the front ends.
 
 pub mod agent;
+pub mod attach;
 pub mod audit;
 pub mod blocking;
 pub mod cli;
@@ -25,6 +26,7 @@ pub mod sampler;
 pub mod samples;
 pub mod serve;
 pub mod snapshot;
+pub mod swank;
 pub mod targets;
 pub mod tools;
 pub mod trend;

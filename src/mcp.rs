@@ -1,7 +1,7 @@
 //! The MCP front end (with the official SDK `rmcp`): stdio and Streamable HTTP. It adapts the
 //! tool catalog to MCP and holds no tool logic: tools/list is the catalog with its schemas and
 //! annotations, tools/call is `Catalog::call` with a text summary beside the structured result.
-//! It also owns what only MCP has: the prompts (the monitoring guide's workflows as guided
+//! It also owns what only MCP has: the prompts (the usual investigations as guided
 //! tool sequences) and the resources (the watched targets, and a tool guide generated from
 //! the catalog).
 //!

@@ -156,11 +156,106 @@ pub async fn serve(options: ServeOptions, targets: Option<Vec<Target>>) -> Resul
     outcome
 }
 
+/// Images that `serve --attach` keeps attached (see `crate::attach`).
+pub struct AttachAll {
+    /// (name, Swank server) of each image.
+    pub images: Vec<(Option<String>, crate::attach::SwankAddress)>,
+    pub secret_file: Option<std::path::PathBuf>,
+    /// What the agents serve: what this sbmon offers.
+    pub allow: AgentAllow,
+}
+
+/// `serve`, attaching to the images of `attach` first and again whenever their agent is gone.
+/// With discovered targets, an attached agent listens on its default socket and is found, by
+/// its name, like any other; with `--target`, it listens on `<runtime dir>/attach-NAME.sock`,
+/// a path that outlives the image's pid, and is watched there under its name.
+pub async fn serve_attaching(
+    options: ServeOptions,
+    mut targets: Option<Vec<Target>>,
+    attach: AttachAll,
+) -> Result<(), ServeError> {
+    let mut loops = Vec::new();
+    for (name, swank) in attach.images {
+        let name = name.unwrap_or_else(|| format!("swank-{}", swank.port));
+        let socket = targets.as_mut().map(|list| {
+            let path = address::runtime_dir().join(format!("attach-{name}.sock"));
+            list.push(Target::new(
+                name.clone(),
+                crate::agent::Address::Unix(path.clone()),
+                options.client.clone(),
+            ));
+            path
+        });
+        let options = crate::attach::AttachOptions {
+            swank,
+            secret_file: attach.secret_file.clone(),
+            name: Some(name),
+            socket,
+            allow: attach.allow,
+            timeout: Duration::from_secs(120),
+        };
+        loops.push(tokio::spawn(keep_attached(options)));
+    }
+    let outcome = serve(options, targets).await;
+    for task in loops {
+        task.abort();
+    }
+    outcome
+}
+
+/// How often `serve --attach` checks that an attached agent still answers.
+const ATTACH_INTERVAL: Duration = Duration::from_secs(2);
+
+async fn keep_attached(options: crate::attach::AttachOptions) {
+    let mut agent: Option<crate::agent::AgentClient> = None;
+    let mut last_error = String::new();
+    loop {
+        let alive = match &agent {
+            Some(client) => client.welcome().await.is_ok(),
+            None => false,
+        };
+        if !alive {
+            match crate::attach::attach(&options).await {
+                Ok(done) => {
+                    tracing::info!(
+                        "attached to the image behind swank {} (pid {}): {} at {}",
+                        options.swank,
+                        done.pid,
+                        done.outcome,
+                        done.target
+                    );
+                    last_error.clear();
+                    agent = done.target.parse().ok().map(|address| {
+                        let client_options = crate::agent::ClientOptions {
+                            connect_timeout: Duration::from_secs(1),
+                            ..crate::agent::ClientOptions::default()
+                        };
+                        crate::agent::AgentClient::new(address, client_options)
+                    });
+                }
+                Err(e) => {
+                    let message = e.to_string();
+                    if message != last_error {
+                        tracing::warn!(
+                            "cannot attach to swank {}: {message}; trying again every {:?}",
+                            options.swank,
+                            ATTACH_INTERVAL
+                        );
+                        last_error = message;
+                    }
+                }
+            }
+        }
+        tokio::time::sleep(ATTACH_INTERVAL).await;
+    }
+}
+
 /// Start SBCL with the agent (`sbcl_args` after `--` on the command line), serve it exactly
 /// as `serve` would, and stop it when sbmon exits, however that happens.
 pub async fn launch(
     options: ServeOptions,
     sbcl: std::path::PathBuf,
+    name: Option<String>,
     sbcl_args: Vec<String>,
 ) -> Result<(), ServeError> {
     let (runtime_args, toplevel_args) = split_sbcl_args(&sbcl_args);
@@ -173,6 +268,7 @@ pub async fn launch(
             control: options.allow.control,
             eval: options.allow.eval,
         },
+        name,
         ..LaunchOptions::default()
     })?;
     eprintln!(

@@ -217,18 +217,33 @@ impl Target {
     }
 }
 
-/// A name for a target given without one: `pid-N` for `<dir>/N.sock`, else the address.
+/// A name for a target given without one: the image's name for `<dir>/N-NAME.sock` (what
+/// `(sbmon-agent:start :name "NAME")` makes), `pid-N` for `<dir>/N.sock`, else the address.
 pub fn default_name(address: &Address) -> String {
     if let Address::Unix(path) = address
-        && let Some(pid) = path
+        && let Some((pid, name)) = path
             .file_name()
             .and_then(|n| n.to_str())
-            .and_then(|n| n.strip_suffix(".sock"))
-            .filter(|n| n.parse::<i32>().is_ok())
+            .and_then(crate::agent::address::parse_socket_name)
     {
-        return format!("pid-{pid}");
+        return name.unwrap_or_else(|| format!("pid-{pid}"));
     }
     address.to_string()
+}
+
+/// The name of a newly found image: its own, or `NAME@PID` when a watched image of another
+/// process already has that name. Two images with one name are both watched, and reported.
+fn unique_name(list: &[Arc<Target>], found: &Found, address: &Address) -> String {
+    let name = default_name(address);
+    if list.iter().any(|t| t.name == name) {
+        let unique = format!("{name}@{}", found.pid);
+        tracing::warn!(
+            "two live images are named {name:?}: watching {address} as {unique:?}; give each \
+             image its own (sbmon-agent:start :name ...)"
+        );
+        return unique;
+    }
+    name
 }
 
 #[derive(Debug, Clone, thiserror::Error)]
@@ -278,12 +293,9 @@ impl Targets {
         for f in live {
             let address = Address::Unix(f.path.clone());
             if !list.iter().any(|t| t.client.address() == &address) {
-                tracing::info!("watching {address}");
-                list.push(Arc::new(Target::new(
-                    default_name(&address),
-                    address,
-                    options.clone(),
-                )));
+                let name = unique_name(&list, f, &address);
+                tracing::info!("watching {address} as {name}");
+                list.push(Arc::new(Target::new(name, address, options.clone())));
             }
         }
         list.sort_by(|a, b| a.name.cmp(&b.name));
@@ -463,6 +475,7 @@ mod tests {
     fn follows_discovered_agents() {
         let found = |pid: i32, alive: bool| Found {
             pid,
+            name: None,
             path: format!("/run/sbmon/{pid}.sock").into(),
             process_alive: alive,
         };
@@ -478,6 +491,29 @@ mod tests {
         assert!(Arc::ptr_eq(&first, &ts.resolve(Some("pid-1")).unwrap()));
         ts.sync_discovered(&[found(3, true)], &options);
         assert_eq!(names(&ts), ["pid-3"]);
+    }
+
+    #[test]
+    fn named_images_keep_their_names_and_duplicates_are_told_apart() {
+        let named = |pid: i32, name: &str| Found {
+            pid,
+            name: Some(name.into()),
+            path: format!("/run/sbmon/{pid}-{name}.sock").into(),
+            process_alive: true,
+        };
+        let ts = Targets::default();
+        let options = ClientOptions::default();
+        ts.sync_discovered(&[named(10, "orders"), named(11, "orders")], &options);
+        let names = |ts: &Targets| ts.all().iter().map(|t| t.name.clone()).collect::<Vec<_>>();
+        assert_eq!(names(&ts), ["orders", "orders@11"]);
+        // The first one exits; a restart of it under a new pid gets the name back only once
+        // the name is free again.
+        ts.sync_discovered(&[named(11, "orders")], &options);
+        assert_eq!(names(&ts), ["orders@11"]);
+        ts.sync_discovered(&[named(11, "orders"), named(12, "billing")], &options);
+        assert_eq!(names(&ts), ["billing", "orders@11"]);
+        let a: Address = "unix:/tmp/sbmon-0/123-orders.sock".parse().unwrap();
+        assert_eq!(default_name(&a), "orders");
     }
 
     #[test]

@@ -72,20 +72,56 @@ pub fn runtime_dir() -> PathBuf {
     }
 }
 
+/// The default socket of process `pid` in the runtime directory: `<pid>.sock`, or the
+/// `<pid>-<name>.sock` of a named image when there is one.
 pub fn socket_for_pid(pid: i32) -> PathBuf {
-    runtime_dir().join(format!("{pid}.sock"))
+    let dir = runtime_dir();
+    discover_in(&dir)
+        .into_iter()
+        .find(|f| f.pid == pid)
+        .map_or_else(|| dir.join(format!("{pid}.sock")), |f| f.path)
 }
 
 /// An agent socket found in the runtime directory.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Found {
     pub pid: i32,
+    /// The image's name, from a socket named `<pid>-<name>.sock`.
+    pub name: Option<String>,
     pub path: PathBuf,
     /// False when the process that made the socket no longer exists (a stale socket).
     pub process_alive: bool,
 }
 
-/// Agent sockets in `dir`, sorted by pid. Files not named `<pid>.sock` are ignored.
+/// True for a name `(sbmon-agent:start :name ...)` accepts: 1 to 40 ASCII letters, digits,
+/// `.`, `_` or `-`, not starting with `.` or `-`.
+pub fn valid_image_name(name: &str) -> bool {
+    (1..=40).contains(&name.len())
+        && name
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b"._-".contains(&b))
+        && !name.starts_with(['.', '-'])
+}
+
+/// The pid and name in an agent's default socket file name: `<pid>.sock` or
+/// `<pid>-<name>.sock`.
+pub fn parse_socket_name(file_name: &str) -> Option<(i32, Option<String>)> {
+    let stem = file_name.strip_suffix(".sock")?;
+    let (pid, name) = match stem.split_once('-') {
+        Some((pid, name)) => (pid, Some(name)),
+        None => (stem, None),
+    };
+    if pid.is_empty() || !pid.bytes().all(|b| b.is_ascii_digit()) {
+        return None;
+    }
+    if name.is_some_and(|n| !valid_image_name(n)) {
+        return None;
+    }
+    Some((pid.parse().ok()?, name.map(str::to_string)))
+}
+
+/// Agent sockets in `dir`, sorted by pid. Files not named `<pid>.sock` or
+/// `<pid>-<name>.sock` are ignored.
 pub fn discover_in(dir: &Path) -> Vec<Found> {
     let Ok(entries) = std::fs::read_dir(dir) else {
         return Vec::new();
@@ -93,10 +129,10 @@ pub fn discover_in(dir: &Path) -> Vec<Found> {
     let mut found: Vec<Found> = entries
         .filter_map(|entry| entry.ok())
         .filter_map(|entry| {
-            let name = entry.file_name();
-            let pid: i32 = name.to_str()?.strip_suffix(".sock")?.parse().ok()?;
+            let (pid, name) = parse_socket_name(entry.file_name().to_str()?)?;
             Some(Found {
                 pid,
+                name,
                 path: entry.path(),
                 process_alive: crate::process::is_alive(pid),
             })
@@ -104,6 +140,26 @@ pub fn discover_in(dir: &Path) -> Vec<Found> {
         .collect();
     found.sort_by_key(|f| f.pid);
     found
+}
+
+/// Remove the stale sockets of `dir`: files named as agent sockets, that are sockets, and
+/// whose process is gone (checked again just before each removal). Returns those removed.
+pub fn prune_in(dir: &Path) -> std::io::Result<Vec<Found>> {
+    use std::os::unix::fs::FileTypeExt;
+    let mut removed = Vec::new();
+    for f in discover_in(dir) {
+        if f.process_alive || crate::process::is_alive(f.pid) {
+            continue;
+        }
+        let is_socket = std::fs::symlink_metadata(&f.path)
+            .map(|m| m.file_type().is_socket())
+            .unwrap_or(false);
+        if is_socket {
+            std::fs::remove_file(&f.path)?;
+            removed.push(f);
+        }
+    }
+    Ok(removed)
 }
 
 pub fn discover() -> Vec<Found> {
@@ -135,8 +191,8 @@ mod tests {
             })
         );
         assert_eq!(
-            "pid:42".parse::<Address>().unwrap(),
-            Address::Unix(runtime_dir().join("42.sock"))
+            "pid:99999998".parse::<Address>().unwrap(),
+            Address::Unix(runtime_dir().join("99999998.sock"))
         );
         for bad in ["", "unix:", "tcp:host", "tcp:h:99999", "pid:x", "http://x"] {
             assert!(bad.parse::<Address>().is_err(), "{bad}");
@@ -151,9 +207,55 @@ mod tests {
         // Pid numbers above pid_max (at most 2^22) never belong to a live process.
         std::fs::write(dir.path().join("99999999.sock"), "").unwrap();
         std::fs::write(dir.path().join("notes.txt"), "").unwrap();
+        std::fs::write(dir.path().join("99999997-orders.sock"), "").unwrap();
+        std::fs::write(dir.path().join("x-orders.sock"), "").unwrap();
         let found = discover_in(dir.path());
-        assert_eq!(found.len(), 2);
+        assert_eq!(found.len(), 3);
         assert_eq!((found[0].pid, found[0].process_alive), (me, true));
-        assert_eq!((found[1].pid, found[1].process_alive), (99999999, false));
+        assert_eq!(
+            (found[1].pid, found[1].name.as_deref()),
+            (99999997, Some("orders"))
+        );
+        assert_eq!((found[2].pid, found[2].process_alive), (99999999, false));
+    }
+
+    #[test]
+    fn socket_names_carry_pid_and_name() {
+        assert_eq!(parse_socket_name("42.sock"), Some((42, None)));
+        assert_eq!(
+            parse_socket_name("42-orders-eu.sock"),
+            Some((42, Some("orders-eu".into())))
+        );
+        for bad in [
+            "orders.sock",
+            "42-.sock",
+            "42-.x.sock",
+            "-1.sock",
+            "42.socket",
+            "42-a b.sock",
+        ] {
+            assert_eq!(parse_socket_name(bad), None, "{bad}");
+        }
+        assert!(valid_image_name("orders_1.v2"));
+        assert!(!valid_image_name(&"x".repeat(41)));
+    }
+
+    #[test]
+    fn prune_removes_only_dead_processes_sockets() {
+        use std::os::unix::net::UnixListener;
+        let dir = tempfile::tempdir().unwrap();
+        let me = std::process::id() as i32;
+        let _live = UnixListener::bind(dir.path().join(format!("{me}-live.sock"))).unwrap();
+        let dead = dir.path().join("99999999-gone.sock");
+        drop(UnixListener::bind(&dead).unwrap());
+        // Named like a socket of a dead process, but a plain file: not sbmon's to remove.
+        let plain = dir.path().join("99999998.sock");
+        std::fs::write(&plain, "").unwrap();
+        let removed = prune_in(dir.path()).unwrap();
+        assert_eq!(removed.len(), 1);
+        assert_eq!(removed[0].path, dead);
+        assert!(!dead.exists());
+        assert!(plain.exists());
+        assert!(dir.path().join(format!("{me}-live.sock")).exists());
     }
 }

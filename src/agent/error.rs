@@ -82,6 +82,11 @@ pub enum AgentError {
          has it called (sbmon-agent:start)? `sbmon targets` lists the agents found"
     )]
     Connect { address: String, reason: String },
+    #[error(
+        "{address} is a Swank server (SLIME), not an sbmon agent: load the agent into that \
+         image with `sbmon attach --swank {swank}`, then use the target it prints"
+    )]
+    Swank { address: String, swank: String },
     #[error("the agent refused the connection: {0}")]
     Refused(String),
     #[error("handshake with the agent failed: {0}")]
@@ -125,6 +130,7 @@ impl AgentError {
         matches!(
             self,
             AgentError::Connect { .. }
+                | AgentError::Swank { .. }
                 | AgentError::Refused(_)
                 | AgentError::Handshake(_)
                 | AgentError::Timeout { .. }

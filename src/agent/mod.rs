@@ -119,7 +119,8 @@ impl AgentClient {
                 Connection::establish(stream, None, timeout).await
             }
             Address::Tcp { host, port } => {
-                let token = self.token().map_err(failed)?;
+                // Connect even without a token: what answers may not be an agent at all.
+                let token = self.token();
                 let stream = tokio::time::timeout(
                     timeout,
                     tokio::net::TcpStream::connect((host.as_str(), *port)),
@@ -130,7 +131,24 @@ impl AgentClient {
                 stream
                     .set_nodelay(true)
                     .map_err(|e| failed(e.to_string()))?;
-                Connection::establish(stream, Some(&token), timeout).await
+                match Connection::establish(stream, token.as_deref().ok(), timeout).await {
+                    Ok(connection) => Ok(connection),
+                    // An agent always says why it hangs up; a Swank server hangs up silently
+                    // on a message it does not know. Ask it something harmless to be sure.
+                    Err(AgentError::Handshake(reason))
+                        if reason.contains("closed the connection")
+                            && crate::swank::answers_at(host, *port, timeout).await =>
+                    {
+                        Err(AgentError::Swank {
+                            address: self.address.to_string(),
+                            swank: format!("{host}:{port}"),
+                        })
+                    }
+                    Err(e) => match token {
+                        Err(reason) => Err(failed(reason)),
+                        Ok(_) => Err(e),
+                    },
+                }
             }
         }
     }

@@ -8,6 +8,9 @@ use serde::Deserialize;
 pub struct Welcome {
     pub protocol: i64,
     pub agent_version: String,
+    /// The image's name, from `(sbmon-agent:start :name ...)`; absent from older agents.
+    #[serde(default)]
+    pub name: Option<String>,
     pub pid: i32,
     pub lisp_version: String,
     /// Operations the agent implements, and flags such as `pause-timing`.

@@ -1,4 +1,4 @@
-//! The MCP prompts: the monitoring guide's workflows as guided sequences of tool calls, with
+//! The MCP prompts: the usual investigations as guided sequences of tool calls, with
 //! the health thresholds in force quoted so a model grades figures as `health_check` does.
 
 use rmcp::ErrorData as McpError;

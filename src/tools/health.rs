@@ -1,4 +1,4 @@
-//! `health_check`: the image graded against the monitoring guide's thresholds (the grading
+//! `health_check`: the image graded against the README's thresholds (the grading
 //! itself is `crate::health`, shared with `/health` and `/metrics`).
 
 use std::fmt::Write as _;

@@ -3,6 +3,8 @@
 //! the test ends, pass or fail (`Sbcl` stops its process on drop).
 #![allow(dead_code)]
 
+pub mod swank;
+
 use std::io::{BufRead, BufReader};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
