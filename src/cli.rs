@@ -230,7 +230,7 @@ pub struct FrontEndArgs {
     /// Read every target every SECONDS (1..60) for memory_trend and windowed health checks.
     #[arg(long, value_name = "SECONDS", default_value_t = 5)]
     pub sample_interval: u64,
-    /// Keep SECONDS of samples per target (up to 86400; about 140 bytes a sample).
+    /// Keep SECONDS of samples per target (up to 86400; 160 bytes a sample).
     #[arg(long, value_name = "SECONDS", default_value_t = 3600)]
     pub sample_history: u64,
     #[command(flatten)]

@@ -1,9 +1,9 @@
 //! A target's samples over time: what one sample holds ([`Sample`]), and the bounded ring
-//! that keeps them ([`History`]), filled by [`crate::sampler`] and read by windowed answers
-//! (`memory_trend`, the `memory.leak` health check).
+//! that keeps them ([`History`]), filled by the sampler (`sampler.rs`) and read by windowed
+//! answers (`memory_trend`, the `memory.leak` health check).
 //!
-//! A reading that failed is a gap, never a made-up point: the analysis of [`crate::trend`]
-//! refuses a verdict across one.
+//! A reading that failed is a gap, never a made-up point: the analysis of `trend.rs` refuses
+//! a verdict across one.
 
 use std::collections::VecDeque;
 use std::sync::Mutex;
@@ -252,7 +252,7 @@ mod tests {
         assert_eq!(kept.last().map(Entry::time), Some(9999.0));
         // An hour at the default interval: 720 entries of a fixed size.
         assert_eq!(Settings::default().capacity(), 720);
-        assert!(std::mem::size_of::<Entry>() <= 160);
+        assert_eq!(std::mem::size_of::<Entry>(), 160);
     }
 
     #[test]

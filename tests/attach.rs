@@ -153,6 +153,8 @@ async fn attach_serves_every_read_tool_and_detach_leaves_the_image_as_before() {
         let args = match tool {
             "thread_inspect" => json!({"thread_id": "counter"}),
             "gc_watch" => json!({"seconds": 0.2}),
+            "heap_retainers" => json!({"type": "CONS", "max_paths": 1}),
+            "memory_trend" => json!({"window_s": 10}),
             _ => json!({}),
         };
         let called = catalog.call_from("cli", tool, args).await;

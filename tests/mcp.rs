@@ -454,7 +454,12 @@ async fn prompts(client: &Client) {
     let tools_of = |name: &str| -> &[&str] {
         match name {
             "basic_health_check" => &["health_check", "memory_stats", "runtime_stats"],
-            "memory_investigation" => &["memory_stats", "gc_stats"],
+            "memory_investigation" => &[
+                "memory_stats",
+                "memory_trend",
+                "heap_histogram",
+                "heap_retainers",
+            ],
             "gc_pressure" => &["gc_stats", "gc_watch", "memory_stats"],
             "thread_health" => &["thread_list", "thread_inspect"],
             _ => &[
@@ -462,6 +467,7 @@ async fn prompts(client: &Client) {
                 "thread_dump_all",
                 "memory_stats",
                 "runtime_stats",
+                "memory_trend",
             ],
         }
     };

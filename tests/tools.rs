@@ -479,6 +479,7 @@ async fn health_check_grades_against_configured_thresholds() {
             "gc.time",
             "threads.count",
             "resources.fds",
+            "memory.leak",
             "availability.errors"
         ]
     );

@@ -213,21 +213,33 @@ fn memory_investigation(ex: &Example, l: &Limits) -> String {
          1. Call {memory}. Record `heap_used_bytes`, `heap_limit_bytes`, `heap_used_ratio` \
          ({heap}), `rss_bytes` and `rss_limit_ratio` ({rss}), and the bytes of each entry in \
          `generations` (0 is the nursery, 1-5 older objects, 6 pseudo-static).\n\
-         2. Call {gc}. `recent` lists the last collections with the heap before and after: \
-         heap after a collection that keeps rising means live data grows (a leak or a \
-         growing cache); a heap that drops back after each collection is only garbage. \
-         `bytes_freed_recent` says how much the recent collections reclaimed.\n\
-         3. Wait a little (30 s or more for a service under load) and call {memory} again. \
-         Compare `bytes_consed_total` (allocation rate), the heap, and which generations grew: \
-         growth in generations 2-5 is data that survives.\n\
-         4. If RSS is much larger than the heap limit suggests, say so: memory outside the \
+         2. Is it growing, and is it a leak? Call {trend}. Under `sbmon serve` it reads the \
+         sampler's history at once; a one-shot call samples for `window_s` first. Report \
+         `verdict` (stable, growing, leak_suspected, insufficient_data) with its `reason`, \
+         `retained_growth.slope` (bytes a second the heap after older-generation collections \
+         grows: the figure a leak moves), `allocation_bytes_per_second`, and \
+         `seconds_to_heap_limit` when leaking. Heavy allocation that is freed is not a leak; \
+         `insufficient_data` says what is missing (too few samples or collections, a gap, a \
+         restart): say so rather than guess.\n\
+         3. What fills the heap? Call {histogram} (it walks the heap: tens of milliseconds \
+         per 100 MB, on the agent's worker). Note `snapshot_id`. The rows are types by bytes; \
+         structure and CLOS instances appear under their class names. To see what grows, \
+         wait (a minute or more, or until {trend} shows growth) and call it again with \
+         `since` set to that id: the types that grew come first.\n\
+         4. Who holds it? For the type that grows, call {retainers} with that type name: each \
+         path runs from a root (a global variable, a thread's stack) to one object. It runs a \
+         full collection with the world stopped (about a second per 100 MB): say so before \
+         calling it on a large heap.\n\
+         5. If RSS is much larger than the heap limit suggests, say so: memory outside the \
          Lisp heap (foreign libraries, thread stacks) is growing.\n\n\
-         Answer with the heap and RSS figures, the trend between the two readings, where \
-         growth is (which generations), and whether the heap will reach its limit soon. \
-         Nothing here changes the image.",
+         Answer with the heap and RSS figures, the verdict and its evidence, the types that \
+         fill or grow the heap, what holds them, and whether the heap will reach its limit \
+         soon. Nothing here changes the image.",
         intro = ex.intro("Investigate the memory"),
         memory = ex.call("memory_stats", json!({})),
-        gc = ex.call("gc_stats", json!({})),
+        trend = ex.call("memory_trend", json!({})),
+        histogram = ex.call("heap_histogram", json!({"top": 20})),
+        retainers = ex.call("heap_retainers", json!({"type": "MYAPP::SESSION"})),
         heap = l.heap(),
         rss = l.rss(),
     )
@@ -300,7 +312,11 @@ fn incident_response(ex: &Example, l: &Limits) -> String {
          {gc}.\n\
          3. Find the cause: call {runtime} and {list}. Look for high CPU (`cpu_user_seconds`, \
          per-thread `cpu_seconds`), many threads waiting on one mutex (`lisp_wait`), \
-         excessive GC time, a heap near its limit, or file descriptors near their limit.\n\n\
+         excessive GC time, a heap near its limit, or file descriptors near their limit.\n\
+         4. What happened before: call {trend} for the last hour of samples (under `sbmon \
+         serve`): the heap's first, last, min and max, the allocation rate, GC time, and \
+         whether memory leaks. A `memory.leak` check that is degraded means the same; then \
+         follow the memory_investigation prompt.\n\n\
          Thresholds in force: {heap}; {rss}; {gc_limit}; {threads}; {fds}; {agent}.\n\n\
          Answer with: the status and failing checks; the most likely cause with the figures \
          and backtrace lines that support it; and the next action for the operator. These \
@@ -315,6 +331,7 @@ fn incident_response(ex: &Example, l: &Limits) -> String {
         gc = ex.call("gc_stats", json!({})),
         runtime = ex.call("runtime_stats", json!({})),
         list = ex.call("thread_list", json!({})),
+        trend = ex.call("memory_trend", json!({"window_s": 3600})),
         heap = l.heap(),
         rss = l.rss(),
         gc_limit = l.gc(),

@@ -47,10 +47,11 @@ const FIXTURE: [&str; 2] = [
 ];
 
 /// Every read tool of the catalog: what a read-only sbmon lists.
-pub const READ_TOOLS: [&str; 11] = [
+pub const READ_TOOLS: [&str; 12] = [
     "health_check",
     "metrics_export",
     "memory_stats",
+    "memory_trend",
     "gc_stats",
     "gc_watch",
     "runtime_stats",
