@@ -7,8 +7,8 @@
 //!   sleeps 0.1 ms per iteration into an 8 MiB nursery (`alloc`, which needs a collection
 //!   every few tens of ms and so waits for any walk that holds collections off), both timed
 //!   with CLOCK_MONOTONIC;
-//! - for `heap_retainers`, the duration of SB-EXT:SEARCH-ROOTS (a full collection with every
-//!   thread stopped) and the same two gaps.
+//! - for `heap_retainers`, the duration of SB-EXT:SEARCH-ROOTS (every thread stopped, with
+//!   the agent's retries) and the same two gaps.
 //!
 //! The gaps are read back with the agent's :eval (the image is started with :allow :eval).
 //! Run: `cargo bench --bench heap` (SIZES=100,500 and RUNS=3 to change).

@@ -36,6 +36,8 @@
 (define-internal object-address (x) ("SB-KERNEL" "GET-LISP-OBJ-ADDRESS" :capability :heap-walk) 0)
 (define-internal widetag-of (x) ("SB-KERNEL" "WIDETAG-OF" :capability :heap-walk) -1)
 (define-internal object-generation (x) ("SB-KERNEL" "GENERATION-OF"))
+;; zeroes the unused part of the control stack: see CALL-ON-OWN-THREAD
+(define-internal scrub-control-stack () ("SB-SYS" "SCRUB-CONTROL-STACK"))
 (define-internal search-roots-name ()
     ("SB-EXT" "SEARCH-ROOTS" :capability :heap-retainers :as :function))
 ;; slot names of structure instances in retainer paths (word indices without them)
@@ -414,6 +416,25 @@ bytes, then count); their number."
                     collect (list :type name :count c :bytes b :count-delta dc :bytes-delta db))
               n))))
 
+(defun call-on-own-thread (name fn)
+  "FN's value, computed on a thread of its own that ends before this returns.  A walk leaves
+pointers to whatever it visited in dead slots of the stack it ran on, and a conservative
+stack scan (a later SEARCH-ROOTS) reports them as roots.  So no walk runs on a thread that
+outlives it, and the thread scrubs its dead stack before it ends: SBCL reuses the memory of
+an ended thread's stack for the next thread, stale words and all."
+  (let* ((box (vector nil))
+         (thread (spawn name
+                        (lambda ()
+                          (setf (svref box 0)
+                                (handler-case (list (funcall fn))
+                                  (serious-condition (c) c)))
+                          (scrub-control-stack)))))
+    (sb-thread:join-thread thread :default nil)
+    (let ((result (svref box 0)))
+      (cond ((typep result 'condition) (error result))
+            ((null result) (fail "ABORTED" "the heap walk's thread ended without a result"))
+            (t (first result))))))
+
 (defun op-heap-histogram (args)
   (check-plist args '(:top :since :generation :max-seconds :max-heap-bytes) :heap-histogram)
   (let* ((top (int-arg args :top :heap-histogram :default 30 :max +max-top+))
@@ -429,7 +450,9 @@ bytes, then count); their number."
                             call ~:[every generation~;~:*generation ~d~]: compare like with like"
             since (snap-generation old) generation))
     (let* ((heap-used (check-heap-limit max-heap :heap-histogram))
-           (walk (with-heap-walk-slot () (count-heap generation max-seconds)))
+           (walk (with-heap-walk-slot ()
+                   (call-on-own-thread "sbmon-agent heap walk"
+                                       (lambda () (count-heap generation max-seconds)))))
            (snap (walk-to-snapshot walk generation))
            (truncated (walk-truncated walk))
            (id (unless truncated (keep-snapshot snap)))
@@ -458,10 +481,9 @@ bytes, then count); their number."
 ;;;; :heap-retainers
 ;;;;
 ;;;; Sample up to :max-paths objects of the type by walking the heap (the first found), then
-;;;; ask SB-EXT:SEARCH-ROOTS for a path to each with :gc t: the search runs inside a full
-;;;; collection, with every thread stopped, so no thread can change the graph under it (its
-;;;; :gc nil mode traces while other threads run, which SBCL documents as unreliable).  The
-;;;; cost is one full collection; the reply reports its duration.
+;;;; ask SB-EXT:SEARCH-ROOTS for a path to each, with collections held off (SEARCH-PATHS says
+;;;; why not inside a full collection, :gc t).  The search stops every thread while it runs;
+;;;; the reply reports its duration.
 
 (defun type-matcher (type)
   "For TYPE (a name as :heap-histogram prints it): (values :widetag W) or (values :classoid C),
@@ -518,24 +540,13 @@ vector; and whether the walk ran out of time."
         (values (subseq found 0 (aref tally +t-found+)) late (/ (- (mono-ns) t0) 1d9))))))
 
 (defun sample-weakly (kind key max max-seconds)
-  "SAMPLE-OBJECTS on a thread of its own, which ends before the search: only weak pointers
-come back, so no stack of the agent's holds the samples (a conservative stack scan would
-otherwise report this worker's stack as their root).  Returns (POINTERS LATE SECONDS)."
-  (let* ((box (vector nil))
-         (thread (spawn "sbmon-agent heap sampler"
-                        (lambda ()
-                          (setf (svref box 0)
-                                (handler-case
-                                    (multiple-value-bind (objects late seconds)
-                                        (sample-objects kind key max max-seconds)
-                                      (list (map 'list #'sb-ext:make-weak-pointer objects)
-                                            late seconds))
-                                  (serious-condition (c) c)))))))
-    (sb-thread:join-thread thread :default nil)
-    (let ((result (svref box 0)))
-      (cond ((typep result 'condition) (error result))
-            ((null result) (fail "ABORTED" "the heap sampler thread ended without a result"))
-            (t result)))))
+  "SAMPLE-OBJECTS on a thread of its own: only weak pointers come back, so no stack of the
+agent's holds the samples.  Returns (POINTERS LATE SECONDS)."
+  (call-on-own-thread
+   "sbmon-agent heap sampler"
+   (lambda ()
+     (multiple-value-bind (objects late seconds) (sample-objects kind key max max-seconds)
+       (list (map 'list #'sb-ext:make-weak-pointer objects) late seconds)))))
 
 (defun object-type-name (x)
   (let ((widetag (if (consp x) (cons-typecode) (widetag-of x))))
@@ -599,6 +610,34 @@ otherwise report this worker's stack as their root).  Returns (POINTERS LATE SEC
             :steps-omitted (- depth (length kept))
             :steps (loop for (obj . word) in kept collect (step-plist obj word))))))
 
+(defconstant +search-attempts+ 4)
+
+(defun search-paths (pointers)
+  "SEARCH-ROOTS' paths to the objects of weak POINTERS, each as (TARGET ROOT NODE*).
+Not with :GC T: inside a collection, the collector's own frames on the searching thread's
+stack are scanned as roots, and the path found often starts there.  Outside one, a
+collection another thread makes during the search spoils it, so collections are held off
+while it runs, as for a walk.  Even so, on SBCL 2.2.9 a search right after new weak pointers
+are made finds nothing about every other time, and the same search again finds the paths,
+so the objects still without one are searched again, up to +SEARCH-ATTEMPTS+ times.  On a
+thread of its own, so no later search meets its stale frames."
+  (call-on-own-thread
+   "sbmon-agent heap search"
+   (lambda ()
+     (let ((found '()))
+       (dotimes (i +search-attempts+)
+         (let ((missing (remove-if (lambda (wp)
+                                     (let ((x (sb-ext:weak-pointer-value wp)))
+                                       (or (null x) (find x found :key #'first))))
+                                   pointers)))
+           (when (null missing)
+             (return))
+           (dolist (path (without-gcing*
+                           (funcall (search-roots-name) missing
+                                    :criterion :oldest :gc nil :print nil)))
+             (push path found))))
+       (nreverse found)))))
+
 (defun op-heap-retainers (args)
   (check-plist args '(:type :max-paths :max-depth :max-seconds :max-heap-bytes) :heap-retainers)
   (let* ((type (string-arg args :type :heap-retainers :required t :max 300))
@@ -614,9 +653,7 @@ otherwise report this worker's stack as their root).  Returns (POINTERS LATE SEC
       (destructuring-bind (pointers late walk-seconds)
           (with-heap-walk-slot () (sample-weakly kind key max-paths max-seconds))
         (let* ((t0 (mono-ns))
-               (paths (when pointers
-                        (funcall (search-roots-name) pointers
-                                 :criterion :oldest :gc t :print nil)))
+               (paths (when pointers (search-paths pointers)))
                (search-seconds (seconds-since t0)))
           (list :type type
                 :sampled (length pointers)

@@ -227,9 +227,9 @@ fn memory_investigation(ex: &Example, l: &Limits) -> String {
          wait (a minute or more, or until {trend} shows growth) and call it again with \
          `since` set to that id: the types that grew come first.\n\
          4. Who holds it? For the type that grows, call {retainers} with that type name: each \
-         path runs from a root (a global variable, a thread's stack) to one object. It runs a \
-         full collection with the world stopped (about a second per 100 MB): say so before \
-         calling it on a large heap.\n\
+         path runs from a root (a global variable, a thread's stack) to one object. It stops \
+         every thread while it searches (about a second per 100 MB): say so before calling \
+         it on a large heap.\n\
          5. If RSS is much larger than the heap limit suggests, say so: memory outside the \
          Lisp heap (foreign libraries, thread stacks) is growing.\n\n\
          Answer with the heap and RSS figures, the verdict and its evidence, the types that \

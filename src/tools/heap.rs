@@ -299,7 +299,7 @@ pub struct HeapRetainers {
     pub walk_seconds: f64,
     /// The walk ran out of time before finding `max_paths` objects.
     pub walk_truncated: bool,
-    /// SB-EXT:SEARCH-ROOTS, which runs a full collection with every thread stopped.
+    /// SB-EXT:SEARCH-ROOTS (every thread stopped), with its retries.
     pub search_seconds: f64,
     /// One per sampled object that is still reachable.
     pub paths: Vec<RetainerPath>,
@@ -354,10 +354,10 @@ impl Tool for HeapRetainersTool {
         live objects of `type` (a name as heap_histogram prints it), the path from a GC root \
         (a global variable, a thread's binding or stack, a static object) to the object, each \
         step with its type and the slot or index that holds the next, as SB-EXT:SEARCH-ROOTS \
-        finds it. Expensive: a heap walk to sample the objects, then a FULL garbage collection \
-        with every thread stopped for its whole duration (measured 0.6 s for a 125 MiB heap, \
-        3.3-4.5 s for 518 MiB of small objects); refused above the configured heap size \
-        (default 4 GiB).";
+        finds it. Expensive: a heap walk to sample the objects, then a search that stops \
+        every thread for its whole duration (measured 0.9-1.5 s for a 135 MiB heap, 3.9-4.9 s \
+        for 521 MiB of small objects); refused above the configured heap size (default \
+        4 GiB).";
     const CLASS: Class = Class::Read;
     type Args = RetainersArgs;
     type Output = HeapRetainers;
@@ -393,7 +393,7 @@ impl Tool for HeapRetainersTool {
 
     fn summary(r: &HeapRetainers) -> String {
         let mut out = format!(
-            "{}: {} sampled object{} of {} (walk {}{}, root search with a full GC {})",
+            "{}: {} sampled object{} of {} (walk {}{}, root search, every thread stopped, {})",
             target_label(&r.target),
             r.sampled,
             if r.sampled == 1 { "" } else { "s" },
