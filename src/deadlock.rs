@@ -117,7 +117,8 @@ pub fn cycles(edges: &[WaitEdge]) -> Vec<Deadlock> {
                 Some(&w) if w == walk => {
                     // Back on this walk's own path: the cycle is the path from `at` on.
                     let from = path.iter().position(|e| e.tid == at).unwrap_or(0);
-                    let mut cycle: Vec<WaitEdge> = path[from..].iter().map(|e| (*e).clone()).collect();
+                    let mut cycle: Vec<WaitEdge> =
+                        path[from..].iter().map(|e| (*e).clone()).collect();
                     let lowest = cycle
                         .iter()
                         .enumerate()
@@ -177,7 +178,10 @@ mod tests {
         assert_eq!(tids(&found[0]), [10, 20], "starts at the lowest tid");
         let mutexes: Vec<&str> = found[0].threads.iter().map(|e| e.mutex.as_str()).collect();
         assert_eq!(mutexes, ["lock-b", "lock-a"]);
-        assert_eq!(found[0].describe(), "10 t10 -[\"lock-b\"]-> 20 t20 -[\"lock-a\"]-> 10");
+        assert_eq!(
+            found[0].describe(),
+            "10 t10 -[\"lock-b\"]-> 20 t20 -[\"lock-a\"]-> 10"
+        );
     }
 
     #[test]
@@ -203,7 +207,10 @@ mod tests {
             edge(3, "r", 5),
             edge(5, "s", 3),
         ]);
-        assert_eq!(found.iter().map(tids).collect::<Vec<_>>(), [vec![3, 5], vec![8, 9]]);
+        assert_eq!(
+            found.iter().map(tids).collect::<Vec<_>>(),
+            [vec![3, 5], vec![8, 9]]
+        );
     }
 
     #[test]
@@ -238,8 +245,14 @@ mod tests {
         let threads: Vec<LispThread> = crate::wire::from_sexp(&s).unwrap();
         let e = edges(&threads);
         assert_eq!(e.len(), 2, "{e:?}");
-        assert_eq!((e[0].tid, e[0].owner_tid, e[0].stopped_in_debugger), (1, 2, false));
-        assert_eq!((e[1].tid, e[1].mutex.as_str(), e[1].stopped_in_debugger), (2, "n", true));
+        assert_eq!(
+            (e[0].tid, e[0].owner_tid, e[0].stopped_in_debugger),
+            (1, 2, false)
+        );
+        assert_eq!(
+            (e[1].tid, e[1].mutex.as_str(), e[1].stopped_in_debugger),
+            (2, "n", true)
+        );
         assert_eq!(threads[0].waiting_seconds, Some(3.5));
         let found = cycles(&e);
         assert_eq!(found.len(), 1);

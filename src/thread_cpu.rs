@@ -134,12 +134,14 @@ pub async fn recent(
     let before = crate::blocking::run(move || Reading::take(pid)).await?;
     tokio::time::sleep(OWN_INTERVAL).await;
     let after = crate::blocking::run(move || Reading::take(pid)).await?;
-    Ok(between(&before, &after, Source::ThisCall).unwrap_or(Interval {
-        seconds: 0.0,
-        source: Source::ThisCall,
-        percent: HashMap::new(),
-        age_seconds: 0.0,
-    }))
+    Ok(
+        between(&before, &after, Source::ThisCall).unwrap_or(Interval {
+            seconds: 0.0,
+            source: Source::ThisCall,
+            percent: HashMap::new(),
+            age_seconds: 0.0,
+        }),
+    )
 }
 
 #[cfg(test)]
@@ -158,7 +160,11 @@ mod tests {
     fn percent_is_cpu_delta_over_wall_delta() {
         let t0 = Instant::now() - Duration::from_secs(5);
         let a = reading(1, t0, &[(1, 10.0), (2, 3.0), (3, 1.0)]);
-        let b = reading(1, t0 + Duration::from_secs(2), &[(1, 12.0), (2, 3.1), (4, 9.0)]);
+        let b = reading(
+            1,
+            t0 + Duration::from_secs(2),
+            &[(1, 12.0), (2, 3.1), (4, 9.0)],
+        );
         let i = between(&a, &b, Source::Sampler).unwrap();
         assert_eq!(i.seconds, 2.0);
         assert!((i.percent[&1] - 100.0).abs() < 1e-9);

@@ -485,7 +485,11 @@ fn thread_line(out: &mut String, t: &ThreadInfo) {
 /// One line per deadlock cycle.
 fn deadlock_lines(out: &mut String, deadlocks: &[Deadlock]) {
     for d in deadlocks {
-        let _ = write!(out, "\nDEADLOCK: {}", cut(&d.describe(), 4 * MAX_FIELD_CHARS));
+        let _ = write!(
+            out,
+            "\nDEADLOCK: {}",
+            cut(&d.describe(), 4 * MAX_FIELD_CHARS)
+        );
     }
 }
 
