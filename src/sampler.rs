@@ -68,22 +68,13 @@ async fn read(target: &Target) -> Result<Sample, SampleError> {
     })
 }
 
-/// Per-thread CPU for `cpu_percent` (kept on the target, outside the ring), and a `:threads`
-/// call so the agent sees each mutex wait within one interval of its start (`waited_seconds`
-/// counts from when a wait was first seen). Failures are only logged: the sample says
-/// whether the target answered.
-async fn threads(target: &Target) {
+/// Per-thread CPU for `cpu_percent`, kept on the target outside the ring: /proc only, nothing
+/// asked of the image. A failure is only logged: the sample says whether the target answered.
+async fn task_cpu(target: &Target) {
     let Ok(pid) = target.pid().await else { return };
-    let (tasks, lisp) = tokio::join!(
-        crate::blocking::run(move || crate::thread_cpu::Reading::take(pid)),
-        target.client.threads()
-    );
-    match tasks {
+    match crate::blocking::run(move || crate::thread_cpu::Reading::take(pid)).await {
         Ok(reading) => target.task_cpu.record(reading),
         Err(e) => tracing::debug!(target = %target.name, "task CPU not read: {e}"),
-    }
-    if let Err(e) = lisp {
-        tracing::debug!(target = %target.name, "threads not read: {e}");
     }
 }
 
@@ -106,7 +97,7 @@ pub async fn run(targets: Arc<Targets>, settings: Settings, stop: CancellationTo
                 continue;
             }
             tokio::spawn(async move {
-                let (entry, ()) = tokio::join!(sample(&target), threads(&target));
+                let (entry, ()) = tokio::join!(sample(&target), task_cpu(&target));
                 target.history.end_tick(entry);
             });
         }

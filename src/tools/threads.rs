@@ -128,7 +128,7 @@ pub struct ThreadInfo {
     pub owner_name: Option<String>,
     /// Seconds this thread has waited on this same object *since the agent first saw it
     /// waiting* (SBCL does not record when a wait began; the agent notes each wait when a
-    /// `:threads` call sees it, which `sbmon serve`'s sampler makes every sample interval):
+    /// `:threads` call sees it: every thread tool, health check and /metrics scrape makes one):
     /// a lower bound of the real wait, 0 when first seen by this call; null when not waiting.
     pub waited_seconds: Option<f64>,
     /// True when the thread sits in a debugger: a condition was signalled, nobody handled
