@@ -101,9 +101,11 @@
 
   (defun internal-present-p (symbol as)
     "True when SYMBOL can be used AS :call (a function), :value or :variable (a bound
-variable), :function (the name of a function) or :macro."
+variable), :function (the name of a function), :macro, or :symbol (any symbol: a special
+variable that is unbound until some thread binds it)."
     (and symbol
          (ecase as
+           (:symbol t)
            ((:call :function) (and (fboundp symbol) (not (macro-function symbol))
                                    (not (special-operator-p symbol))))
            ((:value :variable) (boundp symbol))
@@ -130,13 +132,13 @@ variable), :function (the name of a function) or :macro."
                            &body fallback)
   "Define function NAME over PACKAGE::SYMBOL, looked up now.  AS :call calls it with the
 parameters of LAMBDA-LIST (required ones, or (&rest ARGS)); :value returns the variable's
-value; :function and :variable return the symbol itself.  When the symbol is absent NAME
+value; :function, :variable and :symbol return the symbol itself.  When the symbol is absent NAME
 evaluates FALLBACK instead.  CAPABILITY names the capability flag that needs it."
   (let* ((sym (find-internal package symbol))
          (present (internal-present-p sym as))
          (args (remove '&rest lambda-list))
          (body (cond ((not present) `(progn ,@(or fallback '(nil))))
-                     ((member as '(:function :variable)) `',sym)
+                     ((member as '(:function :variable :symbol)) `',sym)
                      ((eq as :value) `(if (boundp ',sym) (symbol-value ',sym) (progn ,@fallback)))
                      ((member '&rest lambda-list) `(apply ',sym ,@args))
                      (t `(,sym ,@args)))))
@@ -208,6 +210,20 @@ evaluates FALLBACK instead.  CAPABILITY names the capability flag that needs it.
     ("SB-THREAD" "THREAD-WAITING-FOR" :capability :thread-waits))
 
 (define-internal waitqueue-label (queue) ("SB-THREAD" "WAITQUEUE-NAME" :capability :thread-waits))
+
+;; A thread inside the debugger has SB-DEBUG:*DEBUG-CONDITION* bound (SBCL binds it in
+;; %INVOKE-DEBUGGER, before a thread that is not at the foreground waits for it); reading
+;; another thread's binding needs SYMBOL-VALUE-IN-THREAD.
+(define-internal debug-condition-variable ()
+    ("SB-DEBUG" "*DEBUG-CONDITION*" :capability :thread-debugger :as :symbol))
+
+(define-internal value-in-thread (symbol thread errorp)
+    ("SB-THREAD" "SYMBOL-VALUE-IN-THREAD" :capability :thread-debugger)
+  (values nil nil))
+
+;; The (thread . mutex) pairs of the cycle SBCL found when it signalled THREAD-DEADLOCK.
+(define-internal deadlock-cycle (condition)
+    ("SB-THREAD" "THREAD-DEADLOCK-CYCLE" :capability :thread-debugger))
 
 ;;; The debugger, the printer, exit
 
@@ -1345,35 +1361,117 @@ the send timeout disconnects it.  Ends when the connection unsubscribes or close
         ((stringp name) name)
         (t (safe-string (lambda (s) (princ name s)) 200))))
 
-(defun waiting-for (thread)
-  "Return (values name type) for what THREAD waits on, or NIL."
-  (let ((w (ignore-errors (thread-blocker thread))))
-    (when (consp w) (setf w (cdr w)))   ; (timeout . object) in some versions
-    (cond ((null w) nil)
-          ((typep w 'sb-thread:mutex)
-           (values (object-name-string (sb-thread:mutex-name w)) "mutex"))
-          ((typep w 'sb-thread:waitqueue)
-           (values (object-name-string (ignore-errors (waitqueue-label w))) "waitqueue"))
-          ((typep w 'sb-thread:semaphore)
-           (values (object-name-string (sb-thread:semaphore-name w)) "semaphore"))
-          (t (values (safe-string (lambda (s) (princ w s)) 200)
-                     (safe-string (lambda (s) (princ (type-of w) s)) 100))))))
+;; what each waiting thread was first seen waiting on by a :threads call, and when
+(defvar *waits-lock* (sb-thread:make-mutex :name "sbmon-agent waits"))
+(defvar *waits-seen* (make-hash-table :test 'eq :weakness :key)
+  "thread -> (object . CLOCK_MONOTONIC ns): the object THREAD waited on when a :threads call
+first saw it waiting there.  Rebuilt from the waits of the threads listed by every :threads
+call, so it holds at most one entry per waiting thread.")
 
-(defun thread-plist (thread)
+(defun blocked-object (thread)
+  "The object THREAD waits on (a mutex, waitqueue, semaphore, ...), or NIL."
+  (let ((w (ignore-errors (thread-blocker thread))))
+    (if (consp w) (cdr w) w)))   ; (timeout . object) in some versions
+
+(defun note-waits (waits now)
+  "WAITS: (thread . object) of every waiting thread listed now.  Returns a table thread ->
+seconds since a :threads call first saw it waiting on that same object (0 when first seen
+now)."
+  (let ((seconds (make-hash-table :test 'eq)))
+    (sb-thread:with-mutex (*waits-lock*)
+      (let ((seen (make-hash-table :test 'eq :weakness :key)))
+        (loop for (thread . object) in waits
+              for old = (gethash thread *waits-seen*)
+              for entry = (if (and old (eq (car old) object)) old (cons object now))
+              do (setf (gethash thread seen) entry
+                       (gethash thread seconds) (/ (max 0 (- now (cdr entry))) 1d9)))
+        (setf *waits-seen* seen)))
+    seconds))
+
+(defun object-id (object ids)
+  "A small integer naming OBJECT within one :threads reply (IDS: its table)."
+  (or (gethash object ids)
+      (setf (gethash object ids) (1+ (hash-table-count ids)))))
+
+(defun waited-object-plist (object ids)
+  "What a thread waits on: name, type, id within the reply, and for a mutex its owner."
+  (multiple-value-bind (name type)
+      (cond ((typep object 'sb-thread:mutex)
+             (values (object-name-string (sb-thread:mutex-name object)) "mutex"))
+            ((typep object 'sb-thread:waitqueue)
+             (values (object-name-string (ignore-errors (waitqueue-label object))) "waitqueue"))
+            ((typep object 'sb-thread:semaphore)
+             (values (object-name-string (sb-thread:semaphore-name object)) "semaphore"))
+            (t (values (safe-string (lambda (s) (princ object s)) 200)
+                       (safe-string (lambda (s) (princ (type-of object) s)) 100))))
+    (let ((owner (and (typep object 'sb-thread:mutex)
+                      (ignore-errors (sb-thread:mutex-owner object)))))
+      (list :waiting-for name
+            :waiting-for-type type
+            :waiting-for-id (object-id object ids)
+            :owner-tid (and owner (thread-tid owner))
+            :owner-name (and owner (object-name-string (sb-thread:thread-name owner)))))))
+
+(defun thread-binding (symbol thread)
+  "THREAD's value of the special variable SYMBOL, or NIL when unbound there."
+  (and symbol
+       (multiple-value-bind (value bound) (ignore-errors (value-in-thread symbol thread nil))
+         (and bound value))))
+
+(defun debugger-condition (thread)
+  "The condition THREAD's debugger was invoked with, still unanswered, and where it was
+found; NIL when THREAD is not in a debugger.  SBCL's own debugger binds
+SB-DEBUG:*DEBUG-CONDITION*; SLIME's binds SWANK::*SWANK-DEBUGGER-CONDITION*."
+  (let ((c (thread-binding (debug-condition-variable) thread)))
+    (if (typep c 'condition)
+        (values c "sb-debug:*debug-condition*")
+        (let ((c (thread-binding (contrib-variable "SWANK" "*SWANK-DEBUGGER-CONDITION*") thread)))
+          (and (typep c 'condition) (values c "swank::*swank-debugger-condition*"))))))
+
+(defun deadlock-wanted (condition thread)
+  "The mutex THREAD was about to wait for when SBCL signalled CONDITION, a THREAD-DEADLOCK
+naming the cycle it found; NIL for any other condition."
+  (ignore-errors
+   (loop for entry in (deadlock-cycle condition)
+         when (and (consp entry) (eq (car entry) thread))
+           do (let ((m (cdr entry)))
+                (when (consp m) (setf m (car m)))
+                (return (and (typep m 'sb-thread:mutex) m))))))
+
+(defun debugger-plist (thread ids)
+  (multiple-value-bind (c found-by) (debugger-condition thread)
+    (when c
+      (let ((wanted (deadlock-wanted c thread)))
+        (list :type (safe-string (lambda (s) (prin1 (type-of c) s)) 200)
+              :message (condition-message c)
+              :found-by found-by
+              :wanted (and wanted (waited-object-plist wanted ids)))))))
+
+(defun thread-plist (thread object ids seconds)
   (let ((name (sb-thread:thread-name thread)))
-    (multiple-value-bind (wname wtype) (waiting-for thread)
-      (list :tid (thread-tid thread)
-            :name name
-            :alive (and (sb-thread:thread-alive-p thread) t)
-            :main (and (main-thread-p thread) t)
-            :agent (agent-thread-p thread)
-            :daemon (thread-daemon-p thread)
-            :waiting-for wname
-            :waiting-for-type wtype))))
+    (list* :tid (thread-tid thread)
+           :name name
+           :alive (and (sb-thread:thread-alive-p thread) t)
+           :main (and (main-thread-p thread) t)
+           :agent (agent-thread-p thread)
+           :daemon (thread-daemon-p thread)
+           :waiting-seconds (and object (gethash thread seconds))
+           :debugger (debugger-plist thread ids)
+           (if object
+               (waited-object-plist object ids)
+               (list :waiting-for nil :waiting-for-type nil)))))
 
 (defun op-threads (args)
   (check-plist args '() :threads)
-  (mapcar #'thread-plist (sb-thread:list-all-threads)))
+  (let* ((threads (sb-thread:list-all-threads))
+         (objects (mapcar #'blocked-object threads))
+         (seconds (note-waits (loop for th in threads for o in objects
+                                    when o collect (cons th o))
+                              (mono-ns)))
+         (ids (make-hash-table :test 'eq)))
+    (loop for th in threads
+          for o in objects
+          collect (thread-plist th o ids seconds))))
 
 ;;;; ------------------------------------------------------------------------
 ;;;; Backtraces
@@ -2134,10 +2232,11 @@ enter the debugger reaches the debugger hooks, which record it and unwind."
   "The classes of operations, in the order START's :allow lists them.")
 
 (defparameter *internal-capabilities* '(:gc-count :thread-tids :thread-kinds :thread-waits
-                                        :backtrace-frames)
+                                        :thread-debugger :backtrace-frames)
   "Capability flags that hold when the SBCL internals they need are present (see the section
 on internals): :gc-count n_gcs, :thread-tids OS thread ids (:tid, needed by :backtrace and
-:kill-thread), :thread-kinds main and system threads, :thread-waits :waiting-for, :backtrace-frames the
+:kill-thread), :thread-kinds main and system threads, :thread-waits :waiting-for, :thread-debugger
+:debugger (threads inside a debugger, and the mutex a THREAD-DEADLOCK stopped), :backtrace-frames the
 frames of :backtrace, :backtraces and of :eval errors.")
 
 (defun capabilities ()

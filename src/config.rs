@@ -12,6 +12,7 @@
 //! time = { warning = 0.05, critical = 0.20 }   # GC CPU seconds / wall seconds, last minute
 //! [health.threads]
 //! count = { warning = 100, critical = 500 }    # Lisp threads
+//! stuck = { warning = 60 }                     # seconds seen waiting on one mutex (a deadlock is critical)
 //! [health.resources]
 //! fds = { warning = 0.80, critical = 0.95 }    # open fds / soft limit
 //! [health.availability]
@@ -98,7 +99,13 @@ threshold_group!(GcThresholds {
     time: limits(0.05, 0.20)
 });
 threshold_group!(ThreadThresholds {
-    count: limits(100.0, 500.0)
+    count: limits(100.0, 500.0),
+    // Seconds a thread has been seen waiting on one mutex. A deadlock cycle is critical and a
+    // thread in the debugger degraded whatever these say.
+    stuck: Threshold {
+        warning: 60.0,
+        critical: None
+    },
 });
 threshold_group!(ResourceThresholds {
     fds: limits(0.80, 0.95)
@@ -165,6 +172,7 @@ impl Config {
             ("memory.leak", h.memory.leak),
             ("gc.time", h.gc.time),
             ("threads.count", h.threads.count),
+            ("threads.stuck", h.threads.stuck),
             ("resources.fds", h.resources.fds),
             ("availability.agent", h.availability.agent),
             ("availability.errors", h.availability.errors),
@@ -193,6 +201,11 @@ mod tests {
             Config::parse("[health.memory]\nheap = { warning = 0.1, critical = 0.2 }\n").unwrap();
         assert_eq!(c.health.memory.heap, limits(0.1, 0.2));
         assert_eq!(c.health.memory.rss, limits(0.80, 0.95));
+        assert_eq!(c.health.threads.count, limits(100.0, 500.0));
+        assert_eq!(c.health.threads.stuck.warning, 60.0);
+        assert_eq!(c.health.threads.stuck.critical, None);
+        let c = Config::parse("[health.threads]\nstuck = { warning = 5 }\n").unwrap();
+        assert_eq!(c.health.threads.stuck.warning, 5.0);
         assert_eq!(c.health.threads.count, limits(100.0, 500.0));
         assert_eq!(c.health.availability.agent.critical, None);
     }

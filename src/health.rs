@@ -5,8 +5,10 @@
 use schemars::JsonSchema;
 use serde::Serialize;
 
+use crate::agent::reply::LispThread;
 use crate::config::Threshold;
 use crate::context::Context;
+use crate::deadlock;
 use crate::figures::{ratio, unix_now};
 use crate::snapshot::{Detail, Readings, Snapshot};
 use crate::targets::Target;
@@ -130,6 +132,7 @@ pub fn grade(ctx: &Context, target: &Target, snap: &Snapshot) -> HealthReport {
                 ("memory.rss", &h.memory.rss),
                 ("gc.time", &h.gc.time),
                 ("threads.count", &h.threads.count),
+                ("threads.stuck", &h.threads.stuck),
                 ("resources.fds", &h.resources.fds),
             ] {
                 checks.push(unknown(
@@ -205,6 +208,58 @@ fn leak_check(ctx: &Context, target: &Target) -> Check {
             trend.reason
         ),
     }
+}
+
+/// `threads.stuck`: critical for a deadlock cycle, degraded for a thread in the debugger;
+/// otherwise graded on the longest time a thread has been seen waiting on one mutex.
+fn stuck_check(threads: &[LispThread], t: &Threshold) -> Check {
+    let cycles = deadlock::cycles(&deadlock::edges(threads));
+    let in_debugger: Vec<&LispThread> = threads.iter().filter(|t| t.debugger.is_some()).collect();
+    let longest = threads
+        .iter()
+        .filter(|t| t.waiting_for_type.as_deref() == Some("mutex"))
+        .filter_map(|t| t.waiting_seconds.map(|s| (s, t)))
+        .max_by(|a, b| a.0.total_cmp(&b.0));
+    let observed = longest.map_or(0.0, |(s, _)| s);
+    let mut c = check(
+        "threads.stuck",
+        observed,
+        t,
+        match longest {
+            Some((s, th)) => format!(
+                "longest mutex wait seen: {} on {:?} held by {} ({s:.0} s since first seen)",
+                th.name.as_deref().unwrap_or("unnamed"),
+                th.waiting_for.as_deref().unwrap_or(""),
+                th.owner_name.as_deref().unwrap_or("no owner")
+            ),
+            None => "no thread waits on a mutex".into(),
+        },
+    );
+    if !in_debugger.is_empty() {
+        c.status = c.status.max(Status::Degraded);
+        let named: Vec<String> = in_debugger
+            .iter()
+            .map(|t| {
+                format!(
+                    "{} ({})",
+                    t.name.as_deref().unwrap_or("unnamed"),
+                    t.debugger.as_ref().map_or("", |d| d.type_name.as_str())
+                )
+            })
+            .collect();
+        c.reason = format!(
+            "{} in the debugger: {}; {}",
+            named.len(),
+            named.join(", "),
+            c.reason
+        );
+    }
+    if !cycles.is_empty() {
+        c.status = Status::Critical;
+        let described: Vec<String> = cycles.iter().map(|d| d.describe()).collect();
+        c.reason = format!("deadlock: {}; {}", described.join("; "), c.reason);
+    }
+    c
 }
 
 fn observe_image(ctx: &Context, target: &Target, image: &Readings, checks: &mut Vec<Check>) {
@@ -295,6 +350,15 @@ fn observe_image(ctx: &Context, target: &Target, image: &Readings, checks: &mut 
         Err(e) => unknown(
             "threads.count",
             &h.threads.count,
+            format!("could not be read: {e}"),
+        ),
+    });
+
+    checks.push(match &image.threads {
+        Ok(threads) => stuck_check(threads, &h.threads.stuck),
+        Err(e) => unknown(
+            "threads.stuck",
+            &h.threads.stuck,
             format!("could not be read: {e}"),
         ),
     });

@@ -373,6 +373,19 @@ fn image_metrics(e: &mut Exposition, target: &str, r: &Readings) {
                 counts.get(state).copied().unwrap_or(0) as f64,
             );
         }
+        let cycles = crate::deadlock::cycles(&crate::deadlock::edges(threads));
+        e.gauge(
+            "sbcl_threads_deadlocked",
+            "Lisp threads in a deadlock cycle (thread -> mutex -> owner thread -> ...).",
+            &t,
+            cycles.iter().map(|c| c.threads.len()).sum::<usize>() as f64,
+        );
+        e.gauge(
+            "sbcl_threads_in_debugger",
+            "Lisp threads sitting in a debugger with a condition nobody answered.",
+            &t,
+            threads.iter().filter(|th| th.debugger.is_some()).count() as f64,
+        );
     }
     if let Ok(p) = &r.process {
         e.counter(

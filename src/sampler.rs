@@ -68,6 +68,16 @@ async fn read(target: &Target) -> Result<Sample, SampleError> {
     })
 }
 
+/// Per-thread CPU for `cpu_percent`, kept on the target outside the ring: /proc only, nothing
+/// asked of the image. A failure is only logged: the sample says whether the target answered.
+async fn task_cpu(target: &Target) {
+    let Ok(pid) = target.pid().await else { return };
+    match crate::blocking::run(move || crate::thread_cpu::Reading::take(pid)).await {
+        Ok(reading) => target.task_cpu.record(reading),
+        Err(e) => tracing::debug!(target = %target.name, "task CPU not read: {e}"),
+    }
+}
+
 /// Samples every target of `targets` every `settings.interval` until `stop`. Targets that
 /// appear later (discovery) are sampled from the next tick on; a target whose reading is still
 /// in flight (a hung image, until the call times out) skips ticks rather than piling them up.
@@ -87,7 +97,7 @@ pub async fn run(targets: Arc<Targets>, settings: Settings, stop: CancellationTo
                 continue;
             }
             tokio::spawn(async move {
-                let entry = sample(&target).await;
+                let (entry, ()) = tokio::join!(sample(&target), task_cpu(&target));
                 target.history.end_tick(entry);
             });
         }

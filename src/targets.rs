@@ -17,6 +17,7 @@ use crate::agent::{Address, AgentClient, AgentError, ClientOptions};
 use crate::events::GcFeed;
 use crate::samples::History;
 use crate::snapshot::{Detail, InFlight, Snapshot};
+use crate::thread_cpu::TaskCpu;
 
 use serde::Serialize;
 
@@ -37,6 +38,8 @@ pub struct Target {
     pub(crate) readings: InFlight,
     /// Samples over time, while a sampler runs (`sbmon serve`).
     pub history: History,
+    /// Per-thread CPU at the sampler's last two ticks (`thread_list`'s `cpu_percent`).
+    pub task_cpu: TaskCpu,
 }
 
 /// How a tool call went, as far as the target is concerned.
@@ -151,6 +154,7 @@ impl Target {
             calls: CallWindow::default(),
             readings: InFlight::default(),
             history: History::default(),
+            task_cpu: TaskCpu::default(),
         }
     }
 

@@ -478,6 +478,7 @@ async fn health_check_grades_against_configured_thresholds() {
             "memory.rss",
             "gc.time",
             "threads.count",
+            "threads.stuck",
             "resources.fds",
             "memory.leak",
             "availability.errors"

@@ -144,8 +144,58 @@ pub struct LispThread {
     pub agent: bool,
     #[serde(default)]
     pub daemon: bool,
+    /// The name of what the thread waits on ("" when unnamed), or `None`.
     pub waiting_for: Option<String>,
+    /// "mutex", "waitqueue", "semaphore", or another type name.
     pub waiting_for_type: Option<String>,
+    /// Identifies the waited object within one reply (mutex names need not be unique).
+    #[serde(default)]
+    pub waiting_for_id: Option<u64>,
+    /// The thread holding the mutex waited for (`sb-thread:mutex-owner`).
+    #[serde(default)]
+    pub owner_tid: Option<i32>,
+    #[serde(default)]
+    pub owner_name: Option<String>,
+    /// Seconds since a `:threads` call first saw this thread waiting on this same object: a
+    /// lower bound of the real wait (0 when first seen by this call).
+    #[serde(default)]
+    pub waiting_seconds: Option<f64>,
+    /// The condition this thread's debugger was invoked with and nobody answered yet.
+    #[serde(default)]
+    pub debugger: Option<InDebugger>,
+}
+
+/// A mutex a thread in the debugger was about to wait for, named as [`LispThread`]'s wait.
+#[derive(Debug, Clone, Default, Deserialize)]
+pub struct Waited {
+    /// The object's name ("" when unnamed); `None` when the thread waits on nothing.
+    #[serde(default)]
+    pub waiting_for: Option<String>,
+    /// "mutex", "waitqueue", "semaphore", or another type name.
+    #[serde(default)]
+    pub waiting_for_type: Option<String>,
+    /// Identifies the object within one reply (mutex names need not be unique).
+    #[serde(default)]
+    pub waiting_for_id: Option<u64>,
+    /// The thread holding the mutex (`sb-thread:mutex-owner`), when it is a held mutex.
+    #[serde(default)]
+    pub owner_tid: Option<i32>,
+    #[serde(default)]
+    pub owner_name: Option<String>,
+}
+
+/// A thread inside a debugger.
+#[derive(Debug, Clone, Deserialize)]
+pub struct InDebugger {
+    /// The condition's type, e.g. `SB-THREAD:THREAD-DEADLOCK`.
+    #[serde(rename = "type")]
+    pub type_name: String,
+    pub message: String,
+    /// The variable the condition was found in (SBCL's debugger or SLIME's).
+    pub found_by: String,
+    /// For a THREAD-DEADLOCK: the mutex the thread was about to wait for when SBCL stopped it.
+    #[serde(default)]
+    pub wanted: Option<Waited>,
 }
 
 #[derive(Debug, Clone, Deserialize)]

@@ -12,9 +12,12 @@ use super::summary::{
     MAX_FIELD_CHARS, cut, frames, lines, or_unknown, seconds, target_label, thread_name,
 };
 use super::{Class, Tool, ToolError};
-use crate::agent::reply::{Backtrace, LispThread};
+use crate::agent::reply::{Backtrace, InDebugger, LispThread};
 use crate::context::Context;
+use crate::deadlock::{self, Deadlock};
 use crate::process::{self, TaskInfo};
+use crate::targets::Target;
+use crate::thread_cpu::{self, Interval, Source};
 
 const MAX_FRAMES_LIMIT: u32 = 1000;
 const TIMEOUT_MS_LIMIT: u64 = 60_000;
@@ -118,8 +121,67 @@ pub struct ThreadInfo {
     pub lisp_wait: Option<String>,
     /// Kind of object waited for: mutex, waitqueue, semaphore, ...
     pub lisp_wait_type: Option<String>,
+    /// OS tid of the thread holding the mutex waited for (`sb-thread:mutex-owner`); null when
+    /// not waiting on a held mutex.
+    pub owner_tid: Option<i32>,
+    /// Name of that owner thread.
+    pub owner_name: Option<String>,
+    /// Seconds this thread has waited on this same object *since the agent first saw it
+    /// waiting* (SBCL does not record when a wait began; the agent notes each wait when a
+    /// `:threads` call sees it: every thread tool, health check and /metrics scrape makes one):
+    /// a lower bound of the real wait, 0 when first seen by this call; null when not waiting.
+    pub waited_seconds: Option<f64>,
+    /// True when the thread sits in a debugger: a condition was signalled, nobody handled
+    /// it, and nobody answered the debugger (e.g. SBCL's own THREAD-DEADLOCK).
+    pub in_debugger: bool,
+    /// The condition the debugger was invoked with.
+    pub debugger_condition: Option<DebuggerCondition>,
     /// User + system CPU seconds of this thread.
     pub cpu_seconds: Option<f64>,
+    /// CPU use over the interval of `cpu_interval` (100 = one CPU all the time), from
+    /// /proc/PID/task/TID/stat deltas; null for a thread that did not exist at both reads.
+    pub cpu_percent: Option<f64>,
+}
+
+/// The condition a thread's debugger was invoked with.
+#[derive(Debug, Clone, Serialize, JsonSchema)]
+pub struct DebuggerCondition {
+    /// The condition's type, e.g. `SB-THREAD:THREAD-DEADLOCK`.
+    #[serde(rename = "type")]
+    pub type_name: String,
+    /// The condition's report (at most 2000 characters).
+    pub message: String,
+    /// Where the agent found it: `sb-debug:*debug-condition*` (SBCL's debugger) or
+    /// `swank::*swank-debugger-condition*` (SLIME's).
+    pub found_by: String,
+}
+
+impl From<&InDebugger> for DebuggerCondition {
+    fn from(d: &InDebugger) -> Self {
+        DebuggerCondition {
+            type_name: d.type_name.clone(),
+            message: d.message.clone(),
+            found_by: d.found_by.clone(),
+        }
+    }
+}
+
+/// The interval `cpu_percent` covers.
+#[derive(Debug, Clone, Serialize, JsonSchema)]
+pub struct CpuInterval {
+    pub seconds: f64,
+    /// `sampler`: the last two readings of `sbmon serve`'s sampler; `this_call`: no fresh
+    /// sampler reading, so this call read /proc twice, 0.5 s apart.
+    pub source: Source,
+}
+
+impl From<&Interval> for CpuInterval {
+    fn from(i: &Interval) -> Self {
+        CpuInterval {
+            seconds: i.seconds,
+            source: i.source,
+        }
+    }
 }
 
 #[derive(Debug, Serialize, JsonSchema)]
@@ -130,6 +192,13 @@ pub struct ThreadList {
     pub threads: Vec<ThreadInfo>,
     /// Tasks of the process that Lisp does not list (e.g. the finalizer thread).
     pub os_only_threads: Vec<TaskInfo>,
+    /// Cycles of the wait-for graph (thread → mutex → owner thread), each with every thread
+    /// and mutex in it; empty when there is no deadlock.
+    pub deadlocks: Vec<Deadlock>,
+    /// How many threads sit in a debugger.
+    pub in_debugger: usize,
+    /// The interval `cpu_percent` covers.
+    pub cpu_interval: CpuInterval,
 }
 
 #[derive(Debug, Serialize, JsonSchema)]
@@ -151,6 +220,8 @@ pub struct ThreadDetail {
 pub struct DumpedThread {
     pub tid: Option<i32>,
     pub name: Option<String>,
+    /// The condition this thread's debugger was invoked with, when it sits in one.
+    pub debugger_condition: Option<DebuggerCondition>,
     pub answered: bool,
     pub frames: Vec<String>,
     pub truncated: bool,
@@ -163,9 +234,11 @@ pub struct ThreadDump {
     pub threads: Vec<DumpedThread>,
     /// How many threads did not answer in time.
     pub unanswered: usize,
+    /// Cycles of the wait-for graph, as in `thread_list`.
+    pub deadlocks: Vec<Deadlock>,
 }
 
-fn join(thread: &LispThread, task: Option<&TaskInfo>) -> ThreadInfo {
+fn join(thread: &LispThread, task: Option<&TaskInfo>, cpu: &Interval) -> ThreadInfo {
     ThreadInfo {
         tid: thread.tid,
         name: thread.name.clone(),
@@ -175,19 +248,32 @@ fn join(thread: &LispThread, task: Option<&TaskInfo>) -> ThreadInfo {
         os_state: task.map(|t| t.state.clone()),
         lisp_wait: thread.waiting_for.clone(),
         lisp_wait_type: thread.waiting_for_type.clone(),
+        owner_tid: thread.owner_tid,
+        owner_name: thread.owner_name.clone(),
+        waited_seconds: thread.waiting_for.as_ref().and(thread.waiting_seconds),
+        in_debugger: thread.debugger.is_some(),
+        debugger_condition: thread.debugger.as_ref().map(DebuggerCondition::from),
         cpu_seconds: task.map(|t| t.cpu_seconds),
+        cpu_percent: thread.tid.and_then(|tid| cpu.percent.get(&tid).copied()),
     }
+}
+
+/// CPU per thread over the sampler's last interval, or over one this call measures.
+async fn cpu(target: &Target, pid: i32) -> Result<Interval, ToolError> {
+    let sampling = target.history.settings().map(|s| s.interval);
+    Ok(thread_cpu::recent(&target.task_cpu, pid, sampling).await?)
 }
 
 async fn thread_list(ctx: &Context, args: ListArgs) -> Result<ThreadList, ToolError> {
     let target = ctx.target(args.target.as_deref())?;
     let pid = target.pid().await?;
-    let lisp = target.client.threads().await?;
+    let (lisp, cpu) = tokio::join!(target.client.threads(), cpu(&target, pid));
+    let (lisp, cpu) = (lisp?, cpu?);
     let tasks = process::tasks(pid)?;
     let by_tid: HashMap<i32, &TaskInfo> = tasks.iter().map(|t| (t.tid, t)).collect();
     let threads: Vec<ThreadInfo> = lisp
         .iter()
-        .map(|t| join(t, t.tid.and_then(|tid| by_tid.get(&tid).copied())))
+        .map(|t| join(t, t.tid.and_then(|tid| by_tid.get(&tid).copied()), &cpu))
         .collect();
     let os_only_threads = tasks
         .iter()
@@ -198,8 +284,11 @@ async fn thread_list(ctx: &Context, args: ListArgs) -> Result<ThreadList, ToolEr
         target: target.name.clone(),
         pid,
         count: threads.len(),
+        in_debugger: threads.iter().filter(|t| t.in_debugger).count(),
         threads,
         os_only_threads,
+        deadlocks: deadlock::cycles(&deadlock::edges(&lisp)),
+        cpu_interval: CpuInterval::from(&cpu),
     })
 }
 
@@ -283,7 +372,8 @@ async fn thread_inspect(ctx: &Context, args: InspectArgs) -> Result<ThreadDetail
     let (max_frames, timeout_ms) = bounds("thread_inspect", args.max_frames, args.timeout_ms)?;
     let target = ctx.target(args.target.as_deref())?;
     let pid = target.pid().await?;
-    let lisp = target.client.threads().await?;
+    let (lisp, cpu) = tokio::join!(target.client.threads(), cpu(&target, pid));
+    let (lisp, cpu) = (lisp?, cpu?);
     let thread = find_thread(&lisp, &args.thread_id)?;
     let tid = thread.tid.ok_or_else(|| {
         ToolError::invalid(
@@ -296,7 +386,7 @@ async fn thread_inspect(ctx: &Context, args: InspectArgs) -> Result<ThreadDetail
     let task = process::task(pid, tid).ok();
     Ok(ThreadDetail {
         target: target.name.clone(),
-        thread: join(thread, task.as_ref()),
+        thread: join(thread, task.as_ref(), &cpu),
         wchan: task.and_then(|t| t.wchan),
         answered: bt.answered,
         frames: bt.frames,
@@ -308,10 +398,19 @@ async fn thread_dump_all(ctx: &Context, args: DumpArgs) -> Result<ThreadDump, To
     let (max_frames, timeout_ms) = bounds("thread_dump_all", args.max_frames, args.timeout_ms)?;
     let target = ctx.target(args.target.as_deref())?;
     let pid = target.pid().await?;
-    let dump = target.client.backtraces(max_frames, timeout_ms).await?;
+    let (dump, lisp) = tokio::join!(
+        target.client.backtraces(max_frames, timeout_ms),
+        target.client.threads()
+    );
+    let (dump, lisp) = (dump?, lisp?);
     let threads: Vec<DumpedThread> = dump
         .into_iter()
         .map(|b| DumpedThread {
+            debugger_condition: lisp
+                .iter()
+                .find(|t| b.tid.is_some() && t.tid == b.tid)
+                .and_then(|t| t.debugger.as_ref())
+                .map(DebuggerCondition::from),
             tid: b.tid,
             name: b.name,
             answered: b.answered,
@@ -324,6 +423,7 @@ async fn thread_dump_all(ctx: &Context, args: DumpArgs) -> Result<ThreadDump, To
         pid,
         unanswered: threads.iter().filter(|t| !t.answered).count(),
         threads,
+        deadlocks: deadlock::cycles(&deadlock::edges(&lisp)),
     })
 }
 
@@ -360,9 +460,36 @@ fn thread_line(out: &mut String, t: &ThreadInfo) {
             t.lisp_wait_type.as_deref().unwrap_or("object"),
             cut(wait, MAX_FIELD_CHARS)
         );
+        if let Some(owner) = t.owner_tid {
+            let _ = write!(
+                out,
+                " held by {owner} {}",
+                thread_name(t.owner_name.as_deref())
+            );
+        }
+        if let Some(waited) = t.waited_seconds {
+            let _ = write!(out, " (seen waiting {})", seconds(waited));
+        }
+    }
+    if let Some(c) = &t.debugger_condition {
+        let _ = write!(out, ", IN DEBUGGER: {}", cut(&c.type_name, MAX_FIELD_CHARS));
     }
     if let Some(cpu) = t.cpu_seconds {
         let _ = write!(out, ", cpu {}", seconds(cpu));
+    }
+    if let Some(p) = t.cpu_percent {
+        let _ = write!(out, " ({p:.0}%)");
+    }
+}
+
+/// One line per deadlock cycle.
+fn deadlock_lines(out: &mut String, deadlocks: &[Deadlock]) {
+    for d in deadlocks {
+        let _ = write!(
+            out,
+            "\nDEADLOCK: {}",
+            cut(&d.describe(), 4 * MAX_FIELD_CHARS)
+        );
     }
 }
 
@@ -372,8 +499,10 @@ impl Tool for ThreadListTool {
     const NAME: &'static str = "thread_list";
     const TITLE: &'static str = "List threads";
     const DESCRIPTION: &'static str = "Every Lisp thread with OS tid, name, main/agent flags, \
-        what it waits for (mutex name), OS state and CPU seconds from /proc; plus OS threads \
-        Lisp does not list.";
+        what it waits for (mutex name and the mutex's owner thread, how long it has been seen \
+        waiting), whether it sits in the debugger (with the condition), OS state, CPU seconds \
+        and CPU percent over the last sample interval from /proc; deadlock cycles (thread → \
+        mutex → owner); plus OS threads Lisp does not list.";
     const CLASS: Class = Class::Read;
     type Args = ListArgs;
     type Output = ThreadList;
@@ -385,12 +514,22 @@ impl Tool for ThreadListTool {
     fn summary(l: &ThreadList) -> String {
         let waiting = l.threads.iter().filter(|t| t.lisp_wait.is_some()).count();
         let mut out = format!(
-            "{}: {} Lisp threads ({} waiting on a lock), {} OS-only threads",
+            "{}: {} Lisp threads ({} waiting on a lock, {} in the debugger), {} OS-only \
+             threads, {} deadlock{}; cpu % over {:.1} s ({})",
             target_label(&l.target),
             l.threads.len(),
             waiting,
-            l.os_only_threads.len()
+            l.in_debugger,
+            l.os_only_threads.len(),
+            l.deadlocks.len(),
+            if l.deadlocks.len() == 1 { "" } else { "s" },
+            l.cpu_interval.seconds,
+            match l.cpu_interval.source {
+                Source::Sampler => "the sampler's last interval",
+                Source::ThisCall => "measured by this call",
+            }
         );
+        deadlock_lines(&mut out, &l.deadlocks);
         lines(
             &mut out,
             &l.threads,
@@ -453,7 +592,8 @@ impl Tool for ThreadDumpAll {
     const TITLE: &'static str = "Dump all threads";
     const DESCRIPTION: &'static str = "Backtraces of all threads, each bounded in frames; the \
         whole dump is bounded in time and threads that do not answer are reported, never \
-        waited for.";
+        waited for. Threads in the debugger carry their condition; deadlock cycles are \
+        listed.";
     const CLASS: Class = Class::Read;
     type Args = DumpArgs;
     type Output = ThreadDump;
@@ -469,6 +609,7 @@ impl Tool for ThreadDumpAll {
             d.threads.len(),
             d.unanswered
         );
+        deadlock_lines(&mut out, &d.deadlocks);
         lines(
             &mut out,
             &d.threads,
@@ -481,6 +622,9 @@ impl Tool for ThreadDumpAll {
                     or_unknown(t.tid),
                     thread_name(t.name.as_deref())
                 );
+                if let Some(c) = &t.debugger_condition {
+                    let _ = write!(out, " IN DEBUGGER: {}", cut(&c.type_name, MAX_FIELD_CHARS));
+                }
                 if t.answered {
                     frames(out, &t.frames, MAX_DUMP_FRAMES, "  ");
                 } else {
