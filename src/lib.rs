@@ -16,6 +16,7 @@ pub mod figures;
 pub mod health;
 pub mod histogram;
 pub mod http;
+pub mod journal;
 pub mod launch;
 pub mod logging;
 pub mod mcp;
