@@ -31,4 +31,5 @@ pub mod swank;
 pub mod targets;
 pub mod tools;
 pub mod trend;
+pub mod watch;
 pub mod wire;
