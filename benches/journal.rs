@@ -19,7 +19,7 @@ fn health_change(i: usize) -> NewEvent {
     NewEvent::new(
         Some("orders"),
         "health.threads.count",
-        if i % 3 == 0 {
+        if i.is_multiple_of(3) {
             Severity::Warning
         } else {
             Severity::Info
