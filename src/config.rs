@@ -21,6 +21,12 @@
 //! [heap]
 //! max_walk_heap_bytes = 4294967296  # heap_histogram / heap_retainers refuse a larger heap
 //! walk_seconds = 10                 # their default time budget for one walk
+//! [journal]
+//! priority_events = 200             # warning and critical events kept at most ...
+//! priority_seconds = 86400          # ... and for at most this long
+//! regular_events = 100              # info events kept at most ...
+//! regular_seconds = 14400           # ... and for at most this long
+//! gc_pause_seconds = 0.1            # a collection pausing the image this long is an event
 //! ```
 
 use std::path::Path;
@@ -34,6 +40,74 @@ pub struct Config {
     pub health: HealthConfig,
     #[serde(default)]
     pub heap: HeapConfig,
+    #[serde(default)]
+    pub journal: JournalConfig,
+}
+
+/// The event journal's bounds (README, "What happened: the event journal").
+#[derive(Debug, Clone, Copy, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct JournalConfig {
+    /// Warning and critical events kept at most.
+    pub priority_events: usize,
+    /// How long warning and critical events are kept (seconds).
+    pub priority_seconds: f64,
+    /// Info events kept at most.
+    pub regular_events: usize,
+    /// How long info events are kept (seconds).
+    pub regular_seconds: f64,
+    /// A collection that paused the image at least this long (seconds) is an event.
+    pub gc_pause_seconds: f64,
+}
+
+impl Default for JournalConfig {
+    fn default() -> Self {
+        JournalConfig {
+            priority_events: 200,
+            priority_seconds: 24.0 * 3600.0,
+            regular_events: 100,
+            regular_seconds: 4.0 * 3600.0,
+            gc_pause_seconds: 0.1,
+        }
+    }
+}
+
+/// Most events one bucket may keep, so that a typo cannot ask for gigabytes (an event takes
+/// at most about 3 KiB).
+pub const MAX_JOURNAL_EVENTS: usize = 100_000;
+/// Longest a bucket may keep an event: 30 days.
+pub const MAX_JOURNAL_SECONDS: f64 = 30.0 * 86400.0;
+
+impl JournalConfig {
+    fn validate(&self) -> Result<(), String> {
+        for (name, events) in [
+            ("priority_events", self.priority_events),
+            ("regular_events", self.regular_events),
+        ] {
+            if !(1..=MAX_JOURNAL_EVENTS).contains(&events) {
+                return Err(format!(
+                    "journal.{name} must be 1..{MAX_JOURNAL_EVENTS}, not {events}"
+                ));
+            }
+        }
+        for (name, seconds) in [
+            ("priority_seconds", self.priority_seconds),
+            ("regular_seconds", self.regular_seconds),
+        ] {
+            if !(seconds.is_finite() && (1.0..=MAX_JOURNAL_SECONDS).contains(&seconds)) {
+                return Err(format!(
+                    "journal.{name} must be a number of seconds in 1..{MAX_JOURNAL_SECONDS}, not {seconds}"
+                ));
+            }
+        }
+        let pause = self.gc_pause_seconds;
+        if !(pause.is_finite() && (0.001..=60.0).contains(&pause)) {
+            return Err(format!(
+                "journal.gc_pause_seconds must be a number in 0.001..60, not {pause}"
+            ));
+        }
+        Ok(())
+    }
 }
 
 /// Bounds of the heap walks of `heap_histogram` and `heap_retainers`, which hold off every
@@ -165,6 +239,7 @@ impl Config {
         if self.heap.max_walk_heap_bytes == 0 {
             return Err("heap.max_walk_heap_bytes must be at least 1".into());
         }
+        self.journal.validate()?;
         let h = &self.health;
         let all = [
             ("memory.heap", h.memory.heap),
@@ -228,5 +303,30 @@ mod tests {
         assert!(Config::parse("[heap]\nwalk_seconds = 0").is_err());
         assert!(Config::parse("[heap]\nmax_walk_heap_bytes = 0").is_err());
         assert!(Config::parse("[heap]\nmax_heap = 1").is_err());
+    }
+
+    #[test]
+    fn journal_bounds_default_and_are_checked() {
+        let c = Config::parse("").unwrap();
+        assert_eq!(c.journal, JournalConfig::default());
+        assert_eq!(c.journal.priority_events, 200);
+        assert_eq!(c.journal.regular_seconds, 14400.0);
+        let c = Config::parse("[journal]\nregular_events = 5\n").unwrap();
+        assert_eq!(c.journal.regular_events, 5);
+        assert_eq!(c.journal.priority_events, 200);
+        for bad in [
+            "regular_events = 0",
+            "priority_events = 100001",
+            "priority_seconds = 0",
+            "regular_seconds = 1e9",
+            "gc_pause_seconds = 0",
+            "gc_pause = 1",
+        ] {
+            let err = Config::parse(&format!("[journal]\n{bad}\n")).unwrap_err();
+            assert!(
+                err.contains("journal") || err.contains("unknown field"),
+                "{bad}: {err}"
+            );
+        }
     }
 }

@@ -1,5 +1,5 @@
 //! What every tool handler, health grade and metrics scrape shares: the watched targets, the
-//! configuration, and the per-tool call counters. It sits below all of them, so none of them
+//! configuration, the per-tool call counters and the event journal. It sits below all of them, so none of them
 //! has to import another to reach it.
 
 use std::collections::BTreeMap;
@@ -8,6 +8,7 @@ use std::time::Duration;
 
 use crate::config::Config;
 use crate::histogram::{Histogram, Reading};
+use crate::journal::Journal;
 use crate::targets::{Target, TargetError, Targets};
 
 /// Counts and durations of one tool's calls since sbmon started.
@@ -61,14 +62,18 @@ pub struct Context {
     pub targets: Arc<Targets>,
     pub config: Arc<Config>,
     pub calls: CallLog,
+    /// What happened: health changes, targets lost and found, actions taken.
+    pub journal: Arc<Journal>,
 }
 
 impl Context {
     pub fn new(targets: Arc<Targets>, config: Arc<Config>, calls: CallLog) -> Self {
+        let journal = Arc::new(Journal::new(config.journal));
         Context {
             targets,
             config,
             calls,
+            journal,
         }
     }
 

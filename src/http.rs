@@ -1,6 +1,7 @@
 //! The HTTP front end: MCP Streamable HTTP at `/mcp`, JSON-RPC at `/rpc`, Prometheus metrics
 //! at `/metrics` (with `/sd` for HTTP service discovery), health endpoints for orchestrators
-//! and people, live GC events at `/events` (Server-Sent Events), and a landing page at `/`.
+//! and people, live GC and journal events at `/events` (Server-Sent Events), the journal at
+//! `/monitoring/events`, and a landing page at `/`.
 //! It adapts the catalog; it holds no tool logic.
 
 use std::convert::Infallible;
@@ -10,6 +11,7 @@ use std::time::Instant;
 use axum::Json;
 use axum::Router;
 use axum::body::Bytes;
+use axum::extract::rejection::QueryRejection;
 use axum::extract::{DefaultBodyLimit, Path, Query, State};
 use axum::http::{HeaderMap, StatusCode, header};
 use axum::middleware;
@@ -67,6 +69,7 @@ pub fn router(catalog: Arc<Catalog>, stop: CancellationToken, options: HttpOptio
         .route("/health", get(health_all))
         .route("/health/ready", get(ready))
         .route("/health/targets/{name}", get(health_one))
+        .route("/monitoring/events", get(monitoring_events))
         .with_state(state)
         .nest_service(
             "/mcp",
@@ -151,8 +154,10 @@ struct EventsQuery {
 
 /// Server-Sent Events: `event: gc` with a [`GcEvent`](crate::events::GcEvent) as JSON for
 /// each collection of the chosen target (`?target=NAME`) or of every target watched when the
-/// stream opened; `event: status` when a target's events start or stop flowing (agent
-/// reached or lost); `event: lagged` when this client fell behind and missed some.
+/// stream opened; `event: journal` with each [journal event](crate::journal::Event) as it is
+/// recorded (of that target only, with `?target`); `event: status` when a target's events
+/// start or stop flowing (agent reached or lost); `event: lagged` when this client fell
+/// behind and missed some.
 async fn events(State(state): State<AppState>, Query(q): Query<EventsQuery>) -> Response {
     let targets = match q.target.as_deref() {
         Some(name) => match state.catalog.context().targets.resolve(Some(name)) {
@@ -193,7 +198,8 @@ async fn events(State(state): State<AppState>, Query(q): Query<EventsQuery>) -> 
         })
         .boxed()
     });
-    let stream = futures::stream::select_all(streams)
+    let journal = journal_stream(&state.catalog, q.target.clone());
+    let stream = futures::stream::select_all(streams.chain(std::iter::once(journal)))
         .take_until(state.stop.cancelled_owned())
         // The permit is released when the client goes and the stream is dropped.
         .map(move |event| {
@@ -203,6 +209,56 @@ async fn events(State(state): State<AppState>, Query(q): Query<EventsQuery>) -> 
     Sse::new(stream)
         .keep_alive(KeepAlive::default())
         .into_response()
+}
+
+/// The journal's events as they are recorded, as `event: journal` (only `target`'s when given).
+fn journal_stream(
+    catalog: &Catalog,
+    target: Option<String>,
+) -> futures::stream::BoxStream<'static, Result<Event, Infallible>> {
+    let rx = catalog.context().journal.follow();
+    futures::stream::unfold((rx, target), |(mut rx, target)| async move {
+        loop {
+            let event = match rx.recv().await {
+                Ok(e)
+                    if target
+                        .as_deref()
+                        .is_some_and(|t| e.target.as_deref() != Some(t)) =>
+                {
+                    continue;
+                }
+                Ok(e) => Event::default().event("journal").json_data(&*e).ok()?,
+                Err(RecvError::Lagged(n)) => Event::default()
+                    .event("lagged")
+                    .data(json!({ "journal": true, "missed": n }).to_string()),
+                Err(RecvError::Closed) => return None,
+            };
+            return Some((Ok(event), (rx, target)));
+        }
+    })
+    .boxed()
+}
+
+/// `GET /monitoring/events?since=&severity=&kind=&target=&limit=`: the journal's events, as
+/// `events_recent` answers; 400 with the reason for a filter it cannot use.
+async fn monitoring_events(
+    State(state): State<AppState>,
+    query: Result<Query<crate::journal::Filter>, QueryRejection>,
+) -> Response {
+    const USAGE: &str = "use /monitoring/events?since=SEQ&severity=info|warning|critical\
+                         &kind=KIND&target=NAME&limit=1..1000 (all optional)";
+    let bad = |why: String| {
+        let body = json!({"error": format!("{why}; {USAGE}")});
+        (StatusCode::BAD_REQUEST, Json(body)).into_response()
+    };
+    let filter = match query {
+        Ok(Query(filter)) => filter,
+        Err(e) => return bad(crate::echo::clip(&e.body_text())),
+    };
+    if let Err(why) = filter.check() {
+        return bad(why);
+    }
+    Json(state.catalog.context().journal.recent(&filter)).into_response()
 }
 
 /// Prometheus HTTP service discovery: one entry per target, each scraped through
@@ -362,7 +418,8 @@ async fn landing(State(state): State<AppState>) -> Html<String> {
 <li><code>/mcp</code>: MCP (Streamable HTTP) for AI assistants and editors</li>
 <li><code>/metrics</code>: Prometheus metrics (<code>?target=NAME</code> for one image), <code>/sd</code>: service discovery</li>
 <li><code>/health</code>, <code>/health/live</code>, <code>/health/ready</code>, <code>/health/targets/NAME</code></li>
-<li><code>/events</code>: each garbage collection as it happens (Server-Sent Events; <code>?target=NAME</code> for one image), e.g. <code>curl -N localhost:9405/events</code></li>
+<li><code>/events</code>: each garbage collection and each journal event as it happens (Server-Sent Events; <code>?target=NAME</code> for one image), e.g. <code>curl -N localhost:9405/events</code></li>
+<li><code>/monitoring/events</code>: what happened, from the event journal (<code>?since=SEQ&amp;severity=warning&amp;kind=health&amp;target=NAME&amp;limit=N</code>)</li>
 <li><code>POST /rpc</code>: JSON-RPC 2.0, <code>method</code> = tool name, <code>params</code> = its arguments, e.g.
 <pre>curl -s localhost:9405/rpc -d '{{"jsonrpc":"2.0","id":1,"method":"health_check"}}'</pre></li>
 </ul>

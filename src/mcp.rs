@@ -2,14 +2,24 @@
 //! tool catalog to MCP and holds no tool logic: tools/list is the catalog with its schemas and
 //! annotations, tools/call is `Catalog::call` with a text summary beside the structured result.
 //! It also owns what only MCP has: the prompts (the usual investigations as guided
-//! tool sequences) and the resources (the watched targets, and a tool guide generated from
-//! the catalog).
+//! tool sequences) and the resources (the watched targets, a tool guide generated from
+//! the catalog, and the event journal).
+//!
+//! The journal's news reaches clients as it happens, in the way of each protocol era:
+//! - 2025 era (sessions opened with `initialize`): `resources/subscribe` to `sbmon://events`
+//!   brings `notifications/resources/updated` after each new event (a burst is one
+//!   notification); `logging/setLevel` brings each warning and critical event at or above
+//!   that level as `notifications/message` (logger `sbmon.journal`, data: the event).
+//! - 2026-07-28 (no sessions): `subscriptions/listen` with `sbmon://events` among its
+//!   resource subscriptions brings the same `notifications/resources/updated` on that
+//!   request's stream. This era deprecates logging: `logging/setLevel` is refused with a
+//!   pointer to the subscription, and discovery does not advertise logging.
 //!
 //! Failures of a tool (agent down, unknown thread, bad arguments, unknown target) are tool
 //! results with `isError: true`, so a model reads the message, which says what to do next.
 //! Misuse of the protocol (unknown tool, prompt or resource) is a JSON-RPC error.
 
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 
 use rmcp::model::{
     CallToolRequestParams, CallToolResponse, CallToolResult, ContentBlock, GetPromptRequestParams,
@@ -18,6 +28,13 @@ use rmcp::model::{
     PromptMessage, ReadResourceRequestParams, ReadResourceResponse, ReadResourceResult, Resource,
     ResourceContents, Role, ServerCapabilities, ServerConfig, Tool, ToolAnnotations,
 };
+#[allow(deprecated)]
+use rmcp::model::{
+    DiscoverResult, ErrorCode, LoggingLevel, LoggingMessageNotificationParam,
+    ResourceUpdatedNotificationParam, SetLevelRequestParams, SubscribeRequestParams,
+    SubscriptionFilter, UnsubscribeRequestParams,
+};
+use rmcp::service::{Peer, SubscriptionContext};
 use rmcp::service::{RequestContext, ServerInitializeError};
 use rmcp::transport::streamable_http_server::session::local::LocalSessionManager;
 use rmcp::transport::streamable_http_server::{StreamableHttpServerConfig, StreamableHttpService};
@@ -26,7 +43,9 @@ use serde_json::{Value, json};
 use tokio_util::sync::CancellationToken;
 
 use crate::agent::address::runtime_dir;
+use crate::journal::{Event, Filter, Severity};
 use crate::targets::Listing;
+use tokio::sync::broadcast::error::{RecvError, TryRecvError};
 
 mod guide;
 mod prompts;
@@ -41,10 +60,16 @@ inside each image. Start with the health_check tool: it grades memory, GC, threa
 descriptors and agent reachability, and each check's reason says what it saw. The prompts \
 (basic_health_check, memory_investigation, gc_pressure, thread_health, incident_response) \
 are guided sequences of tool calls; the resource sbmon://targets lists the watched images \
-(pass one's name as `target` when there are several) and sbmon://guide describes every tool.";
+(pass one's name as `target` when there are several), sbmon://guide describes every tool, \
+and sbmon://events is the event journal (what happened: health changes, targets lost and \
+found, long GC pauses, threads started and ended, control actions); subscribe to it to hear \
+of new events as they happen.";
 
 const TARGETS_URI: &str = "sbmon://targets";
 const GUIDE_URI: &str = "sbmon://guide";
+const EVENTS_URI: &str = "sbmon://events";
+/// The logger name of the journal's log notifications.
+const JOURNAL_LOGGER: &str = "sbmon.journal";
 
 /// Serve MCP on stdin/stdout until the client closes stdin. Stdout carries protocol only;
 /// logs go through `tracing` (to stderr).
@@ -120,10 +145,156 @@ impl Shared {
 }
 
 /// One MCP session's handler. Cheap to clone; rmcp runs every request on its own task, and
-/// nothing here takes a lock, so concurrent calls on one session run concurrently.
+/// no tool call takes a lock, so concurrent calls on one session run concurrently.
 #[derive(Clone)]
 pub struct McpServer {
     shared: Arc<Shared>,
+    session: Arc<Session>,
+}
+
+/// What a 2025-era session asked to hear of the journal.
+#[derive(Default)]
+struct Wants {
+    /// `resources/subscribe` to `sbmon://events`.
+    updates: bool,
+    /// `logging/setLevel`: priority events at or above this level.
+    #[allow(deprecated)]
+    level: Option<LoggingLevel>,
+    /// The task that tells this session's client has started.
+    forwarding: bool,
+}
+
+/// One session's subscriptions; its forwarding task ends when the session does.
+#[derive(Default)]
+struct Session {
+    wants: Arc<Mutex<Wants>>,
+    ended: CancellationToken,
+}
+
+impl Drop for Session {
+    fn drop(&mut self) {
+        self.ended.cancel();
+    }
+}
+
+impl Session {
+    fn wants(&self) -> std::sync::MutexGuard<'_, Wants> {
+        self.wants.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Change what this session wants, and start telling its client if nothing does yet.
+    fn want(&self, catalog: &Catalog, peer: &Peer<RoleServer>, change: impl FnOnce(&mut Wants)) {
+        let mut wants = self.wants();
+        change(&mut wants);
+        if !wants.forwarding {
+            wants.forwarding = true;
+            tokio::spawn(forward(
+                peer.clone(),
+                self.wants.clone(),
+                catalog.context().journal.follow(),
+                self.ended.clone(),
+            ));
+        }
+    }
+}
+
+/// A 2025-era session's journal news: after each burst of events one
+/// `notifications/resources/updated` while subscribed, and each priority event at or above
+/// the logging level as `notifications/message`. Ends with the session or its transport.
+#[allow(deprecated)]
+async fn forward(
+    peer: Peer<RoleServer>,
+    wants: Arc<Mutex<Wants>>,
+    mut journal: tokio::sync::broadcast::Receiver<Arc<Event>>,
+    ended: CancellationToken,
+) {
+    loop {
+        let first = tokio::select! {
+            () = ended.cancelled() => return,
+            first = journal.recv() => first,
+        };
+        let mut burst = Vec::new();
+        let mut missed = false;
+        match first {
+            Ok(e) => burst.push(e),
+            Err(RecvError::Lagged(_)) => missed = true,
+            Err(RecvError::Closed) => return,
+        }
+        loop {
+            match journal.try_recv() {
+                Ok(e) => burst.push(e),
+                Err(TryRecvError::Lagged(_)) => missed = true,
+                Err(_) => break,
+            }
+        }
+        let (updates, level) = {
+            let w = wants.lock().unwrap_or_else(|p| p.into_inner());
+            (w.updates, w.level)
+        };
+        if updates {
+            let param = ResourceUpdatedNotificationParam::new(EVENTS_URI);
+            if peer.notify_resource_updated(param).await.is_err() {
+                return;
+            }
+        }
+        let Some(level) = level else { continue };
+        for e in burst.iter().filter(|e| e.severity.is_priority()) {
+            let as_log = log_level(e.severity);
+            if rank(as_log) < rank(level) {
+                continue;
+            }
+            let data = serde_json::to_value(&**e).unwrap_or(Value::Null);
+            let param =
+                LoggingMessageNotificationParam::new(as_log, data).with_logger(JOURNAL_LOGGER);
+            if peer.notify_logging_message(param).await.is_err() {
+                return;
+            }
+        }
+        if missed {
+            tracing::debug!("an MCP session fell behind the journal; read {EVENTS_URI}");
+        }
+    }
+}
+
+#[allow(deprecated)]
+fn log_level(severity: Severity) -> LoggingLevel {
+    match severity {
+        Severity::Info => LoggingLevel::Info,
+        Severity::Warning => LoggingLevel::Warning,
+        Severity::Critical => LoggingLevel::Critical,
+    }
+}
+
+/// syslog order, as MCP's levels are (debug lowest, emergency highest).
+#[allow(deprecated)]
+fn rank(level: LoggingLevel) -> u8 {
+    match level {
+        LoggingLevel::Debug => 0,
+        LoggingLevel::Info => 1,
+        LoggingLevel::Notice => 2,
+        LoggingLevel::Warning => 3,
+        LoggingLevel::Error => 4,
+        LoggingLevel::Critical => 5,
+        LoggingLevel::Alert => 6,
+        LoggingLevel::Emergency => 7,
+    }
+}
+
+/// Whether a request comes from a client of the 2026-07-28 era (no `initialize`).
+fn modern(context: &RequestContext<RoleServer>) -> bool {
+    context
+        .protocol_version()
+        .is_some_and(|v| !v.has_initialize())
+}
+
+fn not_events(uri: &str) -> McpError {
+    McpError::invalid_params(
+        format!(
+            "only {EVENTS_URI} can be subscribed to, not {:?}",
+            crate::echo::clip(uri)
+        ),
+        None,
+    )
 }
 
 impl McpServer {
@@ -132,7 +303,10 @@ impl McpServer {
     }
 
     fn from_shared(shared: Arc<Shared>) -> Self {
-        McpServer { shared }
+        McpServer {
+            shared,
+            session: Arc::new(Session::default()),
+        }
     }
 
     fn catalog(&self) -> &Catalog {
@@ -171,12 +345,15 @@ impl McpServer {
 }
 
 impl ServerHandler for McpServer {
+    #[allow(deprecated)]
     fn get_info(&self) -> ServerConfig {
         ServerConfig::new(
             ServerCapabilities::builder()
+                .enable_logging()
                 .enable_tools()
                 .enable_prompts()
                 .enable_resources()
+                .enable_resources_subscribe()
                 .build(),
         )
         .with_server_info(
@@ -184,6 +361,109 @@ impl ServerHandler for McpServer {
                 .with_title("sbmon: SBCL image monitor"),
         )
         .with_instructions(INSTRUCTIONS)
+    }
+
+    /// 2026-07-28 deprecates logging: its clients are not offered it.
+    async fn discover(
+        &self,
+        _context: RequestContext<RoleServer>,
+    ) -> Result<DiscoverResult, McpError> {
+        let mut info = self.get_info();
+        info.capabilities.logging = None;
+        Ok(DiscoverResult::from_server_info(
+            self.supported_protocol_versions().into_owned(),
+            info,
+        ))
+    }
+
+    #[allow(deprecated)]
+    async fn set_level(
+        &self,
+        request: SetLevelRequestParams,
+        context: RequestContext<RoleServer>,
+    ) -> Result<(), McpError> {
+        if modern(&context) {
+            return Err(McpError::new(
+                ErrorCode::METHOD_NOT_FOUND,
+                format!(
+                    "logging/setLevel is not served on protocol 2026-07-28, which deprecates \
+                     logging; listen to {EVENTS_URI} (subscriptions/listen) to hear of journal \
+                     events and read it for them"
+                ),
+                None,
+            ));
+        }
+        self.session.want(self.catalog(), &context.peer, |w| {
+            w.level = Some(request.level)
+        });
+        Ok(())
+    }
+
+    #[allow(deprecated)]
+    async fn subscribe(
+        &self,
+        request: SubscribeRequestParams,
+        context: RequestContext<RoleServer>,
+    ) -> Result<(), McpError> {
+        if request.uri != EVENTS_URI {
+            return Err(not_events(&request.uri));
+        }
+        self.session
+            .want(self.catalog(), &context.peer, |w| w.updates = true);
+        Ok(())
+    }
+
+    #[allow(deprecated)]
+    async fn unsubscribe(
+        &self,
+        request: UnsubscribeRequestParams,
+        _context: RequestContext<RoleServer>,
+    ) -> Result<(), McpError> {
+        if request.uri != EVENTS_URI {
+            return Err(not_events(&request.uri));
+        }
+        self.session.wants().updates = false;
+        Ok(())
+    }
+
+    fn accepted_subscription_filter(
+        &self,
+        _requested: &SubscriptionFilter,
+    ) -> Option<SubscriptionFilter> {
+        Some(
+            SubscriptionFilter::builder()
+                .resource_subscription(EVENTS_URI)
+                .build(),
+        )
+    }
+
+    /// A 2026-07-28 subscription: one `notifications/resources/updated` after each burst of
+    /// journal events, until the client cancels it.
+    async fn listen(&self, context: SubscriptionContext) -> Result<(), McpError> {
+        let wanted = context
+            .accepted()
+            .resource_subscriptions
+            .as_ref()
+            .is_some_and(|uris| uris.iter().any(|u| u == EVENTS_URI));
+        if !wanted {
+            context.cancelled().await;
+            return Ok(());
+        }
+        let mut journal = self.catalog().context().journal.follow();
+        let sink = context.sink().clone();
+        loop {
+            let next = tokio::select! {
+                () = context.cancelled() => return Ok(()),
+                next = journal.recv() => next,
+            };
+            if let Err(RecvError::Closed) = next {
+                return Ok(());
+            }
+            while journal.try_recv().is_ok() {}
+            if sink.notify_resource_updated(EVENTS_URI).await.is_err() {
+                return Ok(());
+            }
+        }
     }
 
     async fn list_tools(
@@ -301,6 +581,15 @@ impl ServerHandler for McpServer {
                      and targets are named.",
                 )
                 .with_mime_type("text/markdown"),
+            Resource::new(EVENTS_URI, "events")
+                .with_title("Event journal")
+                .with_description(
+                    "What happened, newest last: health changes per check, targets lost and \
+                     found, GC pauses over the threshold, threads started and ended, control \
+                     and eval actions. Subscribable: each new event is announced with \
+                     notifications/resources/updated. The events_recent tool filters it.",
+                )
+                .with_mime_type("application/json"),
         ]))
     }
 
@@ -317,10 +606,21 @@ impl ServerHandler for McpServer {
                 (text, "application/json")
             }
             GUIDE_URI => (guide(self.catalog()), "text/markdown"),
+            EVENTS_URI => {
+                let all = Filter {
+                    limit: Some(crate::journal::MAX_LIMIT),
+                    ..Filter::default()
+                };
+                let recent = self.catalog().context().journal.recent(&all);
+                let text = serde_json::to_string_pretty(&recent)
+                    .map_err(|e| McpError::internal_error(e.to_string(), None))?;
+                (text, "application/json")
+            }
             other => {
                 return Err(McpError::resource_not_found(
                     format!(
-                        "no resource {other:?}; the resources are {TARGETS_URI} and {GUIDE_URI}"
+                        "no resource {other:?}; the resources are {TARGETS_URI}, {GUIDE_URI} \
+                         and {EVENTS_URI}"
                     ),
                     None,
                 ));

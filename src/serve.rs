@@ -89,6 +89,7 @@ pub async fn serve(options: ServeOptions, targets: Option<Vec<Target>>) -> Resul
             }
         });
     }
+    let sampling = options.sampling;
     tokio::spawn(crate::sampler::run(
         targets.clone(),
         options.sampling,
@@ -110,6 +111,12 @@ pub async fn serve(options: ServeOptions, targets: Option<Vec<Target>>) -> Resul
         Arc::new(options.config),
         options.allow,
         options.audit,
+    ));
+    // What changes from one sample interval to the next goes into the event journal.
+    tokio::spawn(crate::watch::run(
+        catalog.context().clone(),
+        sampling.interval,
+        stop.clone(),
     ));
 
     let http = match options.http {

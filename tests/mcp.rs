@@ -181,7 +181,12 @@ fn handshake(client: &Client) {
     assert!(instructions.contains("health_check"), "{instructions}");
     assert!(info.capabilities.tools.is_some());
     assert!(info.capabilities.prompts.is_some());
-    assert!(info.capabilities.resources.is_some());
+    let resources = info.capabilities.resources.as_ref().expect("resources");
+    assert_eq!(
+        resources.subscribe,
+        Some(true),
+        "sbmon://events is subscribable"
+    );
 }
 
 async fn list_tools(client: &Client) {
@@ -517,7 +522,9 @@ async fn resources(client: &Client, image: &Image) {
     let uris: BTreeSet<&str> = list.iter().map(|r| r.uri.as_str()).collect();
     assert_eq!(
         uris,
-        ["sbmon://guide", "sbmon://targets"].into_iter().collect()
+        ["sbmon://events", "sbmon://guide", "sbmon://targets"]
+            .into_iter()
+            .collect()
     );
 
     let targets = client

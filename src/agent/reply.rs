@@ -134,7 +134,7 @@ pub struct Runtime {
     pub thread_count: u64,
 }
 
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Default, Deserialize)]
 pub struct LispThread {
     pub tid: Option<i32>,
     pub name: Option<String>,

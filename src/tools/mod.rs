@@ -10,6 +10,7 @@ pub mod export;
 pub mod gc;
 pub mod health;
 pub mod heap;
+pub mod journal;
 pub mod memory;
 pub mod runtime;
 pub mod summary;
@@ -30,6 +31,7 @@ use crate::audit::{Audit, Verdict};
 use crate::config::Config;
 use crate::context::{CallLog, Context};
 use crate::echo::clip;
+use crate::journal::{NewEvent, Severity};
 use crate::process::ProcessError;
 use crate::targets::{Outcome, Target, TargetError, Targets, default_name};
 
@@ -145,6 +147,7 @@ pub static TOOLS: &[ToolDef] = &[
     ToolDef::of::<threads::ThreadDumpAll>(),
     ToolDef::of::<heap::HeapHistogramTool>(),
     ToolDef::of::<heap::HeapRetainersTool>(),
+    ToolDef::of::<journal::EventsRecent>(),
     ToolDef::of::<control::MemoryGc>(),
     ToolDef::of::<control::GcTune>(),
     ToolDef::of::<control::ThreadKill>(),
@@ -426,11 +429,78 @@ impl Catalog {
                 Ok(called) => called.verdict.clone(),
                 Err(e) => Verdict::Error(e.to_string()),
             };
+            let elapsed = started.elapsed();
             self.audit
-                .record(front_end, tool.name, &args, &verdict, started.elapsed());
+                .record(front_end, tool.name, &args, &verdict, elapsed);
+            let target = match ctx.targets.resolve(target.as_deref()) {
+                Ok(t) => Some(t.name.clone()),
+                Err(_) => target,
+            };
+            ctx.journal.record(action_event(
+                front_end,
+                tool,
+                target.as_deref(),
+                args,
+                &verdict,
+                elapsed,
+            ));
         }
         result
     }
+}
+
+/// The journal's record of a control or eval call: who (front end), what (tool, arguments),
+/// on which target, and how it ended. A failed action is a warning.
+fn action_event(
+    front_end: &str,
+    tool: &ToolDef,
+    target: Option<&str>,
+    args: Value,
+    verdict: &Verdict,
+    elapsed: std::time::Duration,
+) -> NewEvent {
+    let (outcome, why) = match verdict {
+        Verdict::Done => ("ok", None),
+        Verdict::Failed(why) => ("failed", Some(why.as_str())),
+        Verdict::Error(why) => ("error", Some(why.as_str())),
+    };
+    let on = target.map_or(String::new(), |t| format!(" on {t}"));
+    let message = match why {
+        None => format!(
+            "{} ({}) via {front_end}{on}: ok in {:.3} s",
+            tool.name,
+            tool.class.name(),
+            elapsed.as_secs_f64()
+        ),
+        Some(why) => format!(
+            "{} ({}) via {front_end}{on}: {outcome}: {why}",
+            tool.name,
+            tool.class.name()
+        ),
+    };
+    let mut data = serde_json::json!({
+        "front_end": front_end,
+        "tool": tool.name,
+        "class": tool.class.name(),
+        "outcome": outcome,
+        "seconds": elapsed.as_secs_f64(),
+        "arguments": args,
+    });
+    if let Some(why) = why {
+        data["error"] = Value::String(why.to_string());
+    }
+    let severity = if why.is_none() {
+        Severity::Info
+    } else {
+        Severity::Warning
+    };
+    NewEvent::new(
+        target,
+        format!("{}.{}", tool.class.name(), tool.name),
+        severity,
+        message,
+        data,
+    )
 }
 
 #[cfg(test)]

@@ -47,7 +47,7 @@ const FIXTURE: [&str; 2] = [
 ];
 
 /// Every read tool of the catalog: what a read-only sbmon lists.
-pub const READ_TOOLS: [&str; 12] = [
+pub const READ_TOOLS: [&str; 13] = [
     "health_check",
     "metrics_export",
     "memory_stats",
@@ -60,6 +60,7 @@ pub const READ_TOOLS: [&str; 12] = [
     "thread_dump_all",
     "heap_histogram",
     "heap_retainers",
+    "events_recent",
 ];
 
 pub struct Image {
