@@ -211,7 +211,11 @@ mod tests {
         assert_eq!(after.tools[0].since_reset, OpStats::default());
         assert_eq!(after.tools[0].since_start, a);
         let totals = log.totals();
-        assert_eq!((totals[0].1, totals[0].2), (2, 1), "Prometheus counts are not reset");
+        assert_eq!(
+            (totals[0].1, totals[0].2),
+            (2, 1),
+            "Prometheus counts are not reset"
+        );
     }
 }
 
