@@ -13,7 +13,7 @@ use serde::Deserialize;
 use serde_json::json;
 
 use super::AppState;
-use crate::tools::operations;
+use crate::tools::{ToolError, operations};
 
 /// The liveness probe's second name; like [`super::guard::LIVENESS`], it answers without a
 /// token.
@@ -65,6 +65,7 @@ async fn one_operation(State(state): State<AppState>, Query(q): Query<OperationQ
             .into_response(),
             None => error(StatusCode::NOT_FOUND, format!("no tool named {name:?}")),
         },
+        Err(ToolError::InvalidArguments { message, .. }) => error(StatusCode::NOT_FOUND, message),
         Err(e) => error(StatusCode::NOT_FOUND, e.to_string()),
     }
 }
