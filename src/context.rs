@@ -183,6 +183,28 @@ impl CallLog {
     }
 }
 
+/// The shared state of one sbmon.
+pub struct Context {
+    pub targets: Arc<Targets>,
+    pub config: Arc<Config>,
+    pub calls: CallLog,
+}
+
+impl Context {
+    pub fn new(targets: Arc<Targets>, config: Arc<Config>, calls: CallLog) -> Self {
+        Context {
+            targets,
+            config,
+            calls,
+        }
+    }
+
+    /// The target called `name`, or the only one.
+    pub fn target(&self, name: Option<&str>) -> Result<Arc<Target>, TargetError> {
+        self.targets.resolve(name)
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -216,27 +238,5 @@ mod tests {
             (2, 1),
             "Prometheus counts are not reset"
         );
-    }
-}
-
-/// The shared state of one sbmon.
-pub struct Context {
-    pub targets: Arc<Targets>,
-    pub config: Arc<Config>,
-    pub calls: CallLog,
-}
-
-impl Context {
-    pub fn new(targets: Arc<Targets>, config: Arc<Config>, calls: CallLog) -> Self {
-        Context {
-            targets,
-            config,
-            calls,
-        }
-    }
-
-    /// The target called `name`, or the only one.
-    pub fn target(&self, name: Option<&str>) -> Result<Arc<Target>, TargetError> {
-        self.targets.resolve(name)
     }
 }
