@@ -1,7 +1,8 @@
 //! The HTTP front end: MCP Streamable HTTP at `/mcp`, JSON-RPC at `/rpc`, Prometheus metrics
 //! at `/metrics` (with `/sd` for HTTP service discovery), health endpoints for orchestrators
-//! and people, live GC and journal events at `/events` (Server-Sent Events), the journal at
-//! `/monitoring/events`, and a landing page at `/`.
+//! and people, live GC and journal events at `/events` (Server-Sent Events), sbmon's own
+//! operation metrics and the journal under `/monitoring/` (`http/monitoring.rs`), and a
+//! landing page at `/`.
 //! It adapts the catalog; it holds no tool logic.
 
 use std::convert::Infallible;
@@ -26,6 +27,7 @@ use tokio::sync::broadcast::error::RecvError;
 use tokio_util::sync::CancellationToken;
 
 mod guard;
+mod monitoring;
 
 pub use guard::is_loopback_authority;
 
@@ -41,7 +43,7 @@ pub const MAX_EVENT_STREAMS: usize = 32;
 /// How the HTTP front end is reached and guarded.
 #[derive(Debug, Clone)]
 pub struct HttpOptions {
-    /// Bearer token required on every endpoint but `/health/live`.
+    /// Bearer token required on every endpoint but `/health/live` and `/monitoring/live`.
     pub token: Option<String>,
     /// `host:port` that Prometheus should scrape, as `/sd` advertises it: the listen address,
     /// or the authority of `--external-url`. Never taken from a request's `Host`.
@@ -70,6 +72,7 @@ pub fn router(catalog: Arc<Catalog>, stop: CancellationToken, options: HttpOptio
         .route("/health/ready", get(ready))
         .route("/health/targets/{name}", get(health_one))
         .route("/monitoring/events", get(monitoring_events))
+        .merge(monitoring::routes())
         .with_state(state)
         .nest_service(
             "/mcp",
@@ -420,6 +423,7 @@ async fn landing(State(state): State<AppState>) -> Html<String> {
 <li><code>/health</code>, <code>/health/live</code>, <code>/health/ready</code>, <code>/health/targets/NAME</code></li>
 <li><code>/events</code>: each garbage collection and each journal event as it happens (Server-Sent Events; <code>?target=NAME</code> for one image), e.g. <code>curl -N localhost:9405/events</code></li>
 <li><code>/monitoring/events</code>: what happened, from the event journal (<code>?since=SEQ&amp;severity=warning&amp;kind=health&amp;target=NAME&amp;limit=N</code>)</li>
+<li><code>/monitoring/metrics</code>, <code>/monitoring/operation?name=TOOL</code>, <code>/monitoring/system</code>: sbmon's own tool calls (count, errors, latency); <code>POST /monitoring/reset</code> (with <code>--allow control</code>)</li>
 <li><code>POST /rpc</code>: JSON-RPC 2.0, <code>method</code> = tool name, <code>params</code> = its arguments, e.g.
 <pre>curl -s localhost:9405/rpc -d '{{"jsonrpc":"2.0","id":1,"method":"health_check"}}'</pre></li>
 </ul>

@@ -282,3 +282,102 @@ fn dashboard_and_rules_name_only_documented_metrics() {
     problems.dedup();
     assert!(problems.is_empty(), "{}", problems.join("\n"));
 }
+
+const RUNBOOK: &str = "docs/runbook.md";
+
+/// The anchor GitHub gives a Markdown heading: lower case, punctuation dropped, spaces as `-`.
+fn anchor(heading: &str) -> String {
+    heading
+        .trim()
+        .to_lowercase()
+        .chars()
+        .filter(|c| c.is_alphanumeric() || matches!(c, ' ' | '-' | '_'))
+        .map(|c| if c == ' ' { '-' } else { c })
+        .collect()
+}
+
+/// The anchors of every heading of `markdown` (outside fenced code).
+fn heading_anchors(markdown: &str) -> Vec<String> {
+    let mut fenced = false;
+    let mut anchors = Vec::new();
+    for line in markdown.lines() {
+        if line.trim_start().starts_with("```") {
+            fenced = !fenced;
+        } else if !fenced && line.starts_with('#') {
+            anchors.push(anchor(line.trim_start_matches('#')));
+        }
+    }
+    anchors
+}
+
+/// (alert, its `runbook_url` annotations) for every rule of alerts.yml, in order.
+fn runbook_urls(rules: &str) -> Vec<(String, Vec<String>)> {
+    let mut alerts: Vec<(String, Vec<String>)> = Vec::new();
+    for line in rules.lines() {
+        let line = line.trim();
+        if let Some(name) = line.strip_prefix("- alert:") {
+            alerts.push((name.trim().to_string(), Vec::new()));
+        } else if let Some(url) = line.strip_prefix("runbook_url:") {
+            let url = url.trim().trim_matches('"').to_string();
+            alerts
+                .last_mut()
+                .unwrap_or_else(|| panic!("runbook_url outside an alert: {line}"))
+                .1
+                .push(url);
+        }
+    }
+    alerts
+}
+
+#[test]
+fn every_alert_links_to_its_runbook_section() {
+    assert_eq!(anchor("SbclHeapUsageHigh"), "sbclheapusagehigh");
+    assert_eq!(anchor(" GC pauses too long"), "gc-pauses-too-long");
+    let runbook = read(RUNBOOK);
+    let anchors = heading_anchors(&runbook);
+    let alerts = runbook_urls(&read(ALERTS));
+    let rule_count = read(ALERTS).matches("- alert:").count();
+    assert!(rule_count >= 17, "only {rule_count} alerts found");
+    assert_eq!(alerts.len(), rule_count);
+    let mut problems = Vec::new();
+    for (alert, urls) in &alerts {
+        let [url] = urls.as_slice() else {
+            problems.push(format!(
+                "{alert} has {} runbook_url annotations",
+                urls.len()
+            ));
+            continue;
+        };
+        let expected = format!("{RUNBOOK}#{}", alert.to_lowercase());
+        if *url != expected {
+            problems.push(format!(
+                "{alert}: runbook_url {url:?}, expected {expected:?}"
+            ));
+        }
+        let fragment = url.split_once('#').map_or("", |(_, f)| f);
+        if !anchors.iter().any(|a| a == fragment) {
+            problems.push(format!(
+                "{alert}: no heading in {RUNBOOK} has the anchor #{fragment}"
+            ));
+        }
+    }
+    // The alerts of the threads work have their sections already.
+    for planned in ["sbclthreadsdeadlocked", "sbclthreadindebugger"] {
+        if !anchors.iter().any(|a| a == planned) {
+            problems.push(format!("{RUNBOOK} lacks a section #{planned}"));
+        }
+    }
+    // Links inside the runbook land on its headings.
+    for (at, _) in runbook.match_indices("](#") {
+        let fragment: String = runbook[at + 3..]
+            .chars()
+            .take_while(|&c| c != ')')
+            .collect();
+        if !anchors.contains(&fragment) {
+            problems.push(format!(
+                "{RUNBOOK} links to #{fragment}, which is no heading"
+            ));
+        }
+    }
+    assert!(problems.is_empty(), "{}", problems.join("\n"));
+}

@@ -110,6 +110,12 @@ async fn cross_site_requests_are_refused_on_every_endpoint() {
         "/health/live",
         "/health/targets/app",
         "/mcp",
+        "/monitoring/metrics",
+        "/monitoring/operation?name=thread_list",
+        "/monitoring/system",
+        "/monitoring/health",
+        "/monitoring/ready",
+        "/monitoring/live",
     ] {
         let (status, body) = send(
             get.clone(),
@@ -160,6 +166,53 @@ async fn cross_site_requests_are_refused_on_every_endpoint() {
     let sd: Value = serde_json::from_str(&sd).unwrap();
     let listen = base.trim_start_matches("http://");
     assert_eq!(sd[0]["targets"], json!([listen]), "{sd}");
+}
+
+/// `POST /monitoring/reset` changes state: a web page must not be able to make it, whether it
+/// posts cross-site (a form needs no preflight) or rebinds a name to 127.0.0.1.
+#[tokio::test]
+async fn monitoring_reset_refuses_cross_site_requests() {
+    let image = Image::start(Setup::default()).await;
+    let app = format!("app={}", image.sbcl.address);
+    let sbmon = Sbmon::start("serve", &["--target", &app, "--allow", "control"], &[]);
+    let base = &sbmon.base;
+    let port = base.rsplit(':').next().unwrap().to_string();
+    let answer = sbmon
+        .rpc(json!({"jsonrpc": "2.0", "id": 1, "method": "memory_stats"}))
+        .await;
+    assert!(answer["result"].is_object(), "{answer}");
+    let count = || async {
+        let (_, text) = sbmon.get("/monitoring/system").await;
+        let system: Value = serde_json::from_str(&text).unwrap();
+        system["totals"]["count"].as_u64().unwrap()
+    };
+    assert_eq!(count().await, 1);
+
+    let reset = format!("{base}/monitoring/reset");
+    let form = ("content-type", "application/x-www-form-urlencoded");
+    let rebound = format!("evil.com:{port}");
+    for (headers, what) in [
+        (
+            vec![form, ("origin", "http://evil.com")],
+            "a form from another site",
+        ),
+        (vec![("origin", "null")], "Origin: null"),
+        (
+            vec![("sec-fetch-site", "cross-site")],
+            "Sec-Fetch-Site: cross-site",
+        ),
+        (vec![("host", rebound.as_str())], "a rebound Host"),
+    ] {
+        let (status, body) =
+            send(reqwest::Method::POST, &reset, &headers, Some(String::new())).await;
+        assert_eq!(status, 403, "{what}: {body}");
+        assert_eq!(count().await, 1, "{what} reset the figures");
+    }
+    // From loopback, as curl or sbmon's own page sends it, the reset happens.
+    let own = format!("http://localhost:{port}");
+    let (status, body) = send(reqwest::Method::POST, &reset, &[("origin", &own)], None).await;
+    assert_eq!(status, 200, "{body}");
+    assert_eq!(count().await, 0);
 }
 
 #[tokio::test]

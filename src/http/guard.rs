@@ -7,7 +7,7 @@
 //! - a browser request (one that carries `Origin`) must come from a loopback origin or from
 //!   the origin sbmon is being reached at; `Origin: null` and `Sec-Fetch-Site: cross-site`
 //!   are refused;
-//! - with a token, every endpoint but `/health/live` needs `Authorization: Bearer TOKEN`
+//! - with a token, every endpoint but `/health/live` (and its alias `/monitoring/live`) needs `Authorization: Bearer TOKEN`
 //!   (the scheme in any case, as RFC 9110 says).
 //!
 //! `/rpc` additionally takes only `application/json` bodies (in `http.rs`), which a browser
@@ -98,6 +98,7 @@ impl Policy {
         }
         if let Some(token) = &self.token
             && path != LIVENESS
+            && path != super::monitoring::LIVENESS
             && !bearer_matches(headers, token)
         {
             return Err(Refusal::Unauthorized);
@@ -249,6 +250,9 @@ mod tests {
         let host = ("host", "sbmon.example:9405");
         assert_eq!(status(&guarded, &[host], "/metrics"), 401);
         assert_eq!(status(&guarded, &[host], LIVENESS), 200);
+        assert_eq!(status(&guarded, &[host], "/monitoring/live"), 200);
+        assert_eq!(status(&guarded, &[host], "/monitoring/health"), 401);
+        assert_eq!(status(&guarded, &[host], "/monitoring/reset"), 401);
         for auth in [
             "Bearer 0123456789abcdef",
             "bearer 0123456789abcdef",

@@ -12,6 +12,7 @@ pub mod health;
 pub mod heap;
 pub mod journal;
 pub mod memory;
+pub mod operations;
 pub mod runtime;
 pub mod summary;
 pub mod threads;
@@ -142,6 +143,7 @@ pub static TOOLS: &[ToolDef] = &[
     ToolDef::of::<gc::GcWatchTool>(),
     ToolDef::of::<runtime::RuntimeStatsTool>(),
     ToolDef::of::<export::MetricsExport>(),
+    ToolDef::of::<operations::OperationStats>(),
     ToolDef::of::<threads::ThreadListTool>(),
     ToolDef::of::<threads::ThreadInspect>(),
     ToolDef::of::<threads::ThreadDumpAll>(),
@@ -314,6 +316,10 @@ pub fn find(name: &str) -> Option<&'static ToolDef> {
     TOOLS.iter().find(|t| t.name == name)
 }
 
+/// What the audit log calls a reset of the operation figures (not a tool: no front end but
+/// `POST /monitoring/reset` can ask for it).
+pub const RESET_OPERATIONS: &str = "operation_stats_reset";
+
 pub struct Catalog {
     ctx: Arc<Context>,
     allow: Allow,
@@ -385,6 +391,26 @@ impl Catalog {
     /// The tools this catalog offers (control and eval tools only when allowed).
     pub fn tools(&self) -> impl Iterator<Item = &'static ToolDef> + '_ {
         TOOLS.iter().filter(|t| self.allow.permits(t.class))
+    }
+
+    /// Zero the since-reset operation figures (`POST /monitoring/reset`): a change of
+    /// sbmon's state, so only with `--allow control`, and audited like a control tool. `None`
+    /// when this sbmon was started without it; else the figures as they were just before.
+    /// The Prometheus counters are not touched: they are monotonic.
+    pub fn reset_operations(&self, front_end: &str) -> Option<operations::OperationReport> {
+        if !self.allow.control {
+            return None;
+        }
+        let started = Instant::now();
+        let before = self.ctx.calls.reset();
+        self.audit.record(
+            front_end,
+            RESET_OPERATIONS,
+            &Value::Object(Default::default()),
+            &Verdict::Done,
+            started.elapsed(),
+        );
+        Some(operations::report_all(&before))
     }
 
     /// Run tool `name` with JSON `args` (an object, or null for none); its JSON result.

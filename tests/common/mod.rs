@@ -47,9 +47,10 @@ const FIXTURE: [&str; 2] = [
 ];
 
 /// Every read tool of the catalog: what a read-only sbmon lists.
-pub const READ_TOOLS: [&str; 13] = [
+pub const READ_TOOLS: [&str; 14] = [
     "health_check",
     "metrics_export",
+    "operation_stats",
     "memory_stats",
     "memory_trend",
     "gc_stats",
