@@ -216,8 +216,17 @@ pub fn proc_tids(pid: i32) -> Vec<i32> {
     tids
 }
 
+/// Whether process `pid` is still running: a zombie has ended and only waits for its parent
+/// (or, orphaned, for an init that may never reap it) to collect its status.
 pub fn process_exists(pid: i32) -> bool {
-    Path::new(&format!("/proc/{pid}")).exists()
+    match std::fs::read_to_string(format!("/proc/{pid}/stat")) {
+        // The state is the first field after the command name, which ends at the last ')'.
+        Ok(stat) => !matches!(
+            stat.rsplit_once(')').and_then(|(_, rest)| rest.trim_start().chars().next()),
+            Some('Z' | 'X')
+        ),
+        Err(_) => false,
+    }
 }
 
 /// `(sb-thread:make-thread #'sbmon-test::sbmon-test-sleeper :name NAME)`
