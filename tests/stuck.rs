@@ -189,6 +189,29 @@ async fn a_lock_order_deadlock_is_one_cycle_and_critical() {
     let text = metrics["text"].as_str().unwrap();
     assert_eq!(series(text, "sbcl_threads_deadlocked"), 2.0);
     assert_eq!(series(text, "sbcl_threads_in_debugger"), 1.0);
+
+    // Under serve, the watcher journals the deadlock as a critical event.
+    let app = format!("app={}", image.sbcl.address);
+    let sbmon = Sbmon::start(
+        "serve",
+        &["--target", app.as_str(), "--sample-interval", "1"],
+        &[],
+    );
+    let deadline = Instant::now() + Duration::from_secs(20);
+    let event = loop {
+        let (status, body) = sbmon.get("/monitoring/events?kind=deadlock").await;
+        assert_eq!(status, 200, "{body}");
+        let events: Value = serde_json::from_str(&body).unwrap();
+        if let Some(e) = events["events"].as_array().and_then(|e| e.first()) {
+            break e.clone();
+        }
+        assert!(Instant::now() < deadline, "no deadlock event: {events:#}");
+        tokio::time::sleep(Duration::from_millis(250)).await;
+    };
+    assert_eq!(event["severity"], "critical", "{event:#}");
+    assert_eq!(event["target"], "app", "{event:#}");
+    let message = event["message"].as_str().unwrap();
+    assert!(message.contains("threads.stuck"), "{event:#}");
 }
 
 #[tokio::test]
