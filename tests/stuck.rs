@@ -385,6 +385,30 @@ async fn proc_percent<F: Future<Output = Value>>(
     (percent, value)
 }
 
+/// The `cpu_percent` of the "spinner" and "napper" threads in `list` against what /proc said
+/// of them (`proc`, in that order). The kernel's figure over the whole call encloses sbmon's
+/// interval; a spinning thread runs all the time it is given, so both agree within the ticks'
+/// resolution plus the machine's other load.
+fn spinner_and_napper_match_proc(list: &Value, proc: &[f64]) {
+    let spin = thread(list, "spinner")["cpu_percent"].as_f64().unwrap();
+    let nap = thread(list, "napper")["cpu_percent"].as_f64().unwrap();
+    eprintln!(
+        "cpu_percent ({:?}, {:?} s): spinner {spin:.1}% (/proc {:.1}%), napper {nap:.1}% (/proc {:.1}%)",
+        list["cpu_interval"]["source"], list["cpu_interval"]["seconds"], proc[0], proc[1]
+    );
+    assert!(
+        (spin - proc[0]).abs() < 25.0,
+        "spinner {spin}% vs /proc {}%",
+        proc[0]
+    );
+    assert!(spin > 50.0, "a spinning thread: {spin}%");
+    assert!(
+        nap < 5.0 && proc[1] < 5.0,
+        "a sleeping thread: {nap}%, /proc {}%",
+        proc[1]
+    );
+}
+
 #[tokio::test]
 async fn cpu_percent_of_a_spinning_and_a_sleeping_thread_matches_proc() {
     let tids = tempfile::tempdir().unwrap();
@@ -413,26 +437,7 @@ async fn cpu_percent_of_a_spinning_and_a_sleeping_thread_matches_proc() {
     assert_eq!(list["cpu_interval"]["source"], "this_call");
     let seconds = list["cpu_interval"]["seconds"].as_f64().unwrap();
     assert!((0.45..1.5).contains(&seconds), "interval {seconds} s");
-    let spin = thread(&list, "spinner")["cpu_percent"].as_f64().unwrap();
-    let nap = thread(&list, "napper")["cpu_percent"].as_f64().unwrap();
-    // The kernel's figure over the whole call encloses sbmon's interval; a spinning thread
-    // runs all the time it is given, so both agree within the ticks' resolution plus the
-    // machine's other load.
-    eprintln!(
-        "cpu_percent ({:?}, {seconds:.2} s): spinner {spin:.1}% (/proc {:.1}%), napper {nap:.1}% (/proc {:.1}%)",
-        list["cpu_interval"]["source"], proc[0], proc[1]
-    );
-    assert!(
-        (spin - proc[0]).abs() < 25.0,
-        "spinner {spin}% vs /proc {}%",
-        proc[0]
-    );
-    assert!(spin > 50.0, "a spinning thread: {spin}%");
-    assert!(
-        nap < 5.0 && proc[1] < 5.0,
-        "a sleeping thread: {nap}%, /proc {}%",
-        proc[1]
-    );
+    spinner_and_napper_match_proc(&list, &proc);
 
     // Under serve: the sampler's last interval (1 s here).
     let app = format!("app={}", image.sbcl.address);
@@ -456,21 +461,5 @@ async fn cpu_percent_of_a_spinning_and_a_sleeping_thread_matches_proc() {
         (0.8..2.5).contains(&seconds),
         "sampler interval {seconds} s"
     );
-    let spin = thread(list, "spinner")["cpu_percent"].as_f64().unwrap();
-    let nap = thread(list, "napper")["cpu_percent"].as_f64().unwrap();
-    eprintln!(
-        "cpu_percent ({:?}, {seconds:.2} s): spinner {spin:.1}% (/proc {:.1}%), napper {nap:.1}% (/proc {:.1}%)",
-        list["cpu_interval"]["source"], proc[0], proc[1]
-    );
-    assert!(
-        (spin - proc[0]).abs() < 25.0,
-        "spinner {spin}% vs /proc {}%",
-        proc[0]
-    );
-    assert!(spin > 50.0, "a spinning thread: {spin}%");
-    assert!(
-        nap < 5.0 && proc[1] < 5.0,
-        "a sleeping thread: {nap}%, /proc {}%",
-        proc[1]
-    );
+    spinner_and_napper_match_proc(list, &proc);
 }
