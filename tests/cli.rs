@@ -348,3 +348,73 @@ async fn events_prints_each_collection_the_image_makes() {
         previous = Some(seq);
     }
 }
+
+#[tokio::test]
+async fn call_text_prints_the_summary_people_read() {
+    let image = Image::start(Setup {
+        runtime_args: vec!["--dynamic-space-size".into(), "256MB".into()],
+        ..Setup::default()
+    })
+    .await;
+    let nowhere = tempfile::tempdir().unwrap();
+    let target = format!("{}", image.sbcl.address);
+
+    let out = sbmon(
+        &["call", "--text", "memory_stats", "--target", &target],
+        nowhere.path(),
+    );
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    let summary = text(&out.stdout);
+    assert!(
+        serde_json::from_str::<Value>(&summary).is_err(),
+        "JSON: {summary}"
+    );
+    assert!(summary.contains("of 256 MiB"), "{summary}");
+    // "heap 12.3 MiB of 256 MiB": the figure is the one the JSON gives.
+    let used: f64 = summary
+        .split_once("heap ")
+        .and_then(|(_, rest)| rest.split_once(" MiB of"))
+        .and_then(|(n, _)| n.parse().ok())
+        .unwrap_or_else(|| panic!("no heap figure in {summary}"));
+    let out = sbmon(
+        &["call", "--json", "memory_stats", "--target", &target],
+        nowhere.path(),
+    );
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    let v: Value = serde_json::from_slice(&out.stdout).unwrap();
+    let json_used = v["heap_used_bytes"].as_f64().unwrap() / 1048576.0;
+    assert!((used - json_used).abs() < 4.0, "{used} vs {json_used}");
+
+    // A failing tool: exit 1, the error on stderr, nothing on stdout.
+    let out = sbmon(
+        &[
+            "call",
+            "--text",
+            "thread_inspect",
+            r#"{"thread_id": "nobody"}"#,
+            "--target",
+            &target,
+        ],
+        nowhere.path(),
+    );
+    assert_eq!(out.status.code(), Some(1));
+    assert!(out.stdout.is_empty(), "{}", text(&out.stdout));
+    assert!(
+        text(&out.stderr).contains("no thread named \"nobody\""),
+        "{}",
+        text(&out.stderr)
+    );
+    // --text and --json together is a usage error.
+    let out = sbmon(
+        &[
+            "call",
+            "--text",
+            "--json",
+            "memory_stats",
+            "--target",
+            &target,
+        ],
+        nowhere.path(),
+    );
+    assert_eq!(out.status.code(), Some(2));
+}
