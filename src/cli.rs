@@ -1,6 +1,8 @@
 //! The command line: `sbmon call`, `sbmon targets`, `sbmon tools`, `sbmon demo`. It adapts
-//! the tool catalog for scripts: JSON on stdout, errors on stderr, exit codes 0 (success),
-//! 1 (the tool failed) and 2 (usage: unknown tool, malformed arguments, bad flags).
+//! the tool catalog for scripts: JSON on stdout (or, with `call --text`, the summary people
+//! read), errors on stderr, exit codes 0 (success), 1 (the tool failed) and 2 (usage: unknown
+//! tool, malformed arguments, bad flags). `sbmon check` (`check.rs`) speaks to monitoring
+//! systems instead, with their exit codes 0..3.
 
 use std::io::Write;
 use std::path::PathBuf;
