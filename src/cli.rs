@@ -1,6 +1,8 @@
 //! The command line: `sbmon call`, `sbmon targets`, `sbmon tools`, `sbmon demo`. It adapts
-//! the tool catalog for scripts: JSON on stdout, errors on stderr, exit codes 0 (success),
-//! 1 (the tool failed) and 2 (usage: unknown tool, malformed arguments, bad flags).
+//! the tool catalog for scripts: JSON on stdout (or, with `call --text`, the summary people
+//! read), errors on stderr, exit codes 0 (success), 1 (the tool failed) and 2 (usage: unknown
+//! tool, malformed arguments, bad flags). `sbmon check` (`check.rs`) speaks to monitoring
+//! systems instead, with their exit codes 0..3.
 
 use std::io::Write;
 use std::path::PathBuf;
@@ -21,6 +23,8 @@ use crate::serve::{ServeError, ServeOptions};
 use crate::targets::{Listing, Target, default_name};
 use crate::tools::{self, Allow, Catalog};
 
+pub mod check;
+
 #[derive(Debug, Parser)]
 #[command(name = "sbmon", version, about = "Watch and steer live SBCL images")]
 pub struct Cli {
@@ -30,7 +34,7 @@ pub struct Cli {
 
 #[derive(Debug, Subcommand)]
 pub enum Command {
-    /// Run one tool and print its JSON result.
+    /// Run one tool and print its JSON result (or, with --text, its summary).
     Call(CallArgs),
     /// List the agents found in the runtime directory.
     Targets {
@@ -62,6 +66,9 @@ pub enum Command {
     Demo(DemoArgs),
     /// Print each garbage collection of an image as it happens, one JSON object per line.
     Events(EventsArgs),
+    /// Grade an image's health as a Nagios/Icinga check plugin: one status line with
+    /// performance data; exit 0 OK, 1 WARNING, 2 CRITICAL, 3 UNKNOWN.
+    Check(check::CheckArgs),
 }
 
 /// How to talk to agents, shared by the commands that do.
@@ -181,6 +188,12 @@ pub struct CallArgs {
     pub tool: String,
     /// Arguments as a JSON object, e.g. '{"thread_id": "worker-1"}'.
     pub args: Option<String>,
+    /// Print the tool's text summary (what MCP shows a person) instead of JSON.
+    #[arg(long, conflicts_with = "json")]
+    pub text: bool,
+    /// Print the tool's JSON result (the default).
+    #[arg(long)]
+    pub json: bool,
     #[command(flatten)]
     pub agent: TargetArgs,
     #[command(flatten)]
@@ -281,6 +294,20 @@ pub struct DemoArgs {
     pub sbcl: PathBuf,
 }
 
+/// Parse the command line. A mistake in it exits as clap does (2 with its message), except
+/// under `check`, whose callers (monitoring systems) read 3 as "could not check".
+pub fn parse() -> Result<Cli, ExitCode> {
+    Cli::try_parse().map_err(|e| {
+        let under_check = std::env::args_os().nth(1).is_some_and(|a| a == "check");
+        if under_check && e.use_stderr() {
+            let _ = e.print();
+            check::bad_arguments(&e.to_string())
+        } else {
+            e.exit()
+        }
+    })
+}
+
 /// Entry point of the binary.
 pub fn run(cli: Cli) -> ExitCode {
     let runtime = match tokio::runtime::Builder::new_multi_thread()
@@ -305,6 +332,7 @@ pub fn run(cli: Cli) -> ExitCode {
             Command::Tools { allow } => tools(&allow),
             Command::Demo(args) => crate::demo::run(args.sbcl, args.duration).await,
             Command::Events(args) => events(args).await,
+            Command::Check(args) => check::run(args).await,
         }
     })
 }
@@ -563,6 +591,10 @@ async fn call(args: CallArgs) -> ExitCode {
         return fail(USAGE, e);
     }
     match catalog.call_from("cli", &args.tool, tool_args).await {
+        Ok(called) if args.text => {
+            println!("{}", called.summary);
+            ExitCode::SUCCESS
+        }
         Ok(called) => print_json(&called.value),
         Err(e) if e.is_usage() => fail(USAGE, e),
         Err(e) => fail(1, e),

@@ -221,7 +221,22 @@ fn demo_runs_and_stops_its_sbcl() {
             .all(|l| l.contains("heap") && l.contains("threads")),
         "{stdout}"
     );
-    // The workload's four workers and their contended mutex are visible.
+    // The workload's contended mutex is named, with the thread holding it, in some line (a
+    // reading may fall between two holders).
+    assert!(
+        summaries
+            .iter()
+            .any(|l| l.contains("waiting on mutex \"shared-state\" held by worker-")),
+        "{stdout}"
+    );
+    // Whose CPU a figure is.
+    assert!(
+        summaries
+            .iter()
+            .all(|l| l.contains("image CPU") && l.contains("busiest thread ")),
+        "{stdout}"
+    );
+    check_final_summary(&stdout);
     let pid: i32 = stdout
         .lines()
         .find_map(|l| l.strip_prefix("stopped SBCL pid "))
@@ -232,6 +247,60 @@ fn demo_runs_and_stops_its_sbcl() {
         .map(|d| d.count())
         .unwrap_or(0);
     assert_eq!(leftovers, 0, "socket left behind");
+}
+
+/// The summary the demo prints on exit, before it says it stopped SBCL.
+fn check_final_summary(stdout: &str) {
+    let summary = stdout
+        .split_once("summary of ")
+        .map(|(_, rest)| rest)
+        .unwrap_or_else(|| panic!("no final summary:\n{stdout}"));
+    for part in [
+        "health: healthy",
+        "GCs: ",
+        "peak heap seen: ",
+        "image CPU: ",
+        "most contended mutex: \"shared-state\"",
+        "held by worker-",
+        "busiest thread: ",
+        "stopped SBCL pid",
+    ] {
+        assert!(summary.contains(part), "{part:?} missing:\n{stdout}");
+    }
+}
+
+#[test]
+fn demo_prints_its_summary_when_terminated() {
+    use std::io::BufRead;
+    let runtime = tempfile::tempdir().unwrap();
+    let mut child = Command::new(env!("CARGO_BIN_EXE_sbmon"))
+        .args(["demo"])
+        .env("XDG_RUNTIME_DIR", runtime.path())
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut lines = std::io::BufReader::new(child.stdout.take().unwrap()).lines();
+    let mut seen = Vec::new();
+    // Two readings, then SIGTERM, as a service manager stops it.
+    while seen.iter().filter(|l: &&String| l.starts_with('[')).count() < 2 {
+        match lines.next() {
+            Some(Ok(line)) => seen.push(line),
+            _ => panic!("the demo ended early: {seen:?}"),
+        }
+    }
+    // SAFETY: kill has no memory preconditions; the pid is our child's.
+    unsafe { libc::kill(child.id() as i32, libc::SIGTERM) };
+    seen.extend(lines.map_while(Result::ok));
+    let status = child.wait().unwrap();
+    let stdout = seen.join("\n");
+    assert!(status.success(), "{status:?}\n{stdout}");
+    check_final_summary(&stdout);
+    let pid: i32 = stdout
+        .lines()
+        .find_map(|l| l.strip_prefix("stopped SBCL pid "))
+        .and_then(|p| p.trim().parse().ok())
+        .expect("the demo names the SBCL it stopped");
+    assert!(!process_exists(pid), "SBCL {pid} left running");
 }
 
 #[test]
@@ -347,4 +416,74 @@ async fn events_prints_each_collection_the_image_makes() {
         assert_eq!(e["missed"], 0);
         previous = Some(seq);
     }
+}
+
+#[tokio::test]
+async fn call_text_prints_the_summary_people_read() {
+    let image = Image::start(Setup {
+        runtime_args: vec!["--dynamic-space-size".into(), "256MB".into()],
+        ..Setup::default()
+    })
+    .await;
+    let nowhere = tempfile::tempdir().unwrap();
+    let target = format!("{}", image.sbcl.address);
+
+    let out = sbmon(
+        &["call", "--text", "memory_stats", "--target", &target],
+        nowhere.path(),
+    );
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    let summary = text(&out.stdout);
+    assert!(
+        serde_json::from_str::<Value>(&summary).is_err(),
+        "JSON: {summary}"
+    );
+    assert!(summary.contains("of 256 MiB"), "{summary}");
+    // "heap 12.3 MiB of 256 MiB": the figure is the one the JSON gives.
+    let used: f64 = summary
+        .split_once("heap ")
+        .and_then(|(_, rest)| rest.split_once(" MiB of"))
+        .and_then(|(n, _)| n.parse().ok())
+        .unwrap_or_else(|| panic!("no heap figure in {summary}"));
+    let out = sbmon(
+        &["call", "--json", "memory_stats", "--target", &target],
+        nowhere.path(),
+    );
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    let v: Value = serde_json::from_slice(&out.stdout).unwrap();
+    let json_used = v["heap_used_bytes"].as_f64().unwrap() / 1048576.0;
+    assert!((used - json_used).abs() < 4.0, "{used} vs {json_used}");
+
+    // A failing tool: exit 1, the error on stderr, nothing on stdout.
+    let out = sbmon(
+        &[
+            "call",
+            "--text",
+            "thread_inspect",
+            r#"{"thread_id": "nobody"}"#,
+            "--target",
+            &target,
+        ],
+        nowhere.path(),
+    );
+    assert_eq!(out.status.code(), Some(1));
+    assert!(out.stdout.is_empty(), "{}", text(&out.stdout));
+    assert!(
+        text(&out.stderr).contains("no thread named \"nobody\""),
+        "{}",
+        text(&out.stderr)
+    );
+    // --text and --json together is a usage error.
+    let out = sbmon(
+        &[
+            "call",
+            "--text",
+            "--json",
+            "memory_stats",
+            "--target",
+            &target,
+        ],
+        nowhere.path(),
+    );
+    assert_eq!(out.status.code(), Some(2));
 }
