@@ -69,6 +69,22 @@ pub enum Command {
     /// Grade an image's health as a Nagios/Icinga check plugin: one status line with
     /// performance data; exit 0 OK, 1 WARNING, 2 CRITICAL, 3 UNKNOWN.
     Check(check::CheckArgs),
+    /// A full-screen live view of one image: health, heap, GC, and its threads.
+    Top(TopArgs),
+}
+
+#[derive(Debug, Args)]
+pub struct TopArgs {
+    #[command(flatten)]
+    pub agent: TargetArgs,
+    /// Seconds between refreshes (0.2..60).
+    #[arg(long, default_value_t = 1.0, value_name = "SECONDS")]
+    pub interval: f64,
+    /// Print one plain-text frame and exit (exit 1 when the image does not answer).
+    #[arg(long)]
+    pub once: bool,
+    #[command(flatten)]
+    pub client: ClientArgs,
 }
 
 /// How to talk to agents, shared by the commands that do.
@@ -333,6 +349,7 @@ pub fn run(cli: Cli) -> ExitCode {
             Command::Demo(args) => crate::demo::run(args.sbcl, args.duration).await,
             Command::Events(args) => events(args).await,
             Command::Check(args) => check::run(args).await,
+            Command::Top(args) => top(args).await,
         }
     })
 }
@@ -659,6 +676,27 @@ async fn events(args: EventsArgs) -> ExitCode {
         }
     }
     ExitCode::SUCCESS
+}
+
+async fn top(args: TopArgs) -> ExitCode {
+    if !(args.interval.is_finite() && (0.2..=60.0).contains(&args.interval)) {
+        return fail(USAGE, "--interval must be 0.2..60 seconds");
+    }
+    let (options, config) = match client_and_config(&args.client, args.agent.token_file.as_ref()) {
+        Ok(both) => both,
+        Err(e) => return fail(USAGE, e),
+    };
+    let address = match choose_address(args.agent.target.as_deref()) {
+        Ok(a) => a,
+        Err((code, message)) => return fail(code, message),
+    };
+    let catalog =
+        Catalog::single_target(address, options, config, Allow::default(), Audit::default());
+    let options = crate::top::Options {
+        interval: args.interval,
+        once: args.once,
+    };
+    crate::top::run(catalog, options).await
 }
 
 async fn targets(json: bool, prune: bool) -> ExitCode {

@@ -32,6 +32,7 @@ pub mod swank;
 pub mod targets;
 pub mod thread_cpu;
 pub mod tools;
+pub mod top;
 pub mod trend;
 pub mod watch;
 pub mod wire;
