@@ -414,9 +414,10 @@ mod tests {
             wire(&ProfileRequest {
                 seconds: 1.0,
                 mode: ProfileMode::Alloc,
-                max_rows: 10
+                max_rows: 10,
+                keep_runtime_frames: true,
             }),
-            "profile (:seconds 1.0d0 :mode :alloc :max-rows 10)"
+            "profile (:seconds 1.0d0 :mode :alloc :max-rows 10 :keep-runtime-frames t)"
         );
         assert_eq!(
             wire(&EvalRequest {
