@@ -1,4 +1,4 @@
-//! The command line: `sbmon call`, `sbmon targets`, `sbmon tools`, `sbmon demo`. It adapts
+//! The command line: `sbmon call`, `sbmon targets`, `sbmon tools`, `sbmon demo`, `sbmon profile`. It adapts
 //! the tool catalog for scripts: JSON on stdout, errors on stderr, exit codes 0 (success),
 //! 1 (the tool failed) and 2 (usage: unknown tool, malformed arguments, bad flags).
 
