@@ -2027,38 +2027,155 @@ enter the debugger reaches the debugger hooks, which record it and unwind."
                              (* 2 +frame-chars+))
                 +frame-chars+)))
 
-(defun profile-result (graph mode seconds max-rows)
-  (let* ((nsamples (sprof-call "CALL-GRAPH-NSAMPLES" graph))
-         ;; by self samples, then by cumulative samples, both descending
-         (nodes (sort (copy-list (sprof-call "CALL-GRAPH-FLAT-NODES" graph))
-                      (lambda (a b)
-                        (or (> (first a) (first b))
-                            (and (= (first a) (first b)) (> (second a) (second b)))))
-                      :key (lambda (n) (list (sprof-call "NODE-COUNT" n)
-                                             (sprof-call "NODE-ACCRUED-COUNT" n)))))
-         (pct (lambda (k) (if (plusp nsamples) (/ (* 100d0 k) nsamples) 0d0))))
-    (list :mode mode
-          :seconds (coerce seconds 'double-float)
-          :samples nsamples
-          :rows (loop for node in nodes
-                      for i from 0 below max-rows
-                      for self = (sprof-call "NODE-COUNT" node)
-                      for cum = (sprof-call "NODE-ACCRUED-COUNT" node)
-                      collect (list :function (profile-name (sprof-call "NODE-NAME" node))
-                                    :samples self
-                                    :self-percent (funcall pct self)
-                                    :cumulative-percent (funcall pct cum)))
-          :threads (loop for entry in (sprof-call "CALL-GRAPH-SAMPLED-THREADS" graph)
-                         for th = (if (consp entry) (first entry) entry)
-                         collect (if (typep th 'sb-thread:thread)
-                                     (object-name-string (sb-thread:thread-name th))
-                                     (object-name-string th))))))
+(defconstant +profile-max-stacks+ 1000
+  "Distinct stacks a :profile reply carries, most samples first; the rest are summed into
+one \"[other stacks]\" stack, so the stacks' counts always add up to the samples.")
+(defconstant +profile-max-depth+ 128
+  "Frames kept of one sample's stack, leaf first; a deeper stack starts with \"[truncated]\".")
+
+(defun frame-base-name (name)
+  "The global function a frame's function belongs to: FOO for FOO, (FLET X :IN FOO) and
+(LAMBDA () :IN FOO)."
+  (loop for in = (and (consp name) (member :in name))
+        while (and in (cdr in))
+        do (setf name (second in)))
+  name)
+
+(defun runtime-frame-p (info name)
+  "True of frames that say how a sample was taken rather than what ran: unknown and foreign
+frames, allocation and thread trampolines, SB-THREAD::RUN, and sb-sprof's own."
+  (or (null info)
+      (stringp info)
+      (let ((base (frame-base-name name)))
+        (and (symbolp base)
+             (let ((package (symbol-package base)))
+               (or (search "-TRAMP" (symbol-name base))
+                   (and package (string= (package-name package) "SB-SPROF"))
+                   (and package (string= (package-name package) "SB-THREAD")
+                        (string= (symbol-name base) "RUN"))))))))
+
+(defun profile-stacks (keep-runtime)
+  "Aggregate sb-sprof's traces into (values FRAMES STACKS SAMPLES PER-THREAD): FRAMES a
+vector of frame names, STACKS a hash table from a key string (one character per frame
+index, root first) to its sample count, SAMPLES the number of traces, PER-THREAD an alist
+of (thread . samples)."
+  (let ((names (make-hash-table :test 'equal)) ; frame name -> index
+        (frames (make-array 64 :adjustable t :fill-pointer 0))
+        (infos (make-hash-table :test 'eq))    ; debug info -> index, or :runtime
+        (stacks (make-hash-table :test 'equal))
+        (per-thread '())
+        (samples 0)
+        ;; the last +profile-max-depth+ frames of the sample, a ring (sb-sprof goes root first)
+        (path (make-array +profile-max-depth+))
+        (depth 0))
+    (labels ((intern-name (name)
+               (or (gethash name names)
+                   (setf (gethash name names) (vector-push-extend name frames))))
+             (frame-index (info)
+               (multiple-value-bind (index found) (gethash info infos)
+                 (if found
+                     index
+                     (setf (gethash info infos)
+                           (let ((name (if (typep info 'sb-di:debug-fun)
+                                           (sb-di:debug-fun-name info)
+                                           info)))
+                             (if (and (not keep-runtime) (runtime-frame-p info name))
+                                 :runtime
+                                 (intern-name (if (null info)
+                                                  "[unknown]"
+                                                  (profile-name name))))))))))
+      (sprof-call "MAP-TRACES"
+                  (lambda (thread trace)
+                    (incf samples)
+                    (let ((entry (assoc thread per-thread :test #'eq)))
+                      (if entry (incf (cdr entry)) (push (cons thread 1) per-thread)))
+                    (setf depth 0)
+                    (sprof-call "MAP-TRACE-PC-LOCS"
+                                (lambda (info pc)
+                                  (declare (ignore pc))
+                                  (let ((index (frame-index info)))
+                                    (unless (eq index :runtime)
+                                      (setf (svref path (mod depth +profile-max-depth+)) index)
+                                      (incf depth))))
+                                trace)
+                    (let* ((truncated (> depth +profile-max-depth+))
+                           (kept (min depth +profile-max-depth+))
+                           (first (if truncated (mod depth +profile-max-depth+) 0))
+                           (key (make-string (+ kept (if truncated 1 0)))))
+                      (when truncated
+                        (setf (char key 0) (code-char (intern-name "[truncated]"))))
+                      (loop for k below kept
+                            for j from (if truncated 1 0)
+                            do (setf (char key j)
+                                     (code-char (svref path (mod (+ first k) +profile-max-depth+)))))
+                      (incf (gethash key stacks 0))))
+                  (symbol-value (contrib-variable "SB-SPROF" "*SAMPLES*"))))
+    (values frames stacks samples per-thread)))
+
+(defun profile-result (mode seconds max-rows keep-runtime)
+  (multiple-value-bind (frames stacks nsamples per-thread) (profile-stacks keep-runtime)
+    (let* ((nframes (length frames))
+           (self (make-array nframes :initial-element 0))
+           (cum (make-array nframes :initial-element 0))
+           (seen (make-array nframes :initial-element -1))
+           (sorted '())
+           (pct (lambda (k) (if (plusp nsamples) (/ (* 100d0 k) nsamples) 0d0))))
+      ;; self: the leaf of each stack; cumulative: each function once per stack, so a
+      ;; recursive function never counts more than the samples it is on
+      (let ((serial 0))
+        (maphash (lambda (key count)
+                   (push (cons key count) sorted)
+                   (incf serial)
+                   (when (plusp (length key))
+                     (incf (aref self (char-code (char key (1- (length key))))) count))
+                   (loop for c across key
+                         for i = (char-code c)
+                         unless (= (aref seen i) serial)
+                           do (setf (aref seen i) serial)
+                              (incf (aref cum i) count)))
+                 stacks))
+      (setf sorted (sort sorted #'> :key #'cdr))
+      (let* ((kept (subseq sorted 0 (min +profile-max-stacks+ (length sorted))))
+             (other (reduce #'+ (nthcdr (length kept) sorted) :key #'cdr))
+             (order (sort (loop for i below nframes collect i)
+                          (lambda (a b)
+                            (or (> (aref self a) (aref self b))
+                                (and (= (aref self a) (aref self b))
+                                     (> (aref cum a) (aref cum b))))))))
+        (list :mode mode
+              :seconds (coerce seconds 'double-float)
+              :samples nsamples
+              :rows (loop for i in order
+                          for n from 0 below max-rows
+                          collect (list :function (aref frames i)
+                                        :samples (aref self i)
+                                        :self-percent (funcall pct (aref self i))
+                                        :cumulative-percent (funcall pct (aref cum i))))
+              :threads (mapcar (lambda (e) (object-name-string (sb-thread:thread-name (car e))))
+                               per-thread)
+              :thread-samples (mapcar (lambda (e)
+                                        (list :thread (object-name-string
+                                                       (sb-thread:thread-name (car e)))
+                                              :samples (cdr e)))
+                                      per-thread)
+              :frames (coerce frames 'list)
+              :stacks (append
+                       (loop for (key . count) in kept
+                             collect (list :samples count
+                                           :frames (map 'list #'char-code key)))
+                       (when (plusp other)
+                         (list (list :samples other :other t :frames '()))))
+              :stacks-dropped (- (length sorted) (length kept))
+              :max-stacks +profile-max-stacks+
+              :max-depth +profile-max-depth+
+              :runtime-frames (if keep-runtime :kept :folded))))))
 
 (defun op-profile (args)
-  (check-plist args '(:seconds :mode :max-rows) :profile)
+  (check-plist args '(:seconds :mode :max-rows :keep-runtime-frames) :profile)
   (let ((seconds (real-arg args :seconds :profile :default 5 :min 0.1d0 :max 60))
         (mode (getf args :mode :cpu))
         (max-rows (int-arg args :max-rows :profile :default 20 :max 200))
+        (keep-runtime (bool-arg args :keep-runtime-frames :profile))
         (self sb-thread:*current-thread*))
     (unless (member mode '(:cpu :alloc :time))
       (fail "BAD-ARGUMENT" ":mode must be :cpu, :alloc or :time for :profile, got ~a" (show-arg mode)))
@@ -2072,18 +2189,24 @@ enter the debugger reaches the debugger hooks, which record it and unwind."
                                 (fail "UNAVAILABLE" "sb-sprof has no *PROFILING* on this SBCL"))))
              (when (symbol-value profiling)
                (fail "BUSY" "sb-sprof is already profiling in this image (started outside sbmon)")))
+           (unless (contrib-variable "SB-SPROF" "*SAMPLES*")
+             (fail "UNAVAILABLE" "sb-sprof has no *SAMPLES* on this SBCL"))
            (sprof-call "RESET")
            (unwind-protect
                 (progn
                   (sprof-call "START-PROFILING" :mode mode :threads :all)
                   (sleep seconds))
              (sprof-call "STOP-PROFILING"))
-           (let ((graph (sprof-call "REPORT" :type nil :stream (make-broadcast-stream))))
-             (prog1 (if graph
-                        (profile-result graph mode seconds max-rows)
-                        (list :mode mode :seconds (coerce seconds 'double-float)
-                              :samples 0 :rows nil :threads nil))
-               (ignore-errors (sprof-call "RESET")))))
+           (unwind-protect
+                ;; REPORT turns the raw samples into the traces MAP-TRACES walks
+                (if (sprof-call "REPORT" :type nil :stream (make-broadcast-stream))
+                    (profile-result mode seconds max-rows keep-runtime)
+                    (list :mode mode :seconds (coerce seconds 'double-float)
+                          :samples 0 :rows nil :threads nil :thread-samples nil
+                          :frames nil :stacks nil :stacks-dropped 0
+                          :max-stacks +profile-max-stacks+ :max-depth +profile-max-depth+
+                          :runtime-frames (if keep-runtime :kept :folded)))
+             (ignore-errors (sprof-call "RESET"))))
       (unregister-control-thread self)
       (setf (svref **profile-busy** 0) nil))))
 

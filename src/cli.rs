@@ -1,8 +1,8 @@
-//! The command line: `sbmon call`, `sbmon targets`, `sbmon tools`, `sbmon demo`. It adapts
-//! the tool catalog for scripts: JSON on stdout (or, with `call --text`, the summary people
-//! read), errors on stderr, exit codes 0 (success), 1 (the tool failed) and 2 (usage: unknown
-//! tool, malformed arguments, bad flags). `sbmon check` (`check.rs`) speaks to monitoring
-//! systems instead, with their exit codes 0..3.
+//! The command line: `sbmon call`, `sbmon targets`, `sbmon tools`, `sbmon demo`, `sbmon
+//! profile`. It adapts the tool catalog for scripts: JSON on stdout (or, with `call --text`,
+//! the summary people read), errors on stderr, exit codes 0 (success), 1 (the tool failed)
+//! and 2 (usage: unknown tool, malformed arguments, bad flags). `sbmon check` (`check.rs`)
+//! speaks to monitoring systems instead, with their exit codes 0..3; `sbmon top` is in `top/`.
 
 use std::io::Write;
 use std::path::PathBuf;
@@ -69,6 +69,9 @@ pub enum Command {
     /// Grade an image's health as a Nagios/Icinga check plugin: one status line with
     /// performance data; exit 0 OK, 1 WARNING, 2 CRITICAL, 3 UNKNOWN.
     Check(check::CheckArgs),
+    /// Profile an image (profile_cpu, so it needs --allow control) and write a flame graph
+    /// (SVG), a speedscope file, folded stacks or a table.
+    Profile(ProfileArgs),
     /// A full-screen live view of one image: health, heap, GC, and its threads.
     Top(TopArgs),
 }
@@ -218,6 +221,57 @@ pub struct CallArgs {
     pub policy: PolicyArgs,
 }
 
+/// What `sbmon profile` writes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum ProfileFormat {
+    /// An interactive SVG flame graph (open it in a browser).
+    Svg,
+    /// speedscope's JSON file format (https://www.speedscope.app).
+    Speedscope,
+    /// Folded stacks, `a;b;c N` per line (what flame graph tools read).
+    Folded,
+    /// The top functions by self samples, as text.
+    Table,
+}
+
+/// What `sbmon profile` samples.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum ProfileModeArg {
+    /// Where CPU time goes.
+    Cpu,
+    /// Where allocation happens.
+    Alloc,
+    /// Wall-clock samples, waiting threads included.
+    Time,
+}
+
+#[derive(Debug, Args)]
+pub struct ProfileArgs {
+    /// How long to sample (0.1..60 seconds).
+    #[arg(long, default_value_t = 5.0, value_name = "SECONDS")]
+    pub seconds: f64,
+    #[arg(long, value_enum, default_value_t = ProfileModeArg::Cpu)]
+    pub mode: ProfileModeArg,
+    #[arg(long, value_enum, default_value_t = ProfileFormat::Svg)]
+    pub format: ProfileFormat,
+    /// Write to FILE instead of stdout.
+    #[arg(short = 'o', long = "output", value_name = "FILE")]
+    pub output: Option<PathBuf>,
+    /// Draw a differential flame graph against BASE.folded (an earlier `--format folded`):
+    /// this profile's shape, red where it has more samples, blue where fewer (SVG only).
+    #[arg(long, value_name = "BASE.folded")]
+    pub diff: Option<PathBuf>,
+    /// Keep trampolines, foreign frames, SB-THREAD::RUN and sb-sprof's own frames.
+    #[arg(long)]
+    pub keep_runtime_frames: bool,
+    #[command(flatten)]
+    pub agent: TargetArgs,
+    #[command(flatten)]
+    pub client: ClientArgs,
+    #[command(flatten)]
+    pub policy: PolicyArgs,
+}
+
 #[derive(Debug, Args)]
 pub struct EventsArgs {
     #[command(flatten)]
@@ -350,6 +404,7 @@ pub fn run(cli: Cli) -> ExitCode {
             Command::Events(args) => events(args).await,
             Command::Check(args) => check::run(args).await,
             Command::Top(args) => top(args).await,
+            Command::Profile(args) => profile(args).await,
         }
     })
 }
@@ -614,6 +669,144 @@ async fn call(args: CallArgs) -> ExitCode {
         }
         Ok(called) => print_json(&called.value),
         Err(e) if e.is_usage() => fail(USAGE, e),
+        Err(e) => fail(1, e),
+    }
+}
+
+/// Largest BASE.folded `sbmon profile --diff` reads.
+const MAX_FOLDED_BYTES: u64 = 64 << 20;
+
+fn read_folded(path: &std::path::Path) -> Result<Vec<crate::flame::FoldedStack>, String> {
+    let size = std::fs::metadata(path)
+        .map_err(|e| format!("cannot read {}: {e}", path.display()))?
+        .len();
+    if size > MAX_FOLDED_BYTES {
+        return Err(format!(
+            "{} is {size} bytes; a folded profile of sbmon's is far below {MAX_FOLDED_BYTES}",
+            path.display()
+        ));
+    }
+    let text = std::fs::read_to_string(path)
+        .map_err(|e| format!("cannot read {}: {e}", path.display()))?;
+    crate::flame::parse_folded(&text).map_err(|e| format!("{}: {e}", path.display()))
+}
+
+async fn profile(args: ProfileArgs) -> ExitCode {
+    use crate::flame;
+    use crate::tools::control::Profile;
+    if args.diff.is_some() && args.format != ProfileFormat::Svg {
+        return fail(USAGE, "--diff draws an SVG: use it with --format svg");
+    }
+    let base = match args.diff.as_deref().map(read_folded) {
+        None => None,
+        Some(Ok(b)) => Some(b),
+        Some(Err(e)) => return fail(USAGE, e),
+    };
+    let (options, config) = match client_and_config(&args.client, args.agent.token_file.as_ref()) {
+        Ok(both) => both,
+        Err(e) => return fail(USAGE, e),
+    };
+    let audit = match args.policy.audit() {
+        Ok(a) => a,
+        Err(e) => return fail(USAGE, e),
+    };
+    let address = match choose_address(args.agent.target.as_deref()) {
+        Ok(a) => a,
+        Err((code, message)) => return fail(code, message),
+    };
+    let catalog = Catalog::single_target(address, options, config, args.policy.allow(), audit);
+    if let Err(e) = catalog.check("profile_cpu") {
+        return fail(USAGE, e);
+    }
+    let mode = match args.mode {
+        ProfileModeArg::Cpu => "cpu",
+        ProfileModeArg::Alloc => "alloc",
+        ProfileModeArg::Time => "time",
+    };
+    let request = serde_json::json!({
+        "seconds": args.seconds,
+        "mode": mode,
+        "max_rows": 40,
+        "max_stacks": 1000,
+        "keep_runtime_frames": args.keep_runtime_frames,
+    });
+    let called = match catalog.call_from("cli", "profile_cpu", request).await {
+        Ok(called) => called,
+        Err(e) if e.is_usage() => return fail(USAGE, e),
+        Err(e) => return fail(1, e),
+    };
+    let profile: Profile = match serde_json::from_value(called.value) {
+        Ok(p) => p,
+        Err(e) => return fail(1, format!("cannot read profile_cpu's result: {e}")),
+    };
+    let count_name = if mode == "alloc" {
+        "samples (allocation regions)"
+    } else {
+        "samples"
+    };
+    let title = format!(
+        "sbmon profile: {} mode, {} s, {} samples",
+        profile.mode, profile.seconds, profile.samples
+    );
+    let bytes = match (args.format, &base) {
+        (ProfileFormat::Table, _) => called.summary.into_bytes(),
+        (ProfileFormat::Folded, _) => flame::folded_text(&profile.stacks).into_bytes(),
+        (ProfileFormat::Speedscope, _) => {
+            let file = flame::speedscope(&title, &profile.stacks);
+            match serde_json::to_vec(&file) {
+                Ok(v) => v,
+                Err(e) => return fail(1, e),
+            }
+        }
+        (ProfileFormat::Svg, None) if profile.stacks.is_empty() => {
+            return fail(1, "the profile has no samples: nothing to draw");
+        }
+        (ProfileFormat::Svg, None) => match flame::svg(&title, count_name, &profile.stacks) {
+            Ok(v) => v,
+            Err(e) => return fail(1, format!("cannot draw the flame graph: {e}")),
+        },
+        (ProfileFormat::Svg, Some(base)) => {
+            match flame::diff_svg(
+                &format!("{title} (differential)"),
+                count_name,
+                base,
+                &profile.stacks,
+            ) {
+                Ok(v) => v,
+                Err(e) => return fail(1, format!("cannot draw the flame graph: {e}")),
+            }
+        }
+    };
+    let written = match &args.output {
+        Some(path) => std::fs::write(path, &bytes)
+            .map_err(|e| format!("cannot write {}: {e}", path.display())),
+        None => {
+            let mut out = std::io::stdout().lock();
+            out.write_all(&bytes)
+                .and_then(|()| {
+                    if args.format == ProfileFormat::Table {
+                        out.write_all(b"\n")
+                    } else {
+                        Ok(())
+                    }
+                })
+                .map_err(|e| format!("cannot write to stdout: {e}"))
+        }
+    };
+    match written {
+        Ok(()) => {
+            eprintln!(
+                "sbmon: {} samples over {} s ({} mode, {} distinct stacks{})",
+                profile.samples,
+                profile.seconds,
+                profile.mode,
+                profile.stacks.len(),
+                args.output
+                    .as_ref()
+                    .map_or(String::new(), |p| format!(", written to {}", p.display()))
+            );
+            ExitCode::SUCCESS
+        }
         Err(e) => fail(1, e),
     }
 }

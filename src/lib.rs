@@ -14,6 +14,7 @@ pub mod demo;
 pub mod echo;
 pub mod events;
 pub mod figures;
+pub mod flame;
 pub mod health;
 pub mod histogram;
 pub mod http;

@@ -139,12 +139,14 @@ impl ProfileMode {
     }
 }
 
-/// `:profile`: sample for `seconds`, return the top `max_rows` functions.
+/// `:profile`: sample for `seconds`, return the top `max_rows` functions and the stacks.
 #[derive(Debug, Clone, Copy, PartialEq)]
 pub struct ProfileRequest {
     pub seconds: f64,
     pub mode: ProfileMode,
     pub max_rows: u32,
+    /// Keep trampolines, foreign frames, `SB-THREAD::RUN` and sb-sprof's own frames.
+    pub keep_runtime_frames: bool,
 }
 
 impl Operation for ProfileRequest {
@@ -154,6 +156,7 @@ impl Operation for ProfileRequest {
             ("seconds", Sexp::Float(self.seconds)),
             ("mode", Sexp::keyword(self.mode.keyword())),
             ("max-rows", int(self.max_rows)),
+            ("keep-runtime-frames", flag(self.keep_runtime_frames)),
         ])
     }
 }
@@ -411,9 +414,10 @@ mod tests {
             wire(&ProfileRequest {
                 seconds: 1.0,
                 mode: ProfileMode::Alloc,
-                max_rows: 10
+                max_rows: 10,
+                keep_runtime_frames: true,
             }),
-            "profile (:seconds 1.0d0 :mode :alloc :max-rows 10)"
+            "profile (:seconds 1.0d0 :mode :alloc :max-rows 10 :keep-runtime-frames t)"
         );
         assert_eq!(
             wire(&EvalRequest {

@@ -261,6 +261,39 @@ pub struct Profile {
     pub rows: Vec<ProfileRow>,
     #[serde(default)]
     pub threads: Vec<String>,
+    #[serde(default)]
+    pub thread_samples: Vec<ThreadSamples>,
+    /// Frame names, indexed by the stacks' `frames`.
+    #[serde(default)]
+    pub frames: Vec<String>,
+    #[serde(default)]
+    pub stacks: Vec<ProfileStack>,
+    #[serde(default)]
+    pub stacks_dropped: u64,
+    #[serde(default)]
+    pub max_stacks: u64,
+    #[serde(default)]
+    pub max_depth: u64,
+    /// `folded` or `kept`.
+    #[serde(default)]
+    pub runtime_frames: String,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+pub struct ThreadSamples {
+    pub thread: String,
+    pub samples: u64,
+}
+
+/// One distinct stack: indices into `Profile::frames`, root first.
+#[derive(Debug, Clone, Deserialize)]
+pub struct ProfileStack {
+    pub samples: u64,
+    #[serde(default)]
+    pub frames: Vec<usize>,
+    /// The sum of the stacks beyond the agent's bound.
+    #[serde(default)]
+    pub other: bool,
 }
 
 #[derive(Debug, Clone, Deserialize)]

@@ -13,6 +13,7 @@ use super::{Class, Tool, ToolError};
 use crate::agent::ops::{self, GcRunRequest, GcTuneRequest, KillThreadRequest, ProfileRequest};
 use crate::agent::reply;
 use crate::context::Context;
+use crate::flame::{self, FoldedStack};
 
 #[derive(Debug, Default, Deserialize, JsonSchema)]
 #[serde(deny_unknown_fields)]
@@ -387,11 +388,20 @@ pub struct ProfileArgs {
     /// Rows to return (1..200, default 20).
     #[serde(default, alias = "max-rows")]
     pub max_rows: Option<u32>,
+    /// Distinct stacks to return, most samples first (0..1000, default 100); the rest are
+    /// summed into one `[other stacks]` stack, so the counts still add up to `samples`.
+    #[serde(default)]
+    pub max_stacks: Option<u32>,
+    /// Keep the frames that say how a sample was taken rather than what ran (allocation and
+    /// thread trampolines, foreign frames, SB-THREAD::RUN, sb-sprof's own); default false:
+    /// folded away, so the leaf is the user's function.
+    #[serde(default)]
+    pub keep_runtime_frames: bool,
     /// Which image, when sbmon watches several (see `sbmon targets`).
     pub target: Option<String>,
 }
 
-#[derive(Debug, Serialize, JsonSchema)]
+#[derive(Debug, Serialize, Deserialize, JsonSchema)]
 pub struct ProfileRow {
     pub function: String,
     pub samples: u64,
@@ -399,17 +409,78 @@ pub struct ProfileRow {
     pub cumulative_percent: f64,
 }
 
-#[derive(Debug, Serialize, JsonSchema)]
+/// A function's share: `self_percent` of the samples have it as their leaf,
+/// `cumulative_percent` have it anywhere on their stack (counted once per sample, so a
+/// recursive function never exceeds 100).
+#[derive(Debug, Serialize, Deserialize, JsonSchema)]
 pub struct Profile {
     pub mode: String,
     pub seconds: f64,
-    /// Samples taken in all.
+    /// Samples taken in all, over every sampled thread (one sample is one thread's stack at
+    /// one tick; in alloc mode, one allocation region); per thread in `thread_samples`.
     pub samples: u64,
     /// By self samples, most first.
     pub rows: Vec<ProfileRow>,
     /// Threads that were sampled.
     #[serde(default)]
     pub threads: Vec<String>,
+    /// Samples of each sampled thread; they add up to `samples`.
+    #[serde(default)]
+    pub thread_samples: Vec<ThreadSampleCount>,
+    /// Folded stacks (root first, frames joined by `;`), most samples first; their counts add
+    /// up to `samples`.
+    #[serde(default)]
+    pub stacks: Vec<FoldedStack>,
+    /// Distinct stacks summed into `[other stacks]` (beyond max_stacks or the agent's bound).
+    #[serde(default)]
+    pub stacks_dropped: u64,
+    /// Frames kept per stack, leaf-most; a deeper stack starts with `[truncated]`.
+    #[serde(default)]
+    pub max_depth: u64,
+    /// `folded` (default) or `kept`: whether runtime and sampler frames were left out.
+    #[serde(default)]
+    pub runtime_frames: String,
+}
+
+#[derive(Debug, Serialize, Deserialize, JsonSchema)]
+pub struct ThreadSampleCount {
+    pub thread: String,
+    pub samples: u64,
+}
+
+/// The frame that stands for the stacks beyond the bound.
+pub const OTHER_STACKS: &str = "[other stacks]";
+
+/// The agent's stacks as folded stacks: at most `max` distinct ones, the rest (and the
+/// agent's own remainder) summed into one `[other stacks]` stack.
+fn folded_stacks(profile: &reply::Profile, max: usize) -> (Vec<FoldedStack>, u64) {
+    let mut out = Vec::new();
+    let mut other = 0;
+    let mut dropped = profile.stacks_dropped;
+    for s in &profile.stacks {
+        if s.other || out.len() == max {
+            other += s.samples;
+            if !s.other {
+                dropped += 1;
+            }
+            continue;
+        }
+        let names = s
+            .frames
+            .iter()
+            .map(|&i| profile.frames.get(i).map_or("[?]", String::as_str));
+        out.push(FoldedStack {
+            stack: flame::fold(names),
+            samples: s.samples,
+        });
+    }
+    if other > 0 {
+        out.push(FoldedStack {
+            stack: OTHER_STACKS.into(),
+            samples: other,
+        });
+    }
+    (out, dropped)
 }
 
 async fn profile_cpu(ctx: &Context, args: ProfileArgs) -> Result<Profile, ToolError> {
@@ -420,6 +491,13 @@ async fn profile_cpu(ctx: &Context, args: ProfileArgs) -> Result<Profile, ToolEr
     let max_rows = args.max_rows.unwrap_or(20);
     if !(1..=200).contains(&max_rows) {
         return Err(ToolError::invalid("profile_cpu", "max_rows must be 1..200"));
+    }
+    let max_stacks = args.max_stacks.unwrap_or(100);
+    if max_stacks > 1000 {
+        return Err(ToolError::invalid(
+            "profile_cpu",
+            "max_stacks must be 0..1000",
+        ));
     }
     let mode = match args.mode {
         ProfileMode::Cpu => ops::ProfileMode::Cpu,
@@ -433,9 +511,23 @@ async fn profile_cpu(ctx: &Context, args: ProfileArgs) -> Result<Profile, ToolEr
             seconds,
             mode,
             max_rows,
+            keep_runtime_frames: args.keep_runtime_frames,
         })
         .await?;
+    let (stacks, stacks_dropped) = folded_stacks(&profile, max_stacks as usize);
     Ok(Profile {
+        stacks,
+        stacks_dropped,
+        max_depth: profile.max_depth,
+        runtime_frames: profile.runtime_frames,
+        thread_samples: profile
+            .thread_samples
+            .into_iter()
+            .map(|t| ThreadSampleCount {
+                thread: t.thread,
+                samples: t.samples,
+            })
+            .collect(),
         mode: profile.mode,
         seconds: profile.seconds,
         samples: profile.samples,
@@ -566,8 +658,10 @@ impl Tool for ProfileCpu {
     const NAME: &'static str = "profile_cpu";
     const TITLE: &'static str = "Profile the image";
     const DESCRIPTION: &'static str = "Statistical profile with sb-sprof for a few seconds \
-        (cpu, alloc or time mode): functions with self and cumulative share of samples, sample \
-        count, sampled threads. One profile at a time.";
+        (cpu, alloc or time mode): functions with self and cumulative share of samples (each \
+        function counted once per sample), sample count in all and per thread, and the folded \
+        stacks a flame graph is drawn from (runtime frames folded away unless \
+        keep_runtime_frames). One profile at a time.";
     const CLASS: Class = Class::Control;
     type Args = ProfileArgs;
     type Output = Profile;
