@@ -629,6 +629,24 @@ async fn launch(args: LaunchArgs) -> ExitCode {
     }
 }
 
+/// A one-target catalog for running `tool` from the command line, under the policy the
+/// operator gave; or the exit that says why not (usage, or no agent found).
+fn catalog_for(
+    tool: &str,
+    agent: &TargetArgs,
+    client: &ClientArgs,
+    policy: &PolicyArgs,
+) -> Result<Catalog, ExitCode> {
+    let (options, config) =
+        client_and_config(client, agent.token_file.as_ref()).map_err(|e| fail(USAGE, e))?;
+    let audit = policy.audit().map_err(|e| fail(USAGE, e))?;
+    let address =
+        choose_address(agent.target.as_deref()).map_err(|(code, message)| fail(code, message))?;
+    let catalog = Catalog::single_target(address, options, config, policy.allow(), audit);
+    catalog.check(tool).map_err(|e| fail(USAGE, e))?;
+    Ok(catalog)
+}
+
 async fn call(args: CallArgs) -> ExitCode {
     let tool_args: serde_json::Value = match &args.args {
         None => serde_json::Value::Null,
@@ -636,10 +654,6 @@ async fn call(args: CallArgs) -> ExitCode {
             Ok(v) => v,
             Err(e) => return fail(USAGE, format!("arguments are not valid JSON: {e}")),
         },
-    };
-    let (options, config) = match client_and_config(&args.client, args.agent.token_file.as_ref()) {
-        Ok(both) => both,
-        Err(e) => return fail(USAGE, e),
     };
     if tools::find(&args.tool).is_none() {
         return fail(
@@ -650,18 +664,10 @@ async fn call(args: CallArgs) -> ExitCode {
             ),
         );
     }
-    let audit = match args.policy.audit() {
-        Ok(a) => a,
-        Err(e) => return fail(USAGE, e),
+    let catalog = match catalog_for(&args.tool, &args.agent, &args.client, &args.policy) {
+        Ok(c) => c,
+        Err(exit) => return exit,
     };
-    let address = match choose_address(args.agent.target.as_deref()) {
-        Ok(a) => a,
-        Err((code, message)) => return fail(code, message),
-    };
-    let catalog = Catalog::single_target(address, options, config, args.policy.allow(), audit);
-    if let Err(e) = catalog.check(&args.tool) {
-        return fail(USAGE, e);
-    }
     match catalog.call_from("cli", &args.tool, tool_args).await {
         Ok(called) if args.text => {
             println!("{}", called.summary);
@@ -702,22 +708,10 @@ async fn profile(args: ProfileArgs) -> ExitCode {
         Some(Ok(b)) => Some(b),
         Some(Err(e)) => return fail(USAGE, e),
     };
-    let (options, config) = match client_and_config(&args.client, args.agent.token_file.as_ref()) {
-        Ok(both) => both,
-        Err(e) => return fail(USAGE, e),
+    let catalog = match catalog_for("profile_cpu", &args.agent, &args.client, &args.policy) {
+        Ok(c) => c,
+        Err(exit) => return exit,
     };
-    let audit = match args.policy.audit() {
-        Ok(a) => a,
-        Err(e) => return fail(USAGE, e),
-    };
-    let address = match choose_address(args.agent.target.as_deref()) {
-        Ok(a) => a,
-        Err((code, message)) => return fail(code, message),
-    };
-    let catalog = Catalog::single_target(address, options, config, args.policy.allow(), audit);
-    if let Err(e) = catalog.check("profile_cpu") {
-        return fail(USAGE, e);
-    }
     let mode = match args.mode {
         ProfileModeArg::Cpu => "cpu",
         ProfileModeArg::Alloc => "alloc",

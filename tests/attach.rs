@@ -10,6 +10,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use common::swank::{SwankImage, free_port};
+use common::text;
 use sbmon::agent::{Address, ClientOptions};
 use sbmon::config::Config;
 use sbmon::targets::{Target, Targets};
@@ -23,10 +24,6 @@ fn sbmon(args: &[&str], image: &SwankImage) -> Output {
         .env("HOME", &image.home)
         .output()
         .expect("run sbmon")
-}
-
-fn text(bytes: &[u8]) -> String {
-    String::from_utf8_lossy(bytes).into_owned()
 }
 
 fn swank_arg(image: &SwankImage) -> String {

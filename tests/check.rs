@@ -5,22 +5,9 @@
 mod common;
 
 use std::collections::BTreeMap;
-use std::process::{Command, Output};
 
-use common::{Image, Setup};
+use common::{Image, Setup, sbmon, text};
 use serde_json::Value;
-
-fn sbmon(args: &[&str], runtime_dir: &std::path::Path) -> Output {
-    Command::new(env!("CARGO_BIN_EXE_sbmon"))
-        .args(args)
-        .env("XDG_RUNTIME_DIR", runtime_dir)
-        .output()
-        .expect("run sbmon")
-}
-
-fn text(bytes: &[u8]) -> String {
-    String::from_utf8_lossy(bytes).into_owned()
-}
 
 /// One performance datum: `label=value[UOM];warn;crit;min;max`.
 #[derive(Debug)]

@@ -3,22 +3,10 @@
 
 mod common;
 
-use std::process::{Command, Output};
+use std::process::Command;
 
-use common::{Image, Listen, Setup, process_exists};
+use common::{Image, Listen, Setup, process_exists, sbmon, text};
 use serde_json::Value;
-
-fn sbmon(args: &[&str], runtime_dir: &std::path::Path) -> Output {
-    Command::new(env!("CARGO_BIN_EXE_sbmon"))
-        .args(args)
-        .env("XDG_RUNTIME_DIR", runtime_dir)
-        .output()
-        .expect("run sbmon")
-}
-
-fn text(bytes: &[u8]) -> String {
-    String::from_utf8_lossy(bytes).into_owned()
-}
 
 #[tokio::test]
 async fn call_prints_json_and_uses_exit_codes() {

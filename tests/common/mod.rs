@@ -6,8 +6,8 @@
 pub mod swank;
 
 use std::io::{BufRead, BufReader};
-use std::path::PathBuf;
-use std::process::{Child, Command, Stdio};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Output, Stdio};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -391,4 +391,18 @@ pub fn catalog_over(
         allow,
         audit,
     )
+}
+
+/// Runs the sbmon binary once with `args`, its runtime directory `runtime_dir`.
+pub fn sbmon(args: &[&str], runtime_dir: &Path) -> Output {
+    Command::new(env!("CARGO_BIN_EXE_sbmon"))
+        .args(args)
+        .env("XDG_RUNTIME_DIR", runtime_dir)
+        .output()
+        .expect("run sbmon")
+}
+
+/// A process's output as text.
+pub fn text(bytes: &[u8]) -> String {
+    String::from_utf8_lossy(bytes).into_owned()
 }
