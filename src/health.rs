@@ -92,6 +92,9 @@ fn unknown(name: &str, t: &Threshold, reason: String) -> Check {
     }
 }
 
+/// Uptime below which the GC time since the image started is not graded.
+const MIN_LIFETIME_GC_SECONDS: f64 = 60.0;
+
 fn mib(bytes: u64) -> String {
     format!("{:.1} MiB", bytes as f64 / 1048576.0)
 }
@@ -318,6 +321,17 @@ fn observe_image(ctx: &Context, target: &Target, image: &Readings, checks: &mut 
                 rate.window_seconds
             ),
         ),
+        // An image in its first minute has spent most of its life starting up (loading code,
+        // the agent among it): its lifetime share says nothing about how it runs.
+        (Ok(gc), Ok(p)) if p.uptime_seconds < MIN_LIFETIME_GC_SECONDS => Check {
+            observed: Some(ratio(gc.gc_cpu_seconds, p.uptime_seconds)),
+            reason: format!(
+                "not graded: the image started {:.0} s ago, and GC time is graded over a \
+                 minute",
+                p.uptime_seconds
+            ),
+            ..unknown("gc.time", &h.gc.time, String::new())
+        },
         // No earlier reading (first call): the lifetime share is the best true figure.
         (Ok(gc), Ok(p)) => {
             let lifetime = ratio(gc.gc_cpu_seconds, p.uptime_seconds);
