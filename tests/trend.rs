@@ -29,6 +29,10 @@ fn example(name: &str) -> Setup {
 /// 320-fixnum vector (2 header words + 320) and a cons.
 const LEAK_AT_MOST: f64 = 200.0 * (32.0 + 8.0 * 322.0 + 16.0);
 
+/// What churn.lisp allocates a second at most: ten ticks of 256 rounds, each a 256-cons list
+/// (16 bytes a cons) and a 512-fixnum vector (2 header words + 512).
+const CHURN_AT_MOST: f64 = 10.0 * 256.0 * (256.0 * 16.0 + 8.0 * 514.0);
+
 async fn trend(catalog: &Catalog, target: &str) -> Value {
     catalog
         .call("memory_trend", json!({"target": target}))
@@ -98,6 +102,12 @@ async fn leaks_are_told_from_churn_caches_and_dead_targets() {
     );
     assert_eq!(churn_trend["verdict"], "stable", "{churn_trend:#}");
     let churn_rate = churn_trend["allocation_bytes_per_second"].as_f64().unwrap();
+    // The bytes the image counted against what the example can make: all of it (other
+    // threads add little), less when the machine slows its ticks.
+    assert!(
+        churn_rate > 0.5 * CHURN_AT_MOST && churn_rate < 1.1 * CHURN_AT_MOST,
+        "churn allocates {churn_rate} B/s, the example at most {CHURN_AT_MOST} B/s"
+    );
     assert!(
         churn_rate > 10.0 * LEAK_AT_MOST,
         "churn allocates {churn_rate} B/s"
