@@ -55,3 +55,28 @@ impl Latencies {
         self.0.len() as f64 / self.0.iter().sum::<Duration>().as_secs_f64()
     }
 }
+
+/// Whether `tools/bench` asked for a short run (`SBMON_BENCH_SHORT=1`): fewer iterations and
+/// rounds, enough for ratios but not for the README's figures.
+pub fn short() -> bool {
+    std::env::var("SBMON_BENCH_SHORT").is_ok_and(|v| v == "1")
+}
+
+/// Record one figure for `tools/bench`'s JSON report: a line appended to the file named by
+/// `SBMON_BENCH_REPORT`, if set. `bench` is the bench binary, `metric` a stable dotted name
+/// (`memory_stats.agent.p50`), `unit` one of `us`, `ms`, `s`, `bytes`, `per_s`, `ratio`,
+/// `percent`, `count`.
+pub fn record(bench: &str, metric: &str, value: f64, unit: &str) {
+    use std::io::Write;
+    let Ok(path) = std::env::var("SBMON_BENCH_REPORT") else {
+        return;
+    };
+    let line =
+        serde_json::json!({ "bench": bench, "metric": metric, "value": value, "unit": unit });
+    let mut file = std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(&path)
+        .unwrap_or_else(|e| panic!("cannot append to SBMON_BENCH_REPORT {path}: {e}"));
+    writeln!(file, "{line}").expect("write bench report");
+}
