@@ -18,10 +18,10 @@ fuzz_target!(|data: &[u8]| {
     let Ok(text) = std::str::from_utf8(data) else {
         return;
     };
-    if let Ok(value) = Sexp::parse(text) {
-        if all_finite(&value) {
-            let printed = value.to_string();
-            assert_eq!(Sexp::parse(&printed).as_ref(), Ok(&value), "{printed}");
-        }
+    if let Ok(value) = Sexp::parse(text)
+        && all_finite(&value)
+    {
+        let printed = value.to_string();
+        assert_eq!(Sexp::parse(&printed).as_ref(), Ok(&value), "{printed}");
     }
 });
