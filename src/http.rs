@@ -78,11 +78,34 @@ pub fn router(catalog: Arc<Catalog>, stop: CancellationToken, options: HttpOptio
             "/mcp",
             crate::mcp::http_service_with_cancel(catalog, stop, authenticated),
         )
+        .layer(middleware::from_fn(limit_mcp_body))
         .layer(middleware::from_fn_with_state(
             guard::Policy::new(options.token),
             guard::admit,
         ))
         .layer(DefaultBodyLimit::max(MAX_BODY))
+}
+
+/// rmcp reads `/mcp` bodies itself, past `DefaultBodyLimit` (which only axum's extractors
+/// heed): without this, one POST could make sbmon buffer any number of bytes.
+async fn limit_mcp_body(request: axum::extract::Request, next: middleware::Next) -> Response {
+    if !request.uri().path().starts_with("/mcp") {
+        return next.run(request).await;
+    }
+    let (parts, body) = request.into_parts();
+    match axum::body::to_bytes(body, MAX_BODY).await {
+        Ok(bytes) => {
+            let request = axum::extract::Request::from_parts(parts, axum::body::Body::from(bytes));
+            next.run(request).await
+        }
+        Err(_) => (
+            StatusCode::PAYLOAD_TOO_LARGE,
+            format!(
+                "a request body to /mcp is limited to {MAX_BODY} bytes (length limit exceeded)\n"
+            ),
+        )
+            .into_response(),
+    }
 }
 
 #[derive(Clone)]

@@ -67,7 +67,19 @@ impl IntoResponse for Refusal {
 
 impl Policy {
     fn check(&self, headers: &HeaderMap, path: &str) -> Result<(), Refusal> {
-        let host = headers.get(header::HOST).and_then(|h| h.to_str().ok());
+        // Two Host headers, or one that is not text, must not pass as "no Host at all".
+        let mut hosts = headers.get_all(header::HOST).iter();
+        let host = match (hosts.next(), hosts.next()) {
+            (None, _) => None,
+            (Some(host), None) => Some(host.to_str().map_err(|_| {
+                Refusal::Forbidden("the Host header is not visible ASCII text".to_string())
+            })?),
+            (Some(_), Some(_)) => {
+                return Err(Refusal::Forbidden(
+                    "more than one Host header (RFC 9112 allows one)".to_string(),
+                ));
+            }
+        };
         if self.token.is_none()
             && let Some(host) = host
             && !is_loopback_authority(host)
