@@ -7,8 +7,10 @@
 //! - a browser request (one that carries `Origin`) must come from a loopback origin or from
 //!   the origin sbmon is being reached at; `Origin: null` and `Sec-Fetch-Site: cross-site`
 //!   are refused;
-//! - with a token, every endpoint but `/health/live` (and its alias `/monitoring/live`) needs `Authorization: Bearer TOKEN`
-//!   (the scheme in any case, as RFC 9110 says).
+//! - with a token, every endpoint but `/health/live` (and its alias `/monitoring/live`) needs
+//!   `Authorization: Bearer TOKEN` (the scheme in any case, as RFC 9110 says); so do the web
+//!   console's data endpoints, but not its pages and assets, which hold no data and ask the
+//!   person for the token (`console::is_public`).
 //!
 //! `/rpc` additionally takes only `application/json` bodies (in `http.rs`), which a browser
 //! cannot send cross-origin without a preflight that sbmon never approves.
@@ -99,6 +101,7 @@ impl Policy {
         if let Some(token) = &self.token
             && path != LIVENESS
             && path != super::monitoring::LIVENESS
+            && !super::console::is_public(path)
             && !bearer_matches(headers, token)
         {
             return Err(Refusal::Unauthorized);
