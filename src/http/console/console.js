@@ -263,6 +263,8 @@
     charts: {},
     histogramId: null,
     selectedTid: null,
+    /** [first, last] unix time of the charts' x axis: the samples held. */
+    window: null,
   };
 
   async function targetPage() {
@@ -315,10 +317,10 @@
     heap: { el: 'chart-heap', unit: bytes, series: [
       { label: 'heap used', stroke: '#2b6cb0', width: 2 },
       { label: 'retained', stroke: '#c05621', width: 2, points: { show: true, size: 5 } },
-      { label: 'heap limit', stroke: '#a0aec0', dash: [4, 4] }] },
+      { label: 'heap limit', stroke: '#a0aec0', dash: [4, 4], show: false }] },
     rss: { el: 'chart-rss', unit: bytes, series: [
       { label: 'RSS', stroke: '#2f855a', width: 2 },
-      { label: 'memory limit', stroke: '#a0aec0', dash: [4, 4] }] },
+      { label: 'memory limit', stroke: '#a0aec0', dash: [4, 4], show: false }] },
     alloc: { el: 'chart-alloc', unit: (v) => bytes(Math.round(v)) + '/s', series: [
       { label: 'allocated', stroke: '#6b46c1', width: 2 }] },
     pauses: { el: 'chart-pauses', unit: (v) => v.toFixed(2) + ' ms', series: [
@@ -335,8 +337,12 @@
         width: Math.max(200, box.clientWidth),
         height: 200,
         series: [{}].concat(def.series.map((s) => Object.assign({ value: fmt, spanGaps: false }, s))),
-        axes: [{}, { values: (u, ticks) => ticks.map((t) => def.unit(t)), size: 76 }],
-        scales: { x: { time: true }, y: { range: (u, min, max) => [Math.min(0, min), max > 0 ? max * 1.1 : 1] } },
+        axes: [{}, { values: (u, ticks) => ticks.map((t) => def.unit(t)), size: 88 }],
+        // Every chart spans the sampler's window, the pauses too (which may have none in it).
+        scales: {
+          x: { time: true, range: (u, min, max) => (state.window ? state.window.slice() : [min, max]) },
+          y: { range: (u, min, max) => [Math.min(0, min), max > 0 ? max * 1.1 : 1] },
+        },
         legend: { live: true },
       };
       const empty = [[]].concat(def.series.map(() => []));
@@ -366,6 +372,7 @@
     if (drop > 0) for (const k of Object.keys(state.data)) state.data[k].splice(0, drop);
     for (const p of d.pauses) addPause(p);
     const s = state.data;
+    if (s.time.length) state.window = [s.time[0], Math.max(s.time[s.time.length - 1], d.now)];
     const limit = s.time.map(() => d.memory_limit_bytes);
     draw('heap', [s.time, s.heap_used, s.retained, s.heap_limit]);
     draw('rss', [s.time, s.rss, limit]);
