@@ -256,6 +256,13 @@ mod tests {
         assert_eq!(status(&guarded, &[host], "/monitoring/live"), 200);
         assert_eq!(status(&guarded, &[host], "/monitoring/health"), 401);
         assert_eq!(status(&guarded, &[host], "/monitoring/reset"), 401);
+        // The console's pages and assets hold no data and ask for the token; its data does not
+        // answer without it.
+        assert_eq!(status(&guarded, &[host], "/"), 200);
+        assert_eq!(status(&guarded, &[host], "/targets/app"), 200);
+        assert_eq!(status(&guarded, &[host], "/console/assets/console.js"), 200);
+        assert_eq!(status(&guarded, &[host], "/console/api/fleet"), 401);
+        assert_eq!(status(&guarded, &[host], "/console/api/overview"), 401);
         for auth in [
             "Bearer 0123456789abcdef",
             "bearer 0123456789abcdef",
