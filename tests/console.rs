@@ -453,6 +453,26 @@ async fn the_fleet_page_shows_each_target_live_and_one_killed_goes_down() {
     tab.assert_loopback_only();
     tab.assert_no_errors();
 
+    // A page for a target sbmon does not watch says so, and which it does.
+    let unknown = chromium.tab().await;
+    unknown
+        .open(&format!("{}/targets/nope", base(&sbmon)))
+        .await;
+    let said = unknown
+        .until(
+            "the unknown target's message",
+            Duration::from_secs(10),
+            "!document.querySelector('#error').hidden && document.querySelector('#error').textContent",
+        )
+        .await;
+    assert!(
+        said.as_str()
+            .unwrap()
+            .contains("does not watch a target named \"nope\"")
+            && said.as_str().unwrap().contains("alpha"),
+        "{said}"
+    );
+
     // With a token, the page asks for it, then shows the same cards.
     let token = "console-test-token-0123456789";
     let guarded = Sbmon::start(
