@@ -27,6 +27,16 @@ const BENCH: &str = "top";
 const NAPPERS: &str = "(dotimes (i 8) (sb-thread:make-thread (lambda () (loop (sleep 0.05))) \
     :name (format nil \"bench napper ~d\" i)))";
 
+/// `sbmon top`, killed and reaped when dropped, also when the bench panics.
+struct Top(std::process::Child);
+
+impl Drop for Top {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
 /// Peak resident set of `pid`, bytes (`VmHWM`).
 fn rss_max(pid: i32) -> u64 {
     let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
@@ -124,7 +134,9 @@ async fn main() {
             Ok(())
         });
     }
-    let mut top = command.spawn().expect("start sbmon top");
+    let mut top = Top(command.spawn().expect("start sbmon top"));
+    // The command holds our copies of the terminal's slave side: closed, the master sees the
+    // end of the screen when top exits.
     drop(command);
     // The screen goes to the master side; it is read (and counted) so top never blocks.
     let screen_bytes = Arc::new(AtomicU64::new(0));
@@ -139,11 +151,11 @@ async fn main() {
             counted.fetch_add(n as u64, Ordering::Relaxed);
         }
     });
-    let pid = top.id() as i32;
+    let pid = top.0.id() as i32;
     // Its first frames and the sampler's first readings, then the window.
     tokio::time::sleep(Duration::from_secs(3)).await;
     assert!(
-        top.try_wait().unwrap().is_none(),
+        top.0.try_wait().unwrap().is_none(),
         "sbmon top exited early ({} bytes of screen)",
         screen_bytes.load(Ordering::Relaxed)
     );
@@ -164,11 +176,10 @@ async fn main() {
     let mut writer = std::fs::File::from(master);
     let _ = std::io::Write::write_all(&mut writer, b"q");
     let deadline = Instant::now() + Duration::from_secs(5);
-    while top.try_wait().unwrap().is_none() && Instant::now() < deadline {
+    while top.0.try_wait().unwrap().is_none() && Instant::now() < deadline {
         std::thread::sleep(Duration::from_millis(50));
     }
-    let _ = top.kill();
-    let _ = top.wait();
+    drop(top);
     sbcl.stop();
 
     println!(
