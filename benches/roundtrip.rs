@@ -2,11 +2,13 @@
 //! - `agent :ping`        the bare protocol round trip;
 //! - `agent :memory`      the heap figures through the agent client;
 //! - `tool memory_stats`  the whole tool (agent call + /proc reading + JSON result);
+//! - `/proc memory`       the tool's /proc and cgroup reads alone (`process::memory`), which
+//!   the tool makes while the agent answers;
 //! - `swank eval`         the same heap figures fetched through SLIME's Swank server in the
 //!   same image (when Debian's cl-swank is installed), the usual way to ask a live image.
 //!
-//! Figures for `tools/bench`: `ping`, `memory_op`, `memory_stats`, `swank` (`.p50`, `.p99`,
-//! `.rate`), and the checked ratios `memory_stats.tool_over_swank`,
+//! Figures for `tools/bench`: `ping`, `memory_op`, `memory_stats`, `proc_memory`, `swank`
+//! (`.p50`, `.p99`, `.rate`), and the checked ratios `memory_stats.tool_over_swank`,
 //! `memory_stats.op_over_swank` and `memory_stats.tool_over_op` (p50 over p50).
 //!
 //! Run: `cargo bench --bench roundtrip` (ITERATIONS=N to change the sample size).
@@ -131,6 +133,13 @@ async fn main() {
             "memory_op",
             support::sequential(iterations, || async {
                 client.memory().await.unwrap();
+            })
+            .await,
+        ),
+        (
+            "proc_memory",
+            support::sequential(iterations, || async {
+                sbmon::process::memory(sbcl.pid).unwrap();
             })
             .await,
         ),
