@@ -3,11 +3,11 @@
 ;;;; This file owns :heap-histogram (the live objects of the dynamic space by type, with the
 ;;;; last snapshots kept for :since) and :heap-retainers (the paths that keep a sample of
 ;;;; one type alive, from SB-EXT:SEARCH-ROOTS).  It is part of the agent (package
-;;;; SBMON-AGENT) but is not loaded with it: the resident agent stays small, since SBCL scans
-;;;; loaded code on every nursery collection.  sbmon-agent.lisp loads it, once, on the first
-;;;; call of either operation, from the directory sbmon-agent.lisp was loaded from (section
-;;;; "Heap operations, loaded on first use" there); loading it by hand after the agent works
-;;;; too.
+;;;; SBMON-AGENT) but is not loaded with it: the resident agent stays small, since an image
+;;;; pays on every nursery collection for what the agent defines (its structures here).
+;;;; sbmon-agent.lisp loads it, once, on the first call of either operation, from the
+;;;; directory sbmon-agent.lisp was loaded from (section "Parts loaded on first use" there);
+;;;; loading it by hand after the agent works too.
 ;;;;
 ;;;; Like the rest of the agent it never prints, never lets a condition reach the debugger
 ;;;; (the operations run under RUN-OPERATION's handler, and every walk under its own), and
@@ -663,4 +663,4 @@ thread of its own, so no later search meets its stale frames."
                 :paths (loop for path in paths
                              collect (path-plist path max-depth))))))))
 
-(setf *heap-loaded* t)
+(note-part-loaded :heap)

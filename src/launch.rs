@@ -15,12 +15,17 @@ pub const AGENT_SOURCE: &str = include_str!("../lisp/sbmon-agent.lisp");
 /// The agent's heap part, which it loads on first use from the directory it was loaded from
 /// (docs/protocol.md, "Heap operations").
 pub const AGENT_HEAP_SOURCE: &str = include_str!("../lisp/sbmon-agent-heap.lisp");
+/// The agent's control and eval part (gc_run, gc_tune, kill_thread, profile, eval,
+/// reload_system), loaded the same way on the first of those calls: an image never asked
+/// for them carries none of their code or classes.
+pub const AGENT_CONTROL_SOURCE: &str = include_str!("../lisp/sbmon-agent-control.lisp");
 /// Every file of the agent, as (file name, source): what `launch` and `attach` write to the
 /// directory the image loads the agent from. The agent loads any further part it needs from
 /// the directory its own file was loaded from, so a part is one more entry here.
 pub const AGENT_FILES: &[(&str, &str)] = &[
     ("sbmon-agent.lisp", AGENT_SOURCE),
     ("sbmon-agent-heap.lisp", AGENT_HEAP_SOURCE),
+    ("sbmon-agent-control.lisp", AGENT_CONTROL_SOURCE),
 ];
 /// The file the image loads (the others are loaded by it when needed).
 pub const AGENT_MAIN: &str = "sbmon-agent.lisp";
