@@ -12,8 +12,8 @@
 ;;;; preallocated arrays without consing) and the :gc event stream.
 ;;;;
 ;;;; Load with (load "lisp/sbmon-agent.lisp") and start with (sbmon-agent:start).
-;;;; Only SBCL contribs are used (sb-bsd-sockets; sb-sprof and ASDF are required lazily,
-;;;; on the first :profile or :reload-system call).  The agent never prints to the
+;;;; No contrib is loaded with it (its sockets are the C library's, called directly);
+;;;; sb-sprof and ASDF are required lazily, on the first :profile or :reload-system call.  The agent never prints to the
 ;;;; host's *standard-output*, never lets a condition reach the debugger, and keeps
 ;;;; bounded memory.  Loading this file prints nothing.
 ;;;;
@@ -39,9 +39,6 @@
 ;;;;   Listening sockets
 ;;;;   Connections                        (handshake, connection threads, the listener)
 ;;;;   Start / stop                       (and the exit hook)
-
-(eval-when (:compile-toplevel :load-toplevel :execute)
-  (require :sb-bsd-sockets))
 
 (defpackage #:sbmon-agent
   (:use #:common-lisp)
@@ -242,6 +239,19 @@ evaluates FALLBACK instead.  CAPABILITY names the capability flag that needs it.
 
 ;;; Files and errors
 
+;; The connection's input stream over its socket descriptor; closing the stream closes it.
+(defmacro define-fd-input-stream ()
+  (let* ((sym (find-internal "SB-SYS" "MAKE-FD-STREAM"))
+         (present (internal-present-p sym :call)))
+    `(progn
+       (note-internal "SB-SYS::MAKE-FD-STREAM" nil ,present)
+       (defun fd-input-stream (fd name)
+         ,(if present
+              `(,sym fd :input t :element-type '(unsigned-byte 8) :buffering :full
+                        :name name :auto-close nil)
+              '(error "this SBCL has no SB-SYS:MAKE-FD-STREAM"))))))
+(define-fd-input-stream)
+
 (define-internal lstat (path) ("SB-UNIX" "UNIX-LSTAT")
   ;; without it a path can only be told present (and then treated as foreign) or absent
   (if (probe-file path) (values t 0 0 0 0 -1) nil))
@@ -289,6 +299,111 @@ evaluates FALLBACK instead.  CAPABILITY names the capability flag that needs it.
   (sb-alien:alien-funcall
    (sb-alien:extern-alien "chmod" (function sb-alien:int sb-alien:c-string sb-alien:unsigned-int))
    path mode))
+
+;; Sockets, without sb-bsd-sockets: a contrib's classes and conditions would make every
+;; nursery collection of the host slower (README, "The agent's cost to its host").  Linux
+;; values; each call returns the descriptor or signals an error naming the call and errno.
+
+(defconstant +af-unix+ 1)
+(defconstant +af-inet+ 2)
+(defconstant +sock-stream+ 1)
+(defconstant +sock-nonblock+ #o4000)
+(defconstant +sock-cloexec+ #o2000000)
+
+(defun os-close (fd)
+  (sb-alien:alien-funcall (sb-alien:extern-alien "close" (function sb-alien:int sb-alien:int))
+                          fd))
+
+(defun socket-error (call &optional fd)
+  "Signal an error for the failed CALL (its errno), closing FD first when given."
+  (let ((errno (sb-alien:get-errno)))
+    (when fd (os-close fd))
+    (error "~a failed: ~a" call (os-error-text errno))))
+
+(defun os-socket (domain &key nonblocking)
+  (let ((fd (sb-alien:alien-funcall
+             (sb-alien:extern-alien "socket" (function sb-alien:int sb-alien:int sb-alien:int
+                                                       sb-alien:int))
+             domain
+             (logior +sock-stream+ +sock-cloexec+ (if nonblocking +sock-nonblock+ 0))
+             0)))
+    (if (< fd 0) (socket-error "socket") fd)))
+
+(defun unix-address (path)
+  "struct sockaddr_un for PATH, as octets."
+  (let ((bytes (sb-ext:string-to-octets path :external-format :utf-8))
+        (addr (make-array 110 :element-type '(unsigned-byte 8) :initial-element 0)))
+    (unless (< (length bytes) 108)
+      (error "socket path ~a is too long (~d bytes; the limit is 107)" path (length bytes)))
+    (setf (aref addr 0) +af-unix+)
+    (replace addr bytes :start1 2)
+    addr))
+
+(defun loopback-address (port)
+  "struct sockaddr_in for 127.0.0.1:PORT, as octets."
+  (let ((addr (make-array 16 :element-type '(unsigned-byte 8) :initial-element 0)))
+    (setf (aref addr 0) +af-inet+
+          (aref addr 2) (ldb (byte 8 8) port) (aref addr 3) (ldb (byte 8 0) port)
+          (aref addr 4) 127 (aref addr 7) 1)
+    addr))
+
+(defmacro define-address-call (name c-name)
+  `(defun ,name (fd addr)
+     ,(format nil "~a(2) of FD to ADDR (octets): T, or NIL and the errno." c-name)
+     (declare (type (simple-array (unsigned-byte 8) (*)) addr))
+     (let ((r (sb-sys:with-pinned-objects (addr)
+                (sb-alien:alien-funcall
+                 (sb-alien:extern-alien ,c-name (function sb-alien:int sb-alien:int
+                                                          sb-sys:system-area-pointer
+                                                          sb-alien:unsigned-int))
+                 fd (sb-sys:vector-sap addr) (length addr)))))
+       (if (zerop r) t (values nil (sb-alien:get-errno))))))
+
+(define-address-call os-bind* "bind")
+(define-address-call os-connect "connect")
+
+(defun os-bind (fd addr)
+  (or (os-bind* fd addr) (socket-error "bind" fd)))
+
+(defun os-listen (fd)
+  (unless (zerop (sb-alien:alien-funcall
+                  (sb-alien:extern-alien "listen" (function sb-alien:int sb-alien:int
+                                                            sb-alien:int))
+                  fd 16))
+    (socket-error "listen" fd)))
+
+(defun os-accept (fd)
+  "A new connection's descriptor (blocking, close-on-exec), or NIL when none is waiting."
+  (let ((c (sb-alien:alien-funcall
+            (sb-alien:extern-alien "accept4" (function sb-alien:int sb-alien:int
+                                                       sb-sys:system-area-pointer
+                                                       sb-sys:system-area-pointer sb-alien:int))
+            fd (sb-sys:int-sap 0) (sb-sys:int-sap 0) +sock-cloexec+)))
+    (and (>= c 0) c)))
+
+(defun reuse-address (fd)
+  (sb-alien:with-alien ((one sb-alien:int 1))
+    (unless (zerop (sb-alien:alien-funcall
+                    (sb-alien:extern-alien "setsockopt"
+                                           (function sb-alien:int sb-alien:int sb-alien:int
+                                                     sb-alien:int (* sb-alien:int)
+                                                     sb-alien:unsigned-int))
+                    fd 1 2 (sb-alien:addr one) 4)) ; SOL_SOCKET, SO_REUSEADDR
+      (socket-error "setsockopt" fd))))
+
+(defun bound-port (fd)
+  "The local port of FD (a TCP socket), from getsockname(2)."
+  (let ((addr (make-array 16 :element-type '(unsigned-byte 8) :initial-element 0)))
+    (sb-alien:with-alien ((len sb-alien:unsigned-int 16))
+      (unless (zerop (sb-sys:with-pinned-objects (addr)
+                       (sb-alien:alien-funcall
+                        (sb-alien:extern-alien "getsockname"
+                                               (function sb-alien:int sb-alien:int
+                                                         sb-sys:system-area-pointer
+                                                         (* sb-alien:unsigned-int)))
+                        fd (sb-sys:vector-sap addr) (sb-alien:addr len))))
+        (socket-error "getsockname" fd)))
+    (+ (* 256 (aref addr 2)) (aref addr 3))))
 
 (defun fd-shutdown (fd)
   (ignore-errors
@@ -382,24 +497,45 @@ of file or on an error, NIL when nothing has arrived yet."
 
 ;;;; ------------------------------------------------------------------------
 ;;;; Agent errors (turned into error replies with a chosen :type)
+;;;;
+;;;; The agent signals its own errors as SIMPLE-ERRORs marked by their format control (the
+;;;; string in *AGENT-ERROR-CONTROL*, compared with EQ), not as condition classes of its own:
+;;;; every class an image defines makes each of its nursery collections slower (README, "The
+;;;; agent's cost to its host").  The format arguments are (TEXT KIND CLASS EXTRA): the report
+;;;; prints TEXT; KIND is the reply's :type; CLASS is :agent-error (an operation's failure),
+;;;; :malformed (a payload the reader refuses), :frame-error (a bad frame) or :too-large (a
+;;;; reply beyond the frame limit); EXTRA is a plist appended to the error reply.
 
-(define-condition agent-error (error)
-  ((kind :initarg :kind :reader agent-error-kind)
-   (text :initarg :text :reader agent-error-text)
-   (extra :initarg :extra :initform nil :reader agent-error-extra))
-  (:report (lambda (c s) (write-string (agent-error-text c) s))))
+(defvar *agent-error-control* (copy-seq "~a")
+  "The format control that marks a SIMPLE-ERROR as one of the agent's own.")
+
+(defun agent-error (class kind text &optional extra)
+  "Signal the agent's error CLASS with reply type KIND and message TEXT."
+  (error 'simple-error :format-control *agent-error-control*
+                       :format-arguments (list text kind class extra)))
+
+(defun agent-condition-p (c &optional class)
+  "True when C is one of the agent's errors (of CLASS, if given)."
+  (and (typep c 'simple-error)
+       (eq (simple-condition-format-control c) *agent-error-control*)
+       (let ((args (simple-condition-format-arguments c)))
+         (and (listp args) (= (length args) 4)
+              (or (null class) (eq (third args) class))))))
+
+(defun agent-error-kind (c) (second (simple-condition-format-arguments c)))
+(defun agent-error-text (c) (first (simple-condition-format-arguments c)))
+(defun agent-error-extra (c) (fourth (simple-condition-format-arguments c)))
 
 (defun fail (kind fmt &rest args)
-  (error 'agent-error :kind kind
-                      :text (let ((*print-length* 20) (*print-level* 4) (*print-pretty* nil))
-                              (apply #'format nil fmt args))))
-
-(define-condition malformed (error)
-  ((text :initarg :text :reader malformed-text))
-  (:report (lambda (c s) (write-string (malformed-text c) s))))
+  (agent-error :agent-error kind
+               (let ((*print-length* 20) (*print-level* 4) (*print-pretty* nil))
+                 (apply #'format nil fmt args))))
 
 (defun malformed (fmt &rest args)
-  (error 'malformed :text (apply #'format nil fmt args)))
+  (agent-error :malformed "MALFORMED" (apply #'format nil fmt args)))
+
+(defun frame-error (text)
+  (agent-error :frame-error "FRAME-ERROR" text))
 
 ;;;; ------------------------------------------------------------------------
 ;;;; Bounded printing of arbitrary objects
@@ -435,7 +571,7 @@ of file or on an error, NIL when nothing has arrived yet."
   (safe-string (lambda (s) (princ c s)) +message-limit+))
 
 (defun condition-type-name (c)
-  (if (typep c 'agent-error)
+  (if (agent-condition-p c)
       (agent-error-kind c)
       (handler-case (symbol-name (type-of c))
         (serious-condition () "ERROR"))))
@@ -496,8 +632,10 @@ of file or on an error, NIL when nothing has arrived yet."
                    (read-from-string tok)))))
         (unless (realp x) (malformed "bad number ~a" tok))
         (coerce x 'double-float))
-    (malformed (c) (error c))
-    (error () (malformed "bad float ~a" (one-line tok 40)))))
+    (error (c)
+      (if (agent-condition-p c :malformed)
+          (error c)
+          (malformed "bad float ~a" (one-line tok 40))))))
 
 (defun token-to-datum (tok)
   (when (> (length tok) +max-token+)
@@ -588,10 +726,10 @@ of file or on an error, NIL when nothing has arrived yet."
 
 (defconstant +header-bytes+ 6)
 
-(define-condition too-large (error)
-  ((bytes :initarg :bytes :reader too-large-bytes))
-  (:report (lambda (c s) (format s "reply of more than ~d bytes exceeds the frame limit of ~d bytes"
-                                 (too-large-bytes c) +max-out-frame+))))
+(defun too-large (bytes)
+  (agent-error :too-large "TOO-LARGE"
+               (format nil "reply of more than ~d bytes exceeds the frame limit of ~d bytes"
+                       bytes +max-out-frame+)))
 
 (deftype outbuf () 'simple-vector)
 (defstruct (outbuf (:type vector) (:constructor make-outbuf ()))
@@ -607,7 +745,7 @@ of file or on an error, NIL when nothing has arrived yet."
   (let ((octets (outbuf-octets buf)) (need (+ (outbuf-fill buf) n)))
     (when (> need (length octets))
       (when (> need (+ +max-out-frame+ +header-bytes+ 1))
-        (error 'too-large :bytes +max-out-frame+))
+        (too-large +max-out-frame+))
       (let ((bigger (make-array (min (max need (* 2 (length octets)))
                                      (+ +max-out-frame+ +header-bytes+ 1))
                                 :element-type '(unsigned-byte 8))))
@@ -788,7 +926,7 @@ Signals TOO-LARGE beyond the frame limit."
            (n (- fill +header-bytes+))
            (octets (outbuf-octets buf)))
       (when (> n +max-out-frame+)
-        (error 'too-large :bytes n))
+        (too-large n))
       (loop for i from (1- +header-bytes+) downto 0
             for v = n then (ash v -4)
             do (setf (aref octets i) (char-code (char "0123456789abcdef" (logand v 15)))))
@@ -1042,7 +1180,7 @@ of n_gcs (or of *gc-epoch*) does."
 
 (defstruct (conn (:type vector) (:constructor %make-conn))
   (id 0)
-  socket stream (fd -1)
+  stream (fd -1)        ; the input stream over the descriptor FD, which it closes
   (tcp nil)
   (write-lock (sb-thread:make-mutex :name "sbmon-agent conn write"))
   (lock (sb-thread:make-mutex :name "sbmon-agent conn"))
@@ -1141,7 +1279,10 @@ track it in *AGENT-THREADS* until it ends."
 (defun send-frame (conn message)
   "Print MESSAGE and send it as one frame on CONN.  Returns T on success."
   (multiple-value-bind (octets end) (handler-case (encode-frame message)
-                                      (too-large () nil))
+                                      (error (c)
+                                        (if (agent-condition-p c :too-large)
+                                            nil
+                                            (error c))))
     (and octets (send-octets conn octets end))))
 
 (defun send-octets (conn octets end)
@@ -1161,18 +1302,12 @@ takes no data for +SEND-TIMEOUT-SECONDS+ (a full socket buffer) is disconnected.
   (multiple-value-bind (octets end)
       (handler-case (encode-frame (list :return id result))
         (serious-condition (c)
-          (encode-frame (list :return id (list :error :type (if (typep c 'too-large)
-                                                                   "TOO-LARGE"
-                                                                   (condition-type-name c))
+          (encode-frame (list :return id (list :error :type (condition-type-name c)
                                                   :message (condition-message c))))))
     (send-octets conn octets end)))
 
 (defun send-bye (conn reason)
   (ignore-errors (send-frame conn (list :bye :reason reason))))
-
-(define-condition frame-error (error)
-  ((text :initarg :text :reader frame-error-text))
-  (:report (lambda (c s) (write-string (frame-error-text c) s))))
 
 (defun read-exactly (stream buffer)
   "Fill BUFFER from STREAM; return NIL on end of file (or a short read)."
@@ -1185,8 +1320,8 @@ takes no data for +SEND-TIMEOUT-SECONDS+ (a full socket buffer) is disconnected.
                         ((<= 97 b 102) (- b 87))
                         ((<= 65 b 70) (- b 55)))
           do (unless d
-               (error 'frame-error
-                      :text (format nil "bad frame header ~s (expected 6 hex digits)"
+               (frame-error
+                      (format nil "bad frame header ~s (expected 6 hex digits)"
                                     (map 'string (lambda (b) (if (<= 32 b 126) (code-char b) #\?))
                                          header))))
              (setf n (+ (* n 16) d)))
@@ -1198,12 +1333,12 @@ takes no data for +SEND-TIMEOUT-SECONDS+ (a full socket buffer) is disconnected.
     (unless (read-exactly stream header) (return-from read-frame nil))
     (let ((len (hex-header-length header)))
       (when (> len +max-in-frame+)
-        (error 'frame-error
-               :text (format nil "frame too large: ~d bytes (limit ~d)" len +max-in-frame+)))
+        (frame-error
+               (format nil "frame too large: ~d bytes (limit ~d)" len +max-in-frame+)))
       (let ((payload (make-array len :element-type '(unsigned-byte 8))))
         (unless (read-exactly stream payload) (return-from read-frame nil))
         (handler-case (sb-ext:octets-to-string payload :external-format :utf-8)
-          (error () (error 'malformed :text "payload is not valid UTF-8")))))))
+          (error () (malformed "payload is not valid UTF-8")))))))
 
 ;;;; ------------------------------------------------------------------------
 ;;;; Events
@@ -1274,9 +1409,10 @@ the send timeout disconnects it.  Ends when the connection unsubscribes or close
 
 (defun fail-with (kind extra fmt &rest args)
   "Like FAIL, with EXTRA (a plist such as (:backtrace (...))) appended to the error reply."
-  (error 'agent-error :kind kind :extra extra
-                      :text (let ((*print-length* 20) (*print-level* 4) (*print-pretty* nil))
-                              (apply #'format nil fmt args))))
+  (agent-error :agent-error kind
+               (let ((*print-length* 20) (*print-level* 4) (*print-pretty* nil))
+                 (apply #'format nil fmt args))
+               extra))
 
 (defun number-text (x)
   "X (a real) printed plainly: 1, 0.5, 2.25."
@@ -1831,7 +1967,7 @@ are measured, and the flags of *INTERNAL-CAPABILITIES* whose internals are prese
       (serious-condition (c)
         (list* :error :type (condition-type-name c) :message (condition-message c)
                ;; extra reply fields (:backtrace ...) carried by some agent errors
-               (and (typep c 'agent-error) (agent-error-extra c)))))))
+               (and (agent-condition-p c) (agent-error-extra c)))))))
 
 (defun unknown-operation-error (op)
   (list :error :type "UNKNOWN-OPERATION"
@@ -1944,11 +2080,9 @@ starting with '.' or '-' (it becomes part of a file name and of Prometheus label
   name)
 
 (defun socket-live-p (path)
-  (let ((s (make-instance 'sb-bsd-sockets:local-socket :type :stream)))
-    (unwind-protect
-         (handler-case (progn (sb-bsd-sockets:socket-connect s path) t)
-           (serious-condition () nil))
-      (ignore-errors (sb-bsd-sockets:socket-close s)))))
+  (let ((fd (os-socket +af-unix+)))
+    (unwind-protect (and (os-connect fd (unix-address path)) t)
+      (os-close fd))))
 
 (defun open-unix-listener (path)
   (case (file-kind path)
@@ -1958,28 +2092,21 @@ starting with '.' or '-' (it becomes part of a file name and of Prometheus label
        (error "another process is listening on ~a" path))
      (os-unlink path))
     (t (error "~a exists and is not a socket" path)))
-  (let ((s (make-instance 'sb-bsd-sockets:local-socket :type :stream)))
-    (handler-case
-        (progn
-          (sb-bsd-sockets:socket-bind s path)
-          (chmod path #o600)
-          (sb-bsd-sockets:socket-listen s 16)
-          s)
-      (serious-condition (c)
-        (ignore-errors (sb-bsd-sockets:socket-close s))
-        (error c)))))
+  ;; non-blocking: the listener polls, and a client gone between the poll and the accept
+  ;; must not block it
+  (let ((address (unix-address path))
+        (fd (os-socket +af-unix+ :nonblocking t)))
+    (os-bind fd address)
+    (chmod path #o600)
+    (os-listen fd)
+    fd))
 
 (defun open-tcp-listener (port)
-  (let ((s (make-instance 'sb-bsd-sockets:inet-socket :type :stream :protocol :tcp)))
-    (handler-case
-        (progn
-          (setf (sb-bsd-sockets:sockopt-reuse-address s) t)
-          (sb-bsd-sockets:socket-bind s #(127 0 0 1) port)
-          (sb-bsd-sockets:socket-listen s 16)
-          (values s (nth-value 1 (sb-bsd-sockets:socket-name s))))
-      (serious-condition (c)
-        (ignore-errors (sb-bsd-sockets:socket-close s))
-        (error c)))))
+  (let ((fd (os-socket +af-inet+ :nonblocking t)))
+    (reuse-address fd)
+    (os-bind fd (loopback-address port))
+    (os-listen fd)
+    (values fd (bound-port fd))))
 
 ;;;; ------------------------------------------------------------------------
 ;;;; Connections
@@ -2047,12 +2174,12 @@ it does SB-SYS:WITH-DEADLINE) and a peer sending its hello a byte at a time is c
       (fill-from-socket header)
       (let ((len (hex-header-length header)))
         (when (> len +max-in-frame+)
-          (error 'frame-error
-                 :text (format nil "frame too large: ~d bytes (limit ~d)" len +max-in-frame+)))
+          (frame-error
+                 (format nil "frame too large: ~d bytes (limit ~d)" len +max-in-frame+)))
         (let ((payload (make-array len :element-type '(unsigned-byte 8))))
           (fill-from-socket payload)
           (handler-case (sb-ext:octets-to-string payload :external-format :utf-8)
-            (error () (error 'malformed :text "payload is not valid UTF-8"))))))))
+            (error () (malformed "payload is not valid UTF-8"))))))))
 
 (defun handshake (conn)
   "Read the hello within the timeout.  Returns T if the welcome was sent."
@@ -2095,9 +2222,11 @@ it does SB-SYS:WITH-DEADLINE) and a peer sending its hello a byte at a time is c
                  (unless (and payload (conn-alive conn)) (return))
                  (unless (handle-message conn (parse-payload payload))
                    (return)))))
-         (frame-error (c) (send-bye conn (frame-error-text c)))
-         (malformed (c) (send-bye conn (format nil "malformed message: ~a" (malformed-text c))))
-         (serious-condition () nil))
+         (serious-condition (c)
+           (cond ((agent-condition-p c :frame-error) (send-bye conn (agent-error-text c)))
+                 ((agent-condition-p c :malformed)
+                  (send-bye conn (format nil "malformed message: ~a" (agent-error-text c))))
+                 (t nil))))
     (close-connection conn)))
 
 (defun conn-shutdown (conn)
@@ -2117,19 +2246,16 @@ belong to another file by then)."
   (when (sb-thread:with-mutex ((conn-lock conn))
           (unless (conn-closed conn)
             (setf (conn-closed conn) t)))
-    (ignore-errors (close (conn-stream conn) :abort t))
-    (ignore-errors (sb-bsd-sockets:socket-close (conn-socket conn))))
+    ;; closing the stream closes the descriptor
+    (ignore-errors (close (conn-stream conn) :abort t)))
   (sb-thread:with-mutex (*state-lock*)
     (setf *connections* (remove conn *connections*))))
 
-(defun accept-connection (client)
-  (setf (sb-bsd-sockets:non-blocking-mode client) nil)
-  (let* ((fd (sb-bsd-sockets:socket-file-descriptor client))
-         (conn (%make-conn :socket client :fd fd :tcp *tcp-mode*
-                           :stream (sb-bsd-sockets:socket-make-stream
-                                    client :input t :output nil
-                                           :element-type '(unsigned-byte 8)
-                                           :buffering :full))))
+(defun accept-connection (fd)
+  "Take the connection on descriptor FD (which the connection then owns)."
+  (let* ((stream (handler-case (fd-input-stream fd (format nil "sbmon-agent connection ~d" fd))
+                   (serious-condition (c) (os-close fd) (error c))))
+         (conn (%make-conn :fd fd :tcp *tcp-mode* :stream stream)))
     (let ((full nil))
       (sb-thread:with-mutex (*state-lock*)
         (if (>= (length *connections*) +max-connections+)
@@ -2166,28 +2292,24 @@ old one is closed.  A path that another file now occupies is left alone."
                                      (open-unix-listener path))
                             (serious-condition () nil)))))
             (cond (new
-                   (ignore-errors (sb-bsd-sockets:socket-close listener))
+                   (os-close listener)
                    (setf *listener* new))
                   (t listener)))))))
 
-(defun listener-loop (socket)
-  (let ((fd (sb-bsd-sockets:socket-file-descriptor socket))
-        (next-check (+ (mono-ns) +socket-check-ns+)))
+(defun listener-loop (fd)
+  (let ((next-check (+ (mono-ns) +socket-check-ns+)))
     (loop while (and *running* (not *exiting*))
           do (handler-case
                  (progn
                    (when (wait-fd fd 1 200)
-                     (let ((client (sb-bsd-sockets:socket-accept socket)))
+                     (let ((client (os-accept fd)))
                        (when client
                          (if (and *running* (not *exiting*))
                              (accept-connection client)
-                             (ignore-errors (sb-bsd-sockets:socket-close client))))))
+                             (os-close client)))))
                    (when (>= (mono-ns) next-check)
                      (setf next-check (+ (mono-ns) +socket-check-ns+))
-                     (let ((renewed (renew-listener-if-deleted socket)))
-                       (unless (eq renewed socket)
-                         (setf socket renewed
-                               fd (sb-bsd-sockets:socket-file-descriptor renewed))))))
+                     (setf fd (renew-listener-if-deleted fd))))
                (serious-condition () (sleep 0.05))))))
 
 ;;;; ------------------------------------------------------------------------
@@ -2310,7 +2432,7 @@ its socket file, its exit hook and the GC wrappers.  Returns T if the agent was 
       (unless (eq th sb-thread:*current-thread*)
         (ignore-errors (sb-thread:terminate-thread th))))
     (finish-thread listener-thread)
-    (ignore-errors (sb-bsd-sockets:socket-close listener))
+    (ignore-errors (os-close listener))
     (when path (ignore-errors (when (eq (file-kind path) :socket) (os-unlink path))))
     (dolist (c conns)
       (conn-shutdown c)
