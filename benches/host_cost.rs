@@ -1,6 +1,6 @@
 //! The agent's cost to the SBCL image that hosts it, in paired rounds: each round runs one
-//! fresh SBCL without the agent and one with it loaded and started (read-only, as `launch`
-//! and `attach` load it), in alternating order (ABBA), and each image runs the same compiled
+//! fresh SBCL without the agent and one with it loaded and started (read-only, loaded as
+//! `launch` and `attach` load it), in alternating order (ABBA), and each image runs the same compiled
 //! workloads and reports SBCL's own figures for them:
 //! - `alloc`: a loop that allocates short-lived lists and keeps none, so it collects the
 //!   nursery a fixed number of times; the figure that matters is GC CPU per collection
@@ -16,7 +16,8 @@
 //! `tools/bench --check` compares.
 //!
 //! Run: `cargo bench --bench host_cost` (ROUNDS=N pairs per image, default 10; 3 when
-//! `SBMON_BENCH_SHORT=1`). IMAGES=bare or IMAGES=swank runs one image only.
+//! `SBMON_BENCH_SHORT=1`). IMAGES=bare or IMAGES=swank runs one image only; AGENT_LOAD=source
+//! loads the agent with a plain `(load "sbmon-agent.lisp")` instead of as sbmon does.
 
 mod support;
 
@@ -24,7 +25,7 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::Instant;
 
-use sbmon::launch::write_agent_files;
+use sbmon::launch::{load_form, write_agent_files};
 use sbmon::wire::Sexp;
 
 const SWANK_LOADER: &str = "/usr/share/common-lisp/source/slime/swank-loader.lisp";
@@ -120,6 +121,7 @@ struct Setup {
     workload_fasl: PathBuf,
     agent: PathBuf,
     swank_fasl: Option<PathBuf>,
+    from_source: bool,
     alloc_n: u64,
     cpu_n: u64,
 }
@@ -189,6 +191,7 @@ impl Setup {
             workload_fasl,
             agent,
             swank_fasl,
+            from_source: std::env::var("AGENT_LOAD").is_ok_and(|v| v == "source"),
             alloc_n: if short { 3_000_000 } else { 10_000_000 },
             cpu_n: if short { 100_000_000 } else { 400_000_000 },
         }
@@ -204,9 +207,14 @@ impl Setup {
         cmd.arg("--load").arg(&self.workload_fasl);
         if with_agent {
             let socket = self.dir.path().join(format!("agent-{round}.sock"));
+            // as `launch` and `attach` load it (compiled to a fasl first), or from source
+            let load = if self.from_source {
+                format!("(load {})", Sexp::string(self.agent.to_string_lossy()))
+            } else {
+                load_form(&self.agent)
+            };
             cmd.arg("--eval").arg(format!(
-                "(let ((t0 (get-internal-real-time))) (load {}) (funcall (find-symbol \"START\" \"SBMON-AGENT\") :socket {}) (format t \"~&LOADED ~,6f~%\" (/ (- (get-internal-real-time) t0) internal-time-units-per-second)))",
-                Sexp::string(self.agent.to_string_lossy()),
+                "(let ((t0 (get-internal-real-time))) {load} (funcall (find-symbol \"START\" \"SBMON-AGENT\") :socket {}) (format t \"~&LOADED ~,6f~%\" (/ (- (get-internal-real-time) t0) internal-time-units-per-second)))",
                 Sexp::string(socket.to_string_lossy()),
             ));
         }

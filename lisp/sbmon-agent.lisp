@@ -1806,7 +1806,7 @@ naming the cycle it found; NIL for any other condition."
 ;;;; so the resident agent carries only what the read operations need.  The contract: each
 ;;;; part is a file in the same directory as the loaded sbmon-agent.lisp.  The first call of
 ;;;; one of its operations loads it, once per image, under a lock (a second first call waits
-;;;; for the first), compiled, with all output discarded and warnings muffled; an agent loaded
+;;;; for the first), compiled to a fasl first (LOAD-COMPILED), with all output discarded and warnings muffled; an agent loaded
 ;;;; from a stream (no directory known), a missing file or a failed load makes the call fail
 ;;;; with UNAVAILABLE naming the file, and the next call tries again.  Loading a part by hand
 ;;;; after this file also works (its last form records it in *PARTS-LOADED*).
@@ -1846,6 +1846,22 @@ naming the cycle it found; NIL for any other condition."
 (defun part-path (file)
   (and *agent-directory* (merge-pathnames file *agent-directory*)))
 
+(defun load-compiled (path)
+  "Load the source file PATH compiled: to a fasl of a name of its own beside it, deleted once
+loaded (an image pays on every nursery collection for code loaded from source far more than
+for the same code loaded from a fasl), or from source when no fasl can be written there."
+  (let ((fasl (make-pathname :name (format nil "~a-~36r" (pathname-name path)
+                                           (random (expt 36 10) (make-random-state t)))
+                             :type "fasl" :defaults path)))
+    (unwind-protect
+         (let ((compiled (ignore-errors
+                          (multiple-value-bind (out warnings-p failure-p)
+                              (compile-file path :output-file fasl)
+                            (declare (ignore warnings-p))
+                            (and out (not failure-p) out)))))
+           (load (or compiled path)))
+      (ignore-errors (when (probe-file fasl) (delete-file fasl))))))
+
 (defun ensure-part (part)
   "Load PART's file unless it is loaded; UNAVAILABLE when it cannot be."
   (unless (part-loaded-p part)
@@ -1870,7 +1886,7 @@ naming the cycle it found; NIL for any other condition."
                      (*compile-verbose* nil) (*compile-print* nil)
                      (sb-ext:*evaluator-mode* :compile))
                 (handler-bind ((warning #'muffle-warning))
-                  (load path)))
+                  (load-compiled path)))
             (serious-condition (c)
               (fail "UNAVAILABLE" "loading ~a failed: ~a" (namestring path)
                     (condition-message c))))

@@ -1238,8 +1238,8 @@ async fn a_missing_sbcl_internal_clears_its_capability() {
 }
 
 /// A thread of the image's own, started before the agent, that evaluates the form the test
-/// writes to `<dir>/ask` and writes what it printed to `<dir>/answer`: a look inside the
-/// image that does not go through the agent (whose `:eval` would load the part under test).
+/// writes to `<dir>/ask.sexp` and writes what it printed to `<dir>/answer.sexp`: a look inside
+/// the image that does not go through the agent (whose `:eval` would load the part under test).
 fn side_channel(dir: &std::path::Path) -> String {
     format!(
         r#"(sb-thread:make-thread
@@ -1249,24 +1249,24 @@ fn side_channel(dir: &std::path::Path) -> String {
                      (let ((form (with-open-file (in {ask}) (read in))))
                        (delete-file {ask})
                        (with-open-file (out {tmp} :direction :output :if-exists :supersede)
-                         (let ((*print-case* :downcase) (*package* (find-package "KEYWORD")))
+                         (let ((*print-case* :downcase) (*package* (find-package "CL-USER")))
                            (prin1 (handler-case (eval form) (error (c) (list :failed (princ-to-string c))))
                                   out)))
                        (rename-file {tmp} {answer}))
                      (sleep 0.02))))
              :name "side channel")"#,
-        ask = Sexp::string(dir.join("ask").to_string_lossy()),
-        tmp = Sexp::string(dir.join("answer.tmp").to_string_lossy()),
-        answer = Sexp::string(dir.join("answer").to_string_lossy()),
+        ask = Sexp::string(dir.join("ask.sexp").to_string_lossy()),
+        tmp = Sexp::string(dir.join("answer.part").to_string_lossy()),
+        answer = Sexp::string(dir.join("answer.sexp").to_string_lossy()),
     )
 }
 
 /// Evaluate `form` through the side channel and read back what it printed.
 async fn ask(dir: &std::path::Path, form: &str) -> Sexp {
-    let answer = dir.join("answer");
+    let answer = dir.join("answer.sexp");
     let _ = std::fs::remove_file(&answer);
-    std::fs::write(dir.join("ask.tmp"), form).unwrap();
-    std::fs::rename(dir.join("ask.tmp"), dir.join("ask")).unwrap();
+    std::fs::write(dir.join("ask.part"), form).unwrap();
+    std::fs::rename(dir.join("ask.part"), dir.join("ask.sexp")).unwrap();
     let deadline = Instant::now() + Duration::from_secs(30);
     while !answer.exists() {
         assert!(Instant::now() < deadline, "no answer to {form}");
