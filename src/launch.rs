@@ -65,11 +65,21 @@ pub fn load_form(path: &Path) -> String {
   (unwind-protect
        (let ((compiled (ignore-errors
                         (multiple-value-bind (out warnings-p failure-p)
-                            (let ((*compile-verbose* nil) (*compile-print* nil))
+                            ;; the compiler's notes are for the agent's authors; its
+                            ;; warnings still reach the caller's handlers
+                            (let ((*compile-verbose* nil) (*compile-print* nil)
+                                  (*standard-output* (make-broadcast-stream))
+                                  (*error-output* (make-broadcast-stream)))
                               (compile-file source :output-file fasl))
                           (declare (ignore warnings-p))
                           (and out (not failure-p) out)))))
-         (load (or compiled source)))
+         ;; compiling defined the file's macros and compile-time functions already; their
+         ;; second definition, from the fasl, is no news
+         (let ((redefinition (find-symbol "REDEFINITION-WARNING" "SB-KERNEL")))
+           (handler-bind ((warning (lambda (w)
+                                     (when (and compiled redefinition (typep w redefinition))
+                                       (muffle-warning w)))))
+             (load (or compiled source)))))
     (when (probe-file fasl) (delete-file fasl))))"#;
     FORM.replace(
         "{{PATH}}",
