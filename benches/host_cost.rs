@@ -128,13 +128,18 @@ struct Setup {
 
 fn sbcl() -> Command {
     let mut cmd = Command::new("sbcl");
-    cmd.args(["--noinform", "--end-runtime-options"])
-        .args(["--no-sysinit", "--no-userinit", "--non-interactive"]);
+    cmd.args(["--noinform", "--end-runtime-options"]).args([
+        "--no-sysinit",
+        "--no-userinit",
+        "--non-interactive",
+    ]);
     cmd
 }
 
 fn run_checked(cmd: &mut Command, what: &str) -> String {
-    let out = cmd.output().unwrap_or_else(|e| panic!("{what}: cannot run sbcl: {e}"));
+    let out = cmd
+        .output()
+        .unwrap_or_else(|e| panic!("{what}: cannot run sbcl: {e}"));
     let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
     assert!(
         out.status.success(),
@@ -219,7 +224,10 @@ impl Setup {
             ));
         }
         cmd.arg("--eval")
-            .arg(format!("(sbmon-host-cost::measure :alloc {})", self.alloc_n))
+            .arg(format!(
+                "(sbmon-host-cost::measure :alloc {})",
+                self.alloc_n
+            ))
             .arg("--eval")
             .arg(format!("(sbmon-host-cost::measure :cpu {})", self.cpu_n));
         let what = format!(
@@ -381,7 +389,12 @@ fn main() {
             if workload == "alloc" {
                 let (n, _, _) = spread(&figure(&b, |r| f64::from(r.collections)));
                 println!("  alloc collections per run: {n:.0}");
-                support::record("host_cost", &format!("{name}.alloc.collections"), n, "count");
+                support::record(
+                    "host_cost",
+                    &format!("{name}.alloc.collections"),
+                    n,
+                    "count",
+                );
                 compare(
                     name,
                     workload,

@@ -1806,16 +1806,22 @@ naming the cycle it found; NIL for any other condition."
 ;;;; so the resident agent carries only what the read operations need.  The contract: each
 ;;;; part is a file in the same directory as the loaded sbmon-agent.lisp.  The first call of
 ;;;; one of its operations loads it, once per image, under a lock (a second first call waits
-;;;; for the first), compiled to a fasl first (LOAD-COMPILED), with all output discarded and warnings muffled; an agent loaded
-;;;; from a stream (no directory known), a missing file or a failed load makes the call fail
-;;;; with UNAVAILABLE naming the file, and the next call tries again.  Loading a part by hand
+;;;; for the first), from its fasl beside it when there is one (LOAD-PART-FILE), with all
+;;;; output discarded and warnings muffled; an agent loaded from a stream (no directory
+;;;; known), a missing file or a failed load makes the call fail with UNAVAILABLE naming the
+;;;; file, and the next call tries again.  Loading a part by hand
 ;;;; after this file also works (its last form records it in *PARTS-LOADED*).
 
 (defvar *agent-directory*
-  ;; the source's directory, also when this file was compiled to a fasl elsewhere (ASDF)
-  (let ((p (or #.(or *compile-file-truename* *load-truename*) *load-truename*)))
-    (and p (make-pathname :name nil :type nil :version nil :defaults p)))
-  "The directory this file was loaded from, or NIL (loaded from a stream).")
+  ;; The directory of the loaded file when the parts are there (the source, or the fasl that
+  ;; sbmon writes beside it); else the source's, for a fasl compiled elsewhere (ASDF's cache).
+  (flet ((directory-of (p) (and p (make-pathname :name nil :type nil :version nil :defaults p))))
+    (let ((loaded (directory-of *load-truename*))
+          (compiled (directory-of #.(or *compile-file-truename* *load-truename*))))
+      (if (and loaded (probe-file (merge-pathnames "sbmon-agent-heap.lisp" loaded)))
+          loaded
+          (or compiled loaded))))
+  "The directory the agent's parts are loaded from, or NIL (loaded from a stream).")
 
 (defparameter *part-files*
   '((:heap . "sbmon-agent-heap.lisp")
@@ -1846,21 +1852,14 @@ naming the cycle it found; NIL for any other condition."
 (defun part-path (file)
   (and *agent-directory* (merge-pathnames file *agent-directory*)))
 
-(defun load-compiled (path)
-  "Load the source file PATH compiled: to a fasl of a name of its own beside it, deleted once
-loaded (an image pays on every nursery collection for code loaded from source far more than
-for the same code loaded from a fasl), or from source when no fasl can be written there."
-  (let ((fasl (make-pathname :name (format nil "~a-~36r" (pathname-name path)
-                                           (random (expt 36 10) (make-random-state t)))
-                             :type "fasl" :defaults path)))
-    (unwind-protect
-         (let ((compiled (ignore-errors
-                          (multiple-value-bind (out warnings-p failure-p)
-                              (compile-file path :output-file fasl)
-                            (declare (ignore warnings-p))
-                            (and out (not failure-p) out)))))
-           (load (or compiled path)))
-      (ignore-errors (when (probe-file fasl) (delete-file fasl))))))
+(defun load-part-file (path)
+  "Load the fasl beside PATH (sbmon writes it, compiled in an SBCL process of its own) when
+there is one and this SBCL loads it, else PATH itself.  Compiling costs the image that
+compiles: the compiler's caches and interned types make each of its later nursery collections
+slower, so the agent does not compile its parts in its host when it need not."
+  (let ((fasl (make-pathname :type "fasl" :defaults path)))
+    (unless (and (probe-file fasl) (ignore-errors (load fasl) t))
+      (load path))))
 
 (defun ensure-part (part)
   "Load PART's file unless it is loaded; UNAVAILABLE when it cannot be."
@@ -1886,7 +1885,7 @@ for the same code loaded from a fasl), or from source when no fasl can be writte
                      (*compile-verbose* nil) (*compile-print* nil)
                      (sb-ext:*evaluator-mode* :compile))
                 (handler-bind ((warning #'muffle-warning))
-                  (load-compiled path)))
+                  (load-part-file path)))
             (serious-condition (c)
               (fail "UNAVAILABLE" "loading ~a failed: ~a" (namestring path)
                     (condition-message c))))
