@@ -13,9 +13,9 @@
 ;;;;
 ;;;; Load with (load "lisp/sbmon-agent.lisp") and start with (sbmon-agent:start).
 ;;;; No contrib is loaded with it (its sockets are the C library's, called directly);
-;;;; sb-sprof and ASDF are required lazily, on the first :profile or :reload-system call.  The agent never prints to the
-;;;; host's *standard-output*, never lets a condition reach the debugger, and keeps
-;;;; bounded memory.  Loading this file prints nothing.
+;;;; sb-sprof and ASDF are required lazily, on the first :profile or :reload-system call.
+;;;; The agent never prints to the host's *standard-output*, never lets a condition reach
+;;;; the debugger, and keeps bounded memory.  Loading this file prints nothing.
 ;;;;
 ;;;; Sections, in this order:
 ;;;;   Limits and constants
@@ -1926,10 +1926,10 @@ part is loaded) with ARGS, loading the part first."
     ;; loaded on first use (section "Parts loaded on first use"); they walk the heap
     (:heap-histogram op-heap-histogram* t nil :read)
     (:heap-retainers op-heap-retainers* t nil :read)
-    ;; loaded on first use (section "Parts loaded on first use"); :gc-tune is slow only
-    ;; for the load of its part
+    ;; loaded on first use (section "Parts loaded on first use"); :gc-tune stays a fast
+    ;; operation: its first call loads the part on the connection's thread
     (:gc-run op-gc-run* t nil :control)
-    (:gc-tune op-gc-tune* t nil :control)
+    (:gc-tune op-gc-tune* nil nil :control)
     (:kill-thread op-kill-thread* t nil :control)
     (:profile op-profile* t nil :control)
     ;; loading a system runs its code: as powerful as :eval, and in the same class as
