@@ -596,13 +596,24 @@ agent's holds the samples.  Returns (POINTERS LATE SECONDS)."
           ((consp root) (list :kind "thread-stack" :thread (thread-text (first root))))
           (t (list :kind "unknown")))))
 
+(defun sbcl-symbol-p (symbol)
+  "True when SYMBOL belongs to one of SBCL's own packages (SB-KERNEL, SB-IMPL, ...)."
+  (let ((p (symbol-package symbol)))
+    (and p (let ((name (package-name p)))
+             (and (> (length name) 3) (string= "SB-" name :end2 3))))))
+
 (defun path-plist (path max-depth)
   (destructuring-bind (target root &rest nodes) path
     (let* ((depth (length nodes))
            (kept (if (> depth max-depth) (last nodes max-depth) nodes))
-           (global (loop for (obj . word) in nodes
-                         when (and (symbolp obj) (= word (symbol-value-word)))
-                           do (return (qualified-name obj)))))
+           ;; SBCL's own caches (its ctype-of cache, for one) can hold a symbol of the
+           ;; program, and the search then goes through them: the first global that is not
+           ;; SBCL's names what keeps the object alive
+           (globals (loop for (obj . word) in nodes
+                          when (and (symbolp obj) (= word (symbol-value-word)))
+                            collect obj))
+           (global (let ((g (or (find-if-not #'sbcl-symbol-p globals) (first globals))))
+                     (and g (qualified-name g)))))
       (list :target (object-type-name target)
             :root (root-plist root)
             :global global
