@@ -198,7 +198,7 @@ impl Setup {
             swank_fasl,
             from_source: std::env::var("AGENT_LOAD").is_ok_and(|v| v == "source"),
             alloc_n: if short { 3_000_000 } else { 10_000_000 },
-            cpu_n: if short { 100_000_000 } else { 400_000_000 },
+            cpu_n: if short { 300_000_000 } else { 400_000_000 },
         }
     }
 
