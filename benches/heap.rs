@@ -11,7 +11,12 @@
 //!   the agent's retries) and the same two gaps.
 //!
 //! The gaps are read back with the agent's :eval (the image is started with :allow :eval).
-//! Run: `cargo bench --bench heap` (SIZES=100,500 and RUNS=3 to change).
+//! Figures for `tools/bench` (the median of the runs), for each size N: `heap_histogram.Nmb.`
+//! and `heap_retainers.Nmb.` `wall`, `walk` or `search` (s), `gap_idle`, `gap_alloc` (ms),
+//! `quiet.Nmb.gap_idle|gap_alloc` (ms), `heap.Nmb.used` (bytes), `heap.Nmb.objects`.
+//!
+//! Run: `cargo bench --bench heap` (SIZES=100,500 and RUNS=3 to change; a short run: 50 MB,
+//! one run).
 
 use std::time::{Duration, Instant};
 
@@ -21,6 +26,10 @@ use sbmon::config::Config;
 use sbmon::launch::{AgentAllow, LaunchOptions, Sbcl};
 use sbmon::tools::Catalog;
 use serde_json::{Value, json};
+
+mod support;
+
+const BENCH: &str = "heap";
 
 /// One item: a 4-slot structure (48 bytes) holding a cons (16) and a 64-byte octet vector
 /// (80): 144 bytes, plus its 8-byte slot in the vector that holds them all.
@@ -103,6 +112,32 @@ struct Run {
     alloc_gap: f64,
 }
 
+/// Record the median of the runs' figures as `WHAT.wall`, `WHAT.INNER`, `WHAT.gap_idle`,
+/// `WHAT.gap_alloc`.
+fn record_runs(what: &str, runs: &[Run], inner: Option<&str>) {
+    let median = |f: &dyn Fn(&Run) -> f64| {
+        let mut v: Vec<f64> = runs.iter().map(f).collect();
+        v.sort_by(f64::total_cmp);
+        v[v.len() / 2]
+    };
+    if let Some(inner) = inner {
+        support::record(BENCH, &format!("{what}.wall"), median(&|r| r.wall), "s");
+        support::record(BENCH, &format!("{what}.{inner}"), median(&|r| r.inner), "s");
+    }
+    support::record(
+        BENCH,
+        &format!("{what}.gap_idle"),
+        median(&|r| r.idle_gap),
+        "ms",
+    );
+    support::record(
+        BENCH,
+        &format!("{what}.gap_alloc"),
+        median(&|r| r.alloc_gap),
+        "ms",
+    );
+}
+
 fn print_runs(what: &str, runs: &[Run], inner: &str) {
     for (i, r) in runs.iter().enumerate() {
         println!(
@@ -121,11 +156,17 @@ async fn main() {
     let sizes: Vec<u64> = std::env::var("SIZES")
         .ok()
         .map(|s| s.split(',').filter_map(|n| n.trim().parse().ok()).collect())
-        .unwrap_or_else(|| vec![100, 500]);
+        .unwrap_or_else(|| {
+            if support::short() {
+                vec![50]
+            } else {
+                vec![100, 500]
+            }
+        });
     let runs: usize = std::env::var("RUNS")
         .ok()
         .and_then(|n| n.parse().ok())
-        .unwrap_or(3);
+        .unwrap_or(if support::short() { 1 } else { 3 });
     for megabytes in sizes {
         let scratch = tempfile::tempdir().unwrap();
         let socket = scratch.path().join("bench.sock");
@@ -180,6 +221,19 @@ async fn main() {
             });
         }
         print_runs("no tool (2 s)", &baseline, "     ");
+        record_runs(&format!("quiet.{megabytes}mb"), &baseline, None);
+        support::record(
+            BENCH,
+            &format!("heap.{megabytes}mb.used"),
+            memory.heap_used as f64,
+            "bytes",
+        );
+        support::record(
+            BENCH,
+            &format!("heap.{megabytes}mb.objects"),
+            warm["objects"].as_f64().unwrap_or(f64::NAN),
+            "count",
+        );
 
         let mut histogram = Vec::new();
         for _ in 0..runs {
@@ -200,6 +254,11 @@ async fn main() {
             });
         }
         print_runs("heap_histogram", &histogram, "walk  ");
+        record_runs(
+            &format!("heap_histogram.{megabytes}mb"),
+            &histogram,
+            Some("walk"),
+        );
 
         let mut retainers = Vec::new();
         for _ in 0..runs {
@@ -223,6 +282,11 @@ async fn main() {
             });
         }
         print_runs("heap_retainers", &retainers, "search");
+        record_runs(
+            &format!("heap_retainers.{megabytes}mb"),
+            &retainers,
+            Some("search"),
+        );
         drop(sbcl);
     }
 }

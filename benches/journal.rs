@@ -3,6 +3,9 @@
 //! to followers), and the memory one event takes. The watcher and the catalog record events
 //! on their own paths, so this is paid per event, forever; the budget is 1 ms.
 //!
+//! Figures for `tools/bench`: `record`, `record_oversized`, `recent_50` (`.p50`, `.p99` µs,
+//! `.rate`), `memory.typical_per_event`, `memory.oversized_per_event` (bytes).
+//!
 //! Run: `cargo bench --bench journal` (ITERATIONS=N to change the sample size).
 
 use std::time::{Duration, Instant};
@@ -13,6 +16,8 @@ use serde_json::json;
 use support::Latencies;
 
 mod support;
+
+const BENCH: &str = "journal";
 
 /// An event like the watcher's: a health change with its figures.
 fn health_change(i: usize) -> NewEvent {
@@ -81,11 +86,13 @@ async fn main() {
         while follower.try_recv().is_ok() {}
     });
     report("record one event (full buckets, one follower)", &typical);
+    support::record_latencies(BENCH, "record", &typical);
     let worst = time(iterations / 10, |_| {
         journal.record(oversized());
         while follower.try_recv().is_ok() {}
     });
     report("record one oversized event (clipped to its bound)", &worst);
+    support::record_latencies(BENCH, "record_oversized", &worst);
     let read = time(iterations / 100, |_| {
         journal.recent(&Filter {
             severity: Some(Severity::Warning),
@@ -94,6 +101,7 @@ async fn main() {
         });
     });
     report("events_recent over full buckets (warning, limit 50)", &read);
+    support::record_latencies(BENCH, "recent_50", &read);
 
     // Memory: the buckets full of typical events, then of the largest ones.
     let full = Journal::new(JournalConfig::default());
@@ -108,6 +116,12 @@ async fn main() {
         full.memory(),
         full.memory() / events
     );
+    support::record(
+        BENCH,
+        "memory.typical_per_event",
+        (full.memory() / events) as f64,
+        "bytes",
+    );
     let full = Journal::new(JournalConfig::default());
     for _ in 0..300 {
         full.record(oversized());
@@ -119,6 +133,12 @@ async fn main() {
         events,
         full.memory(),
         full.memory() / events
+    );
+    support::record(
+        BENCH,
+        "memory.oversized_per_event",
+        (full.memory() / events) as f64,
+        "bytes",
     );
     assert!(
         typical.micros(0.99) < Duration::from_millis(1).as_secs_f64() * 1e6,

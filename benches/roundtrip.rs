@@ -2,8 +2,14 @@
 //! - `agent :ping`        the bare protocol round trip;
 //! - `agent :memory`      the heap figures through the agent client;
 //! - `tool memory_stats`  the whole tool (agent call + /proc reading + JSON result);
+//! - `/proc memory`       the tool's /proc and cgroup reads alone (`process::memory`), which
+//!   the tool makes while the agent answers;
 //! - `swank eval`         the same heap figures fetched through SLIME's Swank server in the
 //!   same image (when Debian's cl-swank is installed), the usual way to ask a live image.
+//!
+//! Figures for `tools/bench`: `ping`, `memory_op`, `memory_stats`, `proc_memory`, `swank`
+//! (`.p50`, `.p99`, `.rate`), and the checked ratios `memory_stats.tool_over_swank`,
+//! `memory_stats.op_over_swank` and `memory_stats.tool_over_op` (p50 over p50).
 //!
 //! Run: `cargo bench --bench roundtrip` (ITERATIONS=N to change the sample size).
 
@@ -12,6 +18,8 @@ use std::time::Duration;
 use support::Latencies;
 
 mod support;
+
+const BENCH: &str = "roundtrip";
 
 use sbmon::agent::{Address, AgentClient, ClientOptions};
 use sbmon::config::Config;
@@ -115,21 +123,28 @@ async fn main() {
     );
     let mut results = vec![
         (
-            "agent :ping",
+            "ping",
             support::sequential(iterations, || async {
                 client.ping().await.unwrap();
             })
             .await,
         ),
         (
-            "agent :memory",
+            "memory_op",
             support::sequential(iterations, || async {
                 client.memory().await.unwrap();
             })
             .await,
         ),
         (
-            "tool memory_stats",
+            "proc_memory",
+            support::sequential(iterations, || async {
+                sbmon::process::memory(sbcl.pid).unwrap();
+            })
+            .await,
+        ),
+        (
+            "memory_stats",
             support::sequential(iterations, || async {
                 catalog
                     .call("memory_stats", serde_json::Value::Null)
@@ -147,7 +162,7 @@ async fn main() {
             stream.set_nodelay(true).unwrap();
             let swank = tokio::sync::Mutex::new(Swank { stream, next_id: 0 });
             results.push((
-                "swank eval (same)",
+                "swank",
                 support::sequential(iterations, || async {
                     swank.lock().await.eval(HEAP_FORM).await;
                 })
@@ -158,6 +173,24 @@ async fn main() {
     }
     for (name, latencies) in &results {
         print(name, latencies);
+        support::record_latencies(BENCH, name, latencies);
+    }
+    let p50 = |name: &str| {
+        results
+            .iter()
+            .find(|(n, _)| *n == name)
+            .map(|(_, l)| l.micros(0.5))
+    };
+    let (op, tool) = (p50("memory_op").unwrap(), p50("memory_stats").unwrap());
+    support::record_ratio(BENCH, "memory_stats.tool_over_op", tool, op);
+    if let Some(swank) = p50("swank") {
+        let r = support::record_ratio(BENCH, "memory_stats.tool_over_swank", tool, swank);
+        let b = support::record_ratio(BENCH, "memory_stats.op_over_swank", op, swank);
+        println!(
+            "Swank takes {:.1}x as long as memory_stats and {:.1}x as long as the bare :memory op (p50)",
+            1.0 / r,
+            1.0 / b
+        );
     }
     sbcl.stop();
 }

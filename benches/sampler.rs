@@ -7,6 +7,9 @@
 //!   same time), and the CPU sbmon spends per sample (its own getrusage);
 //! - the ring's memory per target.
 //!
+//! Figures for `tools/bench`: `sample` (`.p50`, `.p99` µs, `.rate`), `image_cpu_per_sample`,
+//! `sbmon_cpu_per_sample` (µs), `ring.bytes_per_target`.
+//!
 //! Run: `cargo bench --bench sampler` (ITERATIONS=N to change the sample size).
 
 use std::sync::Arc;
@@ -15,6 +18,8 @@ use std::time::{Duration, Instant};
 use support::Latencies;
 
 mod support;
+
+const BENCH: &str = "sampler";
 
 use sbmon::agent::{Address, ClientOptions};
 use sbmon::launch::{LaunchOptions, Sbcl};
@@ -61,7 +66,7 @@ async fn main() {
     ));
 
     // The image's own CPU over a quiet stretch, then over the same stretch while sampled.
-    let quiet = Duration::from_secs(5);
+    let quiet = support::window(5.0, 2.0);
     let before = process_cpu(pid);
     tokio::time::sleep(quiet).await;
     let idle_rate = (process_cpu(pid) - before) / quiet.as_secs_f64();
@@ -95,6 +100,19 @@ async fn main() {
         "sbmon CPU per sample {:>8.1}µs",
         own / iterations as f64 * 1e6
     );
+    support::record_latencies(BENCH, "sample", &l);
+    support::record(
+        BENCH,
+        "image_cpu_per_sample",
+        image_cpu / iterations as f64 * 1e6,
+        "us",
+    );
+    support::record(
+        BENCH,
+        "sbmon_cpu_per_sample",
+        own / iterations as f64 * 1e6,
+        "us",
+    );
     let settings = Settings::default();
     println!(
         "ring per target      {} entries x {} bytes = {} KiB (interval {:?}, history {:?})",
@@ -103,6 +121,12 @@ async fn main() {
         settings.capacity() * std::mem::size_of::<Entry>() / 1024,
         settings.interval,
         settings.history
+    );
+    support::record(
+        BENCH,
+        "ring.bytes_per_target",
+        (settings.capacity() * std::mem::size_of::<Entry>()) as f64,
+        "bytes",
     );
     sbcl.stop();
 }

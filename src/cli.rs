@@ -292,7 +292,7 @@ pub struct FrontEndArgs {
     #[arg(long)]
     pub stdio: bool,
     /// Serve HTTP on ADDR (IP:PORT, localhost:PORT or [::1]:PORT): MCP at /mcp, JSON-RPC at
-    /// /rpc, a landing page at /.
+    /// /rpc, the web console at /.
     #[arg(long, value_name = "ADDR", num_args = 0..=1, default_missing_value = "127.0.0.1:9405",
           value_parser = parse_listen)]
     pub http: Option<std::net::SocketAddr>,

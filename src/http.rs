@@ -1,8 +1,8 @@
 //! The HTTP front end: MCP Streamable HTTP at `/mcp`, JSON-RPC at `/rpc`, Prometheus metrics
 //! at `/metrics` (with `/sd` for HTTP service discovery), health endpoints for orchestrators
 //! and people, live GC and journal events at `/events` (Server-Sent Events), sbmon's own
-//! operation metrics and the journal under `/monitoring/` (`http/monitoring.rs`), and a
-//! landing page at `/`.
+//! operation metrics and the journal under `/monitoring/` (`http/monitoring.rs`), and the web
+//! console: the fleet page at `/`, a page per target at `/targets/NAME` (`http/console.rs`).
 //! It adapts the catalog; it holds no tool logic.
 
 use std::convert::Infallible;
@@ -17,7 +17,7 @@ use axum::extract::{DefaultBodyLimit, Path, Query, State};
 use axum::http::{HeaderMap, StatusCode, header};
 use axum::middleware;
 use axum::response::sse::{Event, KeepAlive, Sse};
-use axum::response::{Html, IntoResponse, Response};
+use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use futures::StreamExt;
 use serde::Deserialize;
@@ -26,6 +26,7 @@ use tokio::sync::Semaphore;
 use tokio::sync::broadcast::error::RecvError;
 use tokio_util::sync::CancellationToken;
 
+mod console;
 mod guard;
 mod monitoring;
 
@@ -63,7 +64,6 @@ pub fn router(catalog: Arc<Catalog>, stop: CancellationToken, options: HttpOptio
     let authenticated = options.token.is_some();
     Router::new()
         .route(guard::LIVENESS, get(live))
-        .route("/", get(landing))
         .route("/rpc", post(rpc))
         .route("/metrics", get(metrics))
         .route("/sd", get(service_discovery))
@@ -73,16 +73,40 @@ pub fn router(catalog: Arc<Catalog>, stop: CancellationToken, options: HttpOptio
         .route("/health/targets/{name}", get(health_one))
         .route("/monitoring/events", get(monitoring_events))
         .merge(monitoring::routes())
+        .merge(console::routes())
         .with_state(state)
         .nest_service(
             "/mcp",
             crate::mcp::http_service_with_cancel(catalog, stop, authenticated),
         )
+        .layer(middleware::from_fn(limit_mcp_body))
         .layer(middleware::from_fn_with_state(
             guard::Policy::new(options.token),
             guard::admit,
         ))
         .layer(DefaultBodyLimit::max(MAX_BODY))
+}
+
+/// rmcp reads `/mcp` bodies itself, past `DefaultBodyLimit` (which only axum's extractors
+/// heed): without this, one POST could make sbmon buffer any number of bytes.
+async fn limit_mcp_body(request: axum::extract::Request, next: middleware::Next) -> Response {
+    if !request.uri().path().starts_with("/mcp") {
+        return next.run(request).await;
+    }
+    let (parts, body) = request.into_parts();
+    match axum::body::to_bytes(body, MAX_BODY).await {
+        Ok(bytes) => {
+            let request = axum::extract::Request::from_parts(parts, axum::body::Body::from(bytes));
+            next.run(request).await
+        }
+        Err(_) => (
+            StatusCode::PAYLOAD_TOO_LARGE,
+            format!(
+                "a request body to /mcp is limited to {MAX_BODY} bytes (length limit exceeded)\n"
+            ),
+        )
+            .into_response(),
+    }
 }
 
 #[derive(Clone)]
@@ -117,13 +141,6 @@ async fn rpc(State(state): State<AppState>, headers: HeaderMap, body: Bytes) -> 
         Some(answer) => ([(header::CONTENT_TYPE, "application/json")], answer).into_response(),
         None => StatusCode::NO_CONTENT.into_response(),
     }
-}
-
-fn escape(text: &str) -> String {
-    text.replace('&', "&amp;")
-        .replace('<', "&lt;")
-        .replace('>', "&gt;")
-        .replace('"', "&quot;")
 }
 
 #[derive(Deserialize)]
@@ -376,60 +393,4 @@ async fn health_one(State(state): State<AppState>, Path(name): Path<String>) -> 
         }
         Err(e) => (StatusCode::NOT_FOUND, Json(json!({"error": e.to_string()}))).into_response(),
     }
-}
-
-async fn landing(State(state): State<AppState>) -> Html<String> {
-    let catalog = &state.catalog;
-    let targets: String = catalog
-        .context()
-        .targets
-        .all()
-        .iter()
-        .map(|t| {
-            format!(
-                "<li><code>{}</code> at <code>{}</code></li>",
-                escape(&t.name),
-                escape(&t.client.address().to_string())
-            )
-        })
-        .collect();
-    let targets = if targets.is_empty() {
-        "<li>none yet: start an agent with <code>(sbmon-agent:start)</code></li>".to_string()
-    } else {
-        targets
-    };
-    let tools: String = catalog
-        .tools()
-        .map(|t| {
-            let class = t.class.name();
-            format!(
-                "<tr><td><code>{}</code></td><td>{class}</td><td>{}</td></tr>",
-                t.name,
-                escape(t.description)
-            )
-        })
-        .collect();
-    Html(format!(
-        r#"<!doctype html>
-<html><head><meta charset="utf-8"><title>sbmon</title>
-<style>body{{font-family:sans-serif;max-width:60em;margin:2em auto}}td{{padding:.2em .6em;vertical-align:top}}</style>
-</head><body>
-<h1>sbmon {version}</h1>
-<p>Watching live SBCL images.</p>
-<h2>Endpoints</h2>
-<ul>
-<li><code>/mcp</code>: MCP (Streamable HTTP) for AI assistants and editors</li>
-<li><code>/metrics</code>: Prometheus metrics (<code>?target=NAME</code> for one image), <code>/sd</code>: service discovery</li>
-<li><code>/health</code>, <code>/health/live</code>, <code>/health/ready</code>, <code>/health/targets/NAME</code></li>
-<li><code>/events</code>: each garbage collection and each journal event as it happens (Server-Sent Events; <code>?target=NAME</code> for one image), e.g. <code>curl -N localhost:9405/events</code></li>
-<li><code>/monitoring/events</code>: what happened, from the event journal (<code>?since=SEQ&amp;severity=warning&amp;kind=health&amp;target=NAME&amp;limit=N</code>)</li>
-<li><code>/monitoring/metrics</code>, <code>/monitoring/operation?name=TOOL</code>, <code>/monitoring/system</code>: sbmon's own tool calls (count, errors, latency); <code>POST /monitoring/reset</code> (with <code>--allow control</code>)</li>
-<li><code>POST /rpc</code>: JSON-RPC 2.0, <code>method</code> = tool name, <code>params</code> = its arguments, e.g.
-<pre>curl -s localhost:9405/rpc -d '{{"jsonrpc":"2.0","id":1,"method":"health_check"}}'</pre></li>
-</ul>
-<h2>Targets</h2><ul>{targets}</ul>
-<h2>Tools</h2><table>{tools}</table>
-</body></html>"#,
-        version = env!("CARGO_PKG_VERSION"),
-    ))
 }

@@ -3,8 +3,9 @@
 //! answers), so a scrape or a health check asks the agent each question once.
 //!
 //! Requests that arrive while a reading of the same target is in flight share it: a burst of
-//! probes (`/health`, `/health/ready`, `/metrics`, ...) costs the image one reading. Nothing is
-//! kept once a reading completes; the next request takes a fresh one.
+//! probes (`/health`, `/health/ready`, `/metrics`, ...) costs the image one reading. A request
+//! after a reading completes takes a fresh one; only the last is kept, for readers that must
+//! not ask the image themselves (the web console shows the watcher's last look).
 
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -102,6 +103,8 @@ type Reading = Shared<oneshot::Receiver<Arc<Snapshot>>>;
 #[derive(Default)]
 pub struct InFlight {
     slots: Mutex<Slots>,
+    /// The last reading completed, with the Unix time it completed.
+    last: Mutex<Option<(f64, Arc<Snapshot>)>>,
 }
 
 #[derive(Default)]
@@ -137,6 +140,11 @@ struct Lead<'a> {
 }
 
 impl InFlight {
+    /// The last reading that completed and when (Unix time), whoever took it; asks nothing.
+    pub fn last(&self) -> Option<(f64, Arc<Snapshot>)> {
+        self.last.lock().unwrap_or_else(|p| p.into_inner()).clone()
+    }
+
     /// The reading in flight that covers `detail` if there is one, else a new one taken with
     /// `read`, which requests arriving meanwhile join.
     pub async fn share<F, Fut>(&self, detail: Detail, read: F) -> Arc<Snapshot>
@@ -154,6 +162,8 @@ impl InFlight {
                 },
                 Role::Lead(lead) => {
                     let snapshot = Arc::new(read(lead.detail).await);
+                    *self.last.lock().unwrap_or_else(|p| p.into_inner()) =
+                        Some((crate::figures::unix_now(), snapshot.clone()));
                     lead.finish(snapshot.clone());
                     return snapshot;
                 }

@@ -104,8 +104,18 @@ async fn rpc_calls_batches_and_errors() {
         .text()
         .await
         .unwrap();
-    for needle in ["/mcp", "/rpc", "app", "gone", "thread_dump_all"] {
+    for needle in ["/mcp", "/rpc", "/metrics", "console.js"] {
         assert!(page.contains(needle), "landing page lacks {needle}");
+    }
+    // The page holds no data itself (tests/console.rs drives it in a browser); what it lists
+    // comes from the console's overview.
+    let (status, overview) = sbmon.get("/console/api/overview").await;
+    assert_eq!(status, 200, "{overview}");
+    for needle in ["\"app\"", "\"gone\"", "thread_dump_all"] {
+        assert!(
+            overview.contains(needle),
+            "overview lacks {needle}: {overview}"
+        );
     }
 }
 

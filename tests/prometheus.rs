@@ -348,7 +348,10 @@ async fn every_dashboard_metric_is_really_exported() {
                 .chars()
                 .last()
                 .is_some_and(|c| c.is_ascii_alphanumeric() || c == '_');
-            if !inside_word {
+            // Exported only once the sampler has a leak verdict, which takes minutes of
+            // history: tests/trend.rs checks it on /metrics under a real leak.
+            let needs_verdict = name == "sbcl_heap_retained_growth_bytes_per_second";
+            if !inside_word && !needs_verdict {
                 assert!(
                     exported.contains(&name.as_str()),
                     "dashboard uses {name}, which /metrics does not export (in {expr})"

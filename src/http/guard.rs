@@ -7,8 +7,10 @@
 //! - a browser request (one that carries `Origin`) must come from a loopback origin or from
 //!   the origin sbmon is being reached at; `Origin: null` and `Sec-Fetch-Site: cross-site`
 //!   are refused;
-//! - with a token, every endpoint but `/health/live` (and its alias `/monitoring/live`) needs `Authorization: Bearer TOKEN`
-//!   (the scheme in any case, as RFC 9110 says).
+//! - with a token, every endpoint but `/health/live` (and its alias `/monitoring/live`) needs
+//!   `Authorization: Bearer TOKEN` (the scheme in any case, as RFC 9110 says); so do the web
+//!   console's data endpoints, but not its pages and assets, which hold no data and ask the
+//!   person for the token (`console::is_public`).
 //!
 //! `/rpc` additionally takes only `application/json` bodies (in `http.rs`), which a browser
 //! cannot send cross-origin without a preflight that sbmon never approves.
@@ -67,7 +69,19 @@ impl IntoResponse for Refusal {
 
 impl Policy {
     fn check(&self, headers: &HeaderMap, path: &str) -> Result<(), Refusal> {
-        let host = headers.get(header::HOST).and_then(|h| h.to_str().ok());
+        // Two Host headers, or one that is not text, must not pass as "no Host at all".
+        let mut hosts = headers.get_all(header::HOST).iter();
+        let host = match (hosts.next(), hosts.next()) {
+            (None, _) => None,
+            (Some(host), None) => Some(host.to_str().map_err(|_| {
+                Refusal::Forbidden("the Host header is not visible ASCII text".to_string())
+            })?),
+            (Some(_), Some(_)) => {
+                return Err(Refusal::Forbidden(
+                    "more than one Host header (RFC 9112 allows one)".to_string(),
+                ));
+            }
+        };
         if self.token.is_none()
             && let Some(host) = host
             && !is_loopback_authority(host)
@@ -99,6 +113,7 @@ impl Policy {
         if let Some(token) = &self.token
             && path != LIVENESS
             && path != super::monitoring::LIVENESS
+            && !super::console::is_public(path)
             && !bearer_matches(headers, token)
         {
             return Err(Refusal::Unauthorized);
@@ -253,6 +268,13 @@ mod tests {
         assert_eq!(status(&guarded, &[host], "/monitoring/live"), 200);
         assert_eq!(status(&guarded, &[host], "/monitoring/health"), 401);
         assert_eq!(status(&guarded, &[host], "/monitoring/reset"), 401);
+        // The console's pages and assets hold no data and ask for the token; its data does not
+        // answer without it.
+        assert_eq!(status(&guarded, &[host], "/"), 200);
+        assert_eq!(status(&guarded, &[host], "/targets/app"), 200);
+        assert_eq!(status(&guarded, &[host], "/console/assets/console.js"), 200);
+        assert_eq!(status(&guarded, &[host], "/console/api/fleet"), 401);
+        assert_eq!(status(&guarded, &[host], "/console/api/overview"), 401);
         for auth in [
             "Bearer 0123456789abcdef",
             "bearer 0123456789abcdef",

@@ -11,7 +11,9 @@ use sbmon::wire::Sexp;
 
 pub const SWANK_LOADER: &str = "/usr/share/common-lisp/source/slime/swank-loader.lisp";
 
-/// Swank's compiled files, shared by the tests of one run: compiled once, first.
+/// Swank's compiled files, kept under cargo's target directory so runs share them and nothing is
+/// left in /tmp. Test binaries run in parallel may get here at once: a file lock makes one compile
+/// while the others wait, then they find the fasls fresh and only load them.
 fn fasl_dir() -> &'static PathBuf {
     static DIR: OnceLock<PathBuf> = OnceLock::new();
     DIR.get_or_init(|| {
@@ -19,8 +21,10 @@ fn fasl_dir() -> &'static PathBuf {
             std::path::Path::new(SWANK_LOADER).exists(),
             "{SWANK_LOADER} is missing: tools/setup installs Debian's cl-swank"
         );
-        let dir = std::env::temp_dir().join(format!("sbmon-test-swank-{}", std::process::id()));
+        let dir = PathBuf::from(env!("CARGO_TARGET_TMPDIR")).join("swank-fasl");
         std::fs::create_dir_all(&dir).unwrap();
+        let lock = std::fs::File::create(dir.join(".lock")).unwrap();
+        lock.lock().expect("lock the Swank fasl directory");
         let out = Command::new("sbcl")
             .args([
                 "--noinform",
