@@ -3,11 +3,11 @@
 ;;;; This file owns :heap-histogram (the live objects of the dynamic space by type, with the
 ;;;; last snapshots kept for :since) and :heap-retainers (the paths that keep a sample of
 ;;;; one type alive, from SB-EXT:SEARCH-ROOTS).  It is part of the agent (package
-;;;; SBMON-AGENT) but is not loaded with it: the resident agent stays small, since SBCL scans
-;;;; loaded code on every nursery collection.  sbmon-agent.lisp loads it, once, on the first
-;;;; call of either operation, from the directory sbmon-agent.lisp was loaded from (section
-;;;; "Heap operations, loaded on first use" there); loading it by hand after the agent works
-;;;; too.
+;;;; SBMON-AGENT) but is not loaded with it: the resident agent stays small, since an image
+;;;; pays on every nursery collection for what the agent defines (its structures here).
+;;;; sbmon-agent.lisp loads it, once, on the first call of either operation, from the
+;;;; directory sbmon-agent.lisp was loaded from (section "Parts loaded on first use" there);
+;;;; loading it by hand after the agent works too.
 ;;;;
 ;;;; Like the rest of the agent it never prints, never lets a condition reach the debugger
 ;;;; (the operations run under RUN-OPERATION's handler, and every walk under its own), and
@@ -596,13 +596,24 @@ agent's holds the samples.  Returns (POINTERS LATE SECONDS)."
           ((consp root) (list :kind "thread-stack" :thread (thread-text (first root))))
           (t (list :kind "unknown")))))
 
+(defun sbcl-symbol-p (symbol)
+  "True when SYMBOL belongs to one of SBCL's own packages (SB-KERNEL, SB-IMPL, ...)."
+  (let ((p (symbol-package symbol)))
+    (and p (let ((name (package-name p)))
+             (and (> (length name) 3) (string= "SB-" name :end2 3))))))
+
 (defun path-plist (path max-depth)
   (destructuring-bind (target root &rest nodes) path
     (let* ((depth (length nodes))
            (kept (if (> depth max-depth) (last nodes max-depth) nodes))
-           (global (loop for (obj . word) in nodes
-                         when (and (symbolp obj) (= word (symbol-value-word)))
-                           do (return (qualified-name obj)))))
+           ;; SBCL's own caches (its ctype-of cache, for one) can hold a symbol of the
+           ;; program, and the search then goes through them: the first global that is not
+           ;; SBCL's names what keeps the object alive
+           (globals (loop for (obj . word) in nodes
+                          when (and (symbolp obj) (= word (symbol-value-word)))
+                            collect obj))
+           (global (let ((g (or (find-if-not #'sbcl-symbol-p globals) (first globals))))
+                     (and g (qualified-name g)))))
       (list :target (object-type-name target)
             :root (root-plist root)
             :global global
@@ -663,4 +674,4 @@ thread of its own, so no later search meets its stale frames."
                 :paths (loop for path in paths
                              collect (path-plist path max-depth))))))))
 
-(setf *heap-loaded* t)
+(note-part-loaded :heap)

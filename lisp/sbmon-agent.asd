@@ -4,7 +4,7 @@
 (defsystem "sbmon-agent"
   :description "In-image agent for sbmon: serves heap, GC, thread and runtime figures over a local socket."
   :version "0.1.0"
-  :depends-on ((:require "sb-bsd-sockets"))
-  ;; the heap operations, loaded by the agent on first use from beside sbmon-agent.lisp
+  ;; the heap and control parts, loaded by the agent on first use from beside sbmon-agent.lisp
   :components ((:file "sbmon-agent")
-               (:static-file "sbmon-agent-heap.lisp")))
+               (:static-file "sbmon-agent-heap.lisp")
+               (:static-file "sbmon-agent-control.lisp")))

@@ -4,17 +4,18 @@
 ;;;; (Unix socket or loopback TCP + token), the framed s-expression protocol of
 ;;;; docs/protocol.md (its own reader and printer: nothing is evaluated or interned),
 ;;;; the operations (:ping :memory :gc :runtime :threads :backtrace :backtraces
-;;;; :subscribe, :heap-histogram :heap-retainers (in sbmon-agent-heap.lisp, loaded on first
-;;;; use), and the control/eval operations :gc-run :gc-tune :kill-thread :profile
-;;;; :eval :reload-system, served only when START's :allow names their class), GC pause
+;;;; :subscribe; :heap-histogram :heap-retainers, in sbmon-agent-heap.lisp, and the
+;;;; control/eval operations :gc-run :gc-tune :kill-thread :profile :eval :reload-system,
+;;;; in sbmon-agent-control.lisp and served only when START's :allow names their class: both
+;;;; files are loaded on first use), GC pause
 ;;;; measurement (an encapsulation of SB-KERNEL::SUB-GC and SB-EXT:GC that records into
 ;;;; preallocated arrays without consing) and the :gc event stream.
 ;;;;
 ;;;; Load with (load "lisp/sbmon-agent.lisp") and start with (sbmon-agent:start).
-;;;; Only SBCL contribs are used (sb-bsd-sockets; sb-sprof and ASDF are required lazily,
-;;;; on the first :profile or :reload-system call).  The agent never prints to the
-;;;; host's *standard-output*, never lets a condition reach the debugger, and keeps
-;;;; bounded memory.  Loading this file prints nothing.
+;;;; No contrib is loaded with it (its sockets are the C library's, called directly);
+;;;; sb-sprof and ASDF are required lazily, on the first :profile or :reload-system call.
+;;;; The agent never prints to the host's *standard-output*, never lets a condition reach
+;;;; the debugger, and keeps bounded memory.  Loading this file prints nothing.
 ;;;;
 ;;;; Sections, in this order:
 ;;;;   Limits and constants
@@ -32,15 +33,12 @@
 ;;;;   Threads
 ;;;;   Backtraces
 ;;;;   Subscribe
-;;;;   Control and evaluation operations
-;;;;   Heap operations                    (loaded on first use from sbmon-agent-heap.lisp)
+;;;;   Control and evaluation operations  (what STOP needs of them; the rest is a part)
+;;;;   Parts loaded on first use          (sbmon-agent-heap.lisp, sbmon-agent-control.lisp)
 ;;;;   Dispatch                           (the operation table, classes, :allow)
 ;;;;   Listening sockets
 ;;;;   Connections                        (handshake, connection threads, the listener)
 ;;;;   Start / stop                       (and the exit hook)
-
-(eval-when (:compile-toplevel :load-toplevel :execute)
-  (require :sb-bsd-sockets))
 
 (defpackage #:sbmon-agent
   (:use #:common-lisp)
@@ -241,6 +239,19 @@ evaluates FALLBACK instead.  CAPABILITY names the capability flag that needs it.
 
 ;;; Files and errors
 
+;; The connection's input stream over its socket descriptor; closing the stream closes it.
+(defmacro define-fd-input-stream ()
+  (let* ((sym (find-internal "SB-SYS" "MAKE-FD-STREAM"))
+         (present (internal-present-p sym :call)))
+    `(progn
+       (note-internal "SB-SYS::MAKE-FD-STREAM" nil ,present)
+       (defun fd-input-stream (fd name)
+         ,(if present
+              `(,sym fd :input t :element-type '(unsigned-byte 8) :buffering :full
+                        :name name :auto-close nil)
+              '(error "this SBCL has no SB-SYS:MAKE-FD-STREAM"))))))
+(define-fd-input-stream)
+
 (define-internal lstat (path) ("SB-UNIX" "UNIX-LSTAT")
   ;; without it a path can only be told present (and then treated as foreign) or absent
   (if (probe-file path) (values t 0 0 0 0 -1) nil))
@@ -288,6 +299,111 @@ evaluates FALLBACK instead.  CAPABILITY names the capability flag that needs it.
   (sb-alien:alien-funcall
    (sb-alien:extern-alien "chmod" (function sb-alien:int sb-alien:c-string sb-alien:unsigned-int))
    path mode))
+
+;; Sockets, without sb-bsd-sockets: a contrib's classes and conditions would make every
+;; nursery collection of the host slower (README, "The agent's cost to its host").  Linux
+;; values; each call returns the descriptor or signals an error naming the call and errno.
+
+(defconstant +af-unix+ 1)
+(defconstant +af-inet+ 2)
+(defconstant +sock-stream+ 1)
+(defconstant +sock-nonblock+ #o4000)
+(defconstant +sock-cloexec+ #o2000000)
+
+(defun os-close (fd)
+  (sb-alien:alien-funcall (sb-alien:extern-alien "close" (function sb-alien:int sb-alien:int))
+                          fd))
+
+(defun socket-error (call &optional fd)
+  "Signal an error for the failed CALL (its errno), closing FD first when given."
+  (let ((errno (sb-alien:get-errno)))
+    (when fd (os-close fd))
+    (error "~a failed: ~a" call (os-error-text errno))))
+
+(defun os-socket (domain &key nonblocking)
+  (let ((fd (sb-alien:alien-funcall
+             (sb-alien:extern-alien "socket" (function sb-alien:int sb-alien:int sb-alien:int
+                                                       sb-alien:int))
+             domain
+             (logior +sock-stream+ +sock-cloexec+ (if nonblocking +sock-nonblock+ 0))
+             0)))
+    (if (< fd 0) (socket-error "socket") fd)))
+
+(defun unix-address (path)
+  "struct sockaddr_un for PATH, as octets."
+  (let ((bytes (sb-ext:string-to-octets path :external-format :utf-8))
+        (addr (make-array 110 :element-type '(unsigned-byte 8) :initial-element 0)))
+    (unless (< (length bytes) 108)
+      (error "socket path ~a is too long (~d bytes; the limit is 107)" path (length bytes)))
+    (setf (aref addr 0) +af-unix+)
+    (replace addr bytes :start1 2)
+    addr))
+
+(defun loopback-address (port)
+  "struct sockaddr_in for 127.0.0.1:PORT, as octets."
+  (let ((addr (make-array 16 :element-type '(unsigned-byte 8) :initial-element 0)))
+    (setf (aref addr 0) +af-inet+
+          (aref addr 2) (ldb (byte 8 8) port) (aref addr 3) (ldb (byte 8 0) port)
+          (aref addr 4) 127 (aref addr 7) 1)
+    addr))
+
+(defmacro define-address-call (name c-name)
+  `(defun ,name (fd addr)
+     ,(format nil "~a(2) of FD to ADDR (octets): T, or NIL and the errno." c-name)
+     (declare (type (simple-array (unsigned-byte 8) (*)) addr))
+     (let ((r (sb-sys:with-pinned-objects (addr)
+                (sb-alien:alien-funcall
+                 (sb-alien:extern-alien ,c-name (function sb-alien:int sb-alien:int
+                                                          sb-sys:system-area-pointer
+                                                          sb-alien:unsigned-int))
+                 fd (sb-sys:vector-sap addr) (length addr)))))
+       (if (zerop r) t (values nil (sb-alien:get-errno))))))
+
+(define-address-call os-bind* "bind")
+(define-address-call os-connect "connect")
+
+(defun os-bind (fd addr)
+  (or (os-bind* fd addr) (socket-error "bind" fd)))
+
+(defun os-listen (fd)
+  (unless (zerop (sb-alien:alien-funcall
+                  (sb-alien:extern-alien "listen" (function sb-alien:int sb-alien:int
+                                                            sb-alien:int))
+                  fd 16))
+    (socket-error "listen" fd)))
+
+(defun os-accept (fd)
+  "A new connection's descriptor (blocking, close-on-exec), or NIL when none is waiting."
+  (let ((c (sb-alien:alien-funcall
+            (sb-alien:extern-alien "accept4" (function sb-alien:int sb-alien:int
+                                                       sb-sys:system-area-pointer
+                                                       sb-sys:system-area-pointer sb-alien:int))
+            fd (sb-sys:int-sap 0) (sb-sys:int-sap 0) +sock-cloexec+)))
+    (and (>= c 0) c)))
+
+(defun reuse-address (fd)
+  (sb-alien:with-alien ((one sb-alien:int 1))
+    (unless (zerop (sb-alien:alien-funcall
+                    (sb-alien:extern-alien "setsockopt"
+                                           (function sb-alien:int sb-alien:int sb-alien:int
+                                                     sb-alien:int (* sb-alien:int)
+                                                     sb-alien:unsigned-int))
+                    fd 1 2 (sb-alien:addr one) 4)) ; SOL_SOCKET, SO_REUSEADDR
+      (socket-error "setsockopt" fd))))
+
+(defun bound-port (fd)
+  "The local port of FD (a TCP socket), from getsockname(2)."
+  (let ((addr (make-array 16 :element-type '(unsigned-byte 8) :initial-element 0)))
+    (sb-alien:with-alien ((len sb-alien:unsigned-int 16))
+      (unless (zerop (sb-sys:with-pinned-objects (addr)
+                       (sb-alien:alien-funcall
+                        (sb-alien:extern-alien "getsockname"
+                                               (function sb-alien:int sb-alien:int
+                                                         sb-sys:system-area-pointer
+                                                         (* sb-alien:unsigned-int)))
+                        fd (sb-sys:vector-sap addr) (sb-alien:addr len))))
+        (socket-error "getsockname" fd)))
+    (+ (* 256 (aref addr 2)) (aref addr 3))))
 
 (defun fd-shutdown (fd)
   (ignore-errors
@@ -381,24 +497,45 @@ of file or on an error, NIL when nothing has arrived yet."
 
 ;;;; ------------------------------------------------------------------------
 ;;;; Agent errors (turned into error replies with a chosen :type)
+;;;;
+;;;; The agent signals its own errors as SIMPLE-ERRORs marked by their format control (the
+;;;; string in *AGENT-ERROR-CONTROL*, compared with EQ), not as condition classes of its own:
+;;;; every class an image defines makes each of its nursery collections slower (README, "The
+;;;; agent's cost to its host").  The format arguments are (TEXT KIND CLASS EXTRA): the report
+;;;; prints TEXT; KIND is the reply's :type; CLASS is :agent-error (an operation's failure),
+;;;; :malformed (a payload the reader refuses), :frame-error (a bad frame) or :too-large (a
+;;;; reply beyond the frame limit); EXTRA is a plist appended to the error reply.
 
-(define-condition agent-error (error)
-  ((kind :initarg :kind :reader agent-error-kind)
-   (text :initarg :text :reader agent-error-text)
-   (extra :initarg :extra :initform nil :reader agent-error-extra))
-  (:report (lambda (c s) (write-string (agent-error-text c) s))))
+(defvar *agent-error-control* (copy-seq "~a")
+  "The format control that marks a SIMPLE-ERROR as one of the agent's own.")
+
+(defun agent-error (class kind text &optional extra)
+  "Signal the agent's error CLASS with reply type KIND and message TEXT."
+  (error 'simple-error :format-control *agent-error-control*
+                       :format-arguments (list text kind class extra)))
+
+(defun agent-condition-p (c &optional class)
+  "True when C is one of the agent's errors (of CLASS, if given)."
+  (and (typep c 'simple-error)
+       (eq (simple-condition-format-control c) *agent-error-control*)
+       (let ((args (simple-condition-format-arguments c)))
+         (and (listp args) (= (length args) 4)
+              (or (null class) (eq (third args) class))))))
+
+(defun agent-error-kind (c) (second (simple-condition-format-arguments c)))
+(defun agent-error-text (c) (first (simple-condition-format-arguments c)))
+(defun agent-error-extra (c) (fourth (simple-condition-format-arguments c)))
 
 (defun fail (kind fmt &rest args)
-  (error 'agent-error :kind kind
-                      :text (let ((*print-length* 20) (*print-level* 4) (*print-pretty* nil))
-                              (apply #'format nil fmt args))))
-
-(define-condition malformed (error)
-  ((text :initarg :text :reader malformed-text))
-  (:report (lambda (c s) (write-string (malformed-text c) s))))
+  (agent-error :agent-error kind
+               (let ((*print-length* 20) (*print-level* 4) (*print-pretty* nil))
+                 (apply #'format nil fmt args))))
 
 (defun malformed (fmt &rest args)
-  (error 'malformed :text (apply #'format nil fmt args)))
+  (agent-error :malformed "MALFORMED" (apply #'format nil fmt args)))
+
+(defun frame-error (text)
+  (agent-error :frame-error "FRAME-ERROR" text))
 
 ;;;; ------------------------------------------------------------------------
 ;;;; Bounded printing of arbitrary objects
@@ -434,7 +571,7 @@ of file or on an error, NIL when nothing has arrived yet."
   (safe-string (lambda (s) (princ c s)) +message-limit+))
 
 (defun condition-type-name (c)
-  (if (typep c 'agent-error)
+  (if (agent-condition-p c)
       (agent-error-kind c)
       (handler-case (symbol-name (type-of c))
         (serious-condition () "ERROR"))))
@@ -442,7 +579,10 @@ of file or on an error, NIL when nothing has arrived yet."
 ;;;; ------------------------------------------------------------------------
 ;;;; Payload reader (hand-written; evaluates nothing, interns nothing)
 
-(defstruct (unknown-keyword (:constructor make-unknown-keyword (name)))
+;; Records are vectors (DEFSTRUCT :TYPE VECTOR), not structure classes: every class an image
+;; defines makes each of its nursery collections slower (README, "The agent's cost to its
+;; host"), and the agent defines none of its own.
+(defstruct (unknown-keyword (:type vector) :named (:constructor make-unknown-keyword (name)))
   (name "" :type string))
 
 (defun whitespace-char-p (c)
@@ -492,8 +632,10 @@ of file or on an error, NIL when nothing has arrived yet."
                    (read-from-string tok)))))
         (unless (realp x) (malformed "bad number ~a" tok))
         (coerce x 'double-float))
-    (malformed (c) (error c))
-    (error () (malformed "bad float ~a" (one-line tok 40)))))
+    (error (c)
+      (if (agent-condition-p c :malformed)
+          (error c)
+          (malformed "bad float ~a" (one-line tok 40))))))
 
 (defun token-to-datum (tok)
   (when (> (length tok) +max-token+)
@@ -584,12 +726,13 @@ of file or on an error, NIL when nothing has arrived yet."
 
 (defconstant +header-bytes+ 6)
 
-(define-condition too-large (error)
-  ((bytes :initarg :bytes :reader too-large-bytes))
-  (:report (lambda (c s) (format s "reply of more than ~d bytes exceeds the frame limit of ~d bytes"
-                                 (too-large-bytes c) +max-out-frame+))))
+(defun too-large (bytes)
+  (agent-error :too-large "TOO-LARGE"
+               (format nil "reply of more than ~d bytes exceeds the frame limit of ~d bytes"
+                       bytes +max-out-frame+)))
 
-(defstruct (outbuf (:constructor make-outbuf ()))
+(deftype outbuf () 'simple-vector)
+(defstruct (outbuf (:type vector) (:constructor make-outbuf ()))
   (octets (make-array 2048 :element-type '(unsigned-byte 8))
    :type (simple-array (unsigned-byte 8) (*)))
   (fill +header-bytes+ :type fixnum))
@@ -602,7 +745,7 @@ of file or on an error, NIL when nothing has arrived yet."
   (let ((octets (outbuf-octets buf)) (need (+ (outbuf-fill buf) n)))
     (when (> need (length octets))
       (when (> need (+ +max-out-frame+ +header-bytes+ 1))
-        (error 'too-large :bytes +max-out-frame+))
+        (too-large +max-out-frame+))
       (let ((bigger (make-array (min (max need (* 2 (length octets)))
                                      (+ +max-out-frame+ +header-bytes+ 1))
                                 :element-type '(unsigned-byte 8))))
@@ -783,7 +926,7 @@ Signals TOO-LARGE beyond the frame limit."
            (n (- fill +header-bytes+))
            (octets (outbuf-octets buf)))
       (when (> n +max-out-frame+)
-        (error 'too-large :bytes n))
+        (too-large n))
       (loop for i from (1- +header-bytes+) downto 0
             for v = n then (ash v -4)
             do (setf (aref octets i) (char-code (char "0123456789abcdef" (logand v 15)))))
@@ -992,7 +1135,7 @@ of n_gcs (or of *gc-epoch*) does."
 
 (defun pause-timing-p () (and *gc-encapsulations* t))
 
-(defstruct gc-snapshot
+(defstruct (gc-snapshot (:type vector))
   count sum-ns max-ns last-ns freed last-time
   records              ; list of plists, oldest first
   hist-counts hist-count hist-sum-ns)
@@ -1035,9 +1178,9 @@ of n_gcs (or of *gc-epoch*) does."
 ;;;; ------------------------------------------------------------------------
 ;;;; Agent state
 
-(defstruct (conn (:constructor %make-conn))
+(defstruct (conn (:type vector) (:constructor %make-conn))
   (id 0)
-  socket stream (fd -1)
+  stream (fd -1)        ; the input stream over the descriptor FD, which it closes
   (tcp nil)
   (write-lock (sb-thread:make-mutex :name "sbmon-agent conn write"))
   (lock (sb-thread:make-mutex :name "sbmon-agent conn"))
@@ -1136,7 +1279,10 @@ track it in *AGENT-THREADS* until it ends."
 (defun send-frame (conn message)
   "Print MESSAGE and send it as one frame on CONN.  Returns T on success."
   (multiple-value-bind (octets end) (handler-case (encode-frame message)
-                                      (too-large () nil))
+                                      (error (c)
+                                        (if (agent-condition-p c :too-large)
+                                            nil
+                                            (error c))))
     (and octets (send-octets conn octets end))))
 
 (defun send-octets (conn octets end)
@@ -1156,18 +1302,12 @@ takes no data for +SEND-TIMEOUT-SECONDS+ (a full socket buffer) is disconnected.
   (multiple-value-bind (octets end)
       (handler-case (encode-frame (list :return id result))
         (serious-condition (c)
-          (encode-frame (list :return id (list :error :type (if (typep c 'too-large)
-                                                                   "TOO-LARGE"
-                                                                   (condition-type-name c))
+          (encode-frame (list :return id (list :error :type (condition-type-name c)
                                                   :message (condition-message c))))))
     (send-octets conn octets end)))
 
 (defun send-bye (conn reason)
   (ignore-errors (send-frame conn (list :bye :reason reason))))
-
-(define-condition frame-error (error)
-  ((text :initarg :text :reader frame-error-text))
-  (:report (lambda (c s) (write-string (frame-error-text c) s))))
 
 (defun read-exactly (stream buffer)
   "Fill BUFFER from STREAM; return NIL on end of file (or a short read)."
@@ -1180,8 +1320,8 @@ takes no data for +SEND-TIMEOUT-SECONDS+ (a full socket buffer) is disconnected.
                         ((<= 97 b 102) (- b 87))
                         ((<= 65 b 70) (- b 55)))
           do (unless d
-               (error 'frame-error
-                      :text (format nil "bad frame header ~s (expected 6 hex digits)"
+               (frame-error
+                      (format nil "bad frame header ~s (expected 6 hex digits)"
                                     (map 'string (lambda (b) (if (<= 32 b 126) (code-char b) #\?))
                                          header))))
              (setf n (+ (* n 16) d)))
@@ -1193,12 +1333,12 @@ takes no data for +SEND-TIMEOUT-SECONDS+ (a full socket buffer) is disconnected.
     (unless (read-exactly stream header) (return-from read-frame nil))
     (let ((len (hex-header-length header)))
       (when (> len +max-in-frame+)
-        (error 'frame-error
-               :text (format nil "frame too large: ~d bytes (limit ~d)" len +max-in-frame+)))
+        (frame-error
+               (format nil "frame too large: ~d bytes (limit ~d)" len +max-in-frame+)))
       (let ((payload (make-array len :element-type '(unsigned-byte 8))))
         (unless (read-exactly stream payload) (return-from read-frame nil))
         (handler-case (sb-ext:octets-to-string payload :external-format :utf-8)
-          (error () (error 'malformed :text "payload is not valid UTF-8")))))))
+          (error () (malformed "payload is not valid UTF-8")))))))
 
 ;;;; ------------------------------------------------------------------------
 ;;;; Events
@@ -1266,6 +1406,48 @@ the send timeout disconnects it.  Ends when the connection unsubscribes or close
           ((and (integerp v) (<= min v max)) v)
           (t (fail "BAD-ARGUMENT" "~(~s~) must be an integer in ~d..~d for ~(~s~), got ~a"
                    key min max op (show-arg v 100))))))
+
+(defun fail-with (kind extra fmt &rest args)
+  "Like FAIL, with EXTRA (a plist such as (:backtrace (...))) appended to the error reply."
+  (agent-error :agent-error kind
+               (let ((*print-length* 20) (*print-level* 4) (*print-pretty* nil))
+                 (apply #'format nil fmt args))
+               extra))
+
+(defun number-text (x)
+  "X (a real) printed plainly: 1, 0.5, 2.25."
+  (if (integerp x)
+      (princ-to-string x)
+      (let ((*read-default-float-format* 'double-float))
+        (princ-to-string (coerce x 'double-float)))))
+
+(defun real-arg (args key op &key default min max)
+  (let ((v (getf args key :absent)))
+    (cond ((eq v :absent) default)
+          ((and (realp v) (<= min v max)) v)
+          (t (fail "BAD-ARGUMENT" "~(~s~) must be a number in ~a..~a for ~(~s~), got ~a"
+                   key (number-text min) (number-text max) op (show-arg v))))))
+
+(defun bool-arg (args key op)
+  (let ((v (getf args key)))
+    (unless (member v '(t nil))
+      (fail "BAD-ARGUMENT" "~(~s~) must be t or nil for ~(~s~), got ~a" key op (show-arg v)))
+    v))
+
+(defun string-arg (args key op &key default required (max +max-in-frame+))
+  (let ((v (getf args key :absent)))
+    (cond ((eq v :absent)
+           (if required
+               (fail "BAD-ARGUMENT" "~(~s~) requires ~(~s~)" op key)
+               default))
+          ((and (stringp v) (<= (length v) max)) v)
+          ((stringp v) (fail "BAD-ARGUMENT" "~(~s~) is longer than ~d characters for ~(~s~)"
+                             key max op))
+          (t (fail "BAD-ARGUMENT" "~(~s~) must be a string for ~(~s~), got ~a"
+                   key op (show-arg v))))))
+
+(defun seconds-since (t0-ns)
+  (/ (- (mono-ns) t0-ns) 1d9))
 
 ;;;; ------------------------------------------------------------------------
 ;;;; Operations: memory, gc, runtime
@@ -1600,20 +1782,12 @@ naming the cycle it found; NIL for any other condition."
 ;;;; ------------------------------------------------------------------------
 ;;;; Control and evaluation operations: :gc-run :gc-tune :kill-thread :profile :eval
 ;;;; :reload-system.  The agent serves them only when START's :allow names their class
-;;;; (:control, :eval; see *OPERATIONS*) and bounds every argument.
-
-(defconstant +eval-max-output+ 1048576)
-(defconstant +value-chars+ 4096)
-(defconstant +eval-frames+ 30)
-(defconstant +max-warnings+ 100)
-(defconstant +warning-chars+ 1000)
-(defconstant +reload-output+ 65536)
+;;;; (:control, :eval; see *OPERATIONS*) and bounds every argument.  They live in
+;;;; sbmon-agent-control.lisp, loaded on first use (section "Parts loaded on first use"); what
+;;;; stays here is what STOP needs whether or not that part was ever loaded.
 
 (defvar *control-threads* '()
   "Eval threads and profiling workers that are running; STOP terminates them at once.")
-(defvar *eval-counter* 0)
-(sb-ext:defglobal **profile-busy** (vector nil)
-  "Slot 0 is non-NIL while a :profile call runs (at most one per image).")
 
 (defun register-control-thread (thread)
   (sb-thread:with-mutex (*state-lock*) (push thread *control-threads*)))
@@ -1622,709 +1796,119 @@ naming the cycle it found; NIL for any other condition."
   (sb-thread:with-mutex (*state-lock*)
     (setf *control-threads* (remove thread *control-threads*))))
 
-(defun fail-with (kind extra fmt &rest args)
-  "Like FAIL, with EXTRA (a plist such as (:backtrace (...))) appended to the error reply."
-  (error 'agent-error :kind kind :extra extra
-                      :text (let ((*print-length* 20) (*print-level* 4) (*print-pretty* nil))
-                              (apply #'format nil fmt args))))
-
-(defun number-text (x)
-  "X (a real) printed plainly: 1, 0.5, 2.25."
-  (if (integerp x)
-      (princ-to-string x)
-      (let ((*read-default-float-format* 'double-float))
-        (princ-to-string (coerce x 'double-float)))))
-
-(defun real-arg (args key op &key default min max)
-  (let ((v (getf args key :absent)))
-    (cond ((eq v :absent) default)
-          ((and (realp v) (<= min v max)) v)
-          (t (fail "BAD-ARGUMENT" "~(~s~) must be a number in ~a..~a for ~(~s~), got ~a"
-                   key (number-text min) (number-text max) op (show-arg v))))))
-
-(defun bool-arg (args key op)
-  (let ((v (getf args key)))
-    (unless (member v '(t nil))
-      (fail "BAD-ARGUMENT" "~(~s~) must be t or nil for ~(~s~), got ~a" key op (show-arg v)))
-    v))
-
-(defun string-arg (args key op &key default required (max +max-in-frame+))
-  (let ((v (getf args key :absent)))
-    (cond ((eq v :absent)
-           (if required
-               (fail "BAD-ARGUMENT" "~(~s~) requires ~(~s~)" op key)
-               default))
-          ((and (stringp v) (<= (length v) max)) v)
-          ((stringp v) (fail "BAD-ARGUMENT" "~(~s~) is longer than ~d characters for ~(~s~)"
-                             key max op))
-          (t (fail "BAD-ARGUMENT" "~(~s~) must be a string for ~(~s~), got ~a"
-                   key op (show-arg v))))))
-
-(defun seconds-since (t0-ns)
-  (/ (- (mono-ns) t0-ns) 1d9))
-
-;;; --- :gc-run
-
-(defun gc-count-now ()
-  (let ((n (n-gcs)))
-    (if (>= n 0) n (aref **stats** +s-count+))))
-
-(defun op-gc-run (args)
-  (check-plist args '(:generation :full) :gc-run)
-  (let ((full (bool-arg args :full :gc-run))
-        (gen (int-arg args :generation :gc-run :default 0 :min 0 :max (1- +generations+))))
-    (when (and full (not (eq (getf args :generation :absent) :absent)))
-      (fail "BAD-ARGUMENT" ":gc-run takes :full t or :generation N, not both"))
-    (let* ((count0 (gc-count-now))
-           (heap0 (heap-used))
-           (t0 (mono-ns)))
-      (if full (sb-ext:gc :full t) (sb-ext:gc :gen gen))
-      (let* ((pause (seconds-since t0))
-             (heap1 (heap-used))
-             (count1 (gc-count-now)))
-        (list :generation (if full (1- +generations+) gen)
-              :full full
-              :heap-before heap0
-              :heap-after heap1
-              :bytes-freed (- heap0 heap1)     ; negative if other threads consed meanwhile
-              :pause-seconds pause
-              :gc-count-before count0
-              :gc-count-after count1)))))
-
-;;; --- :gc-tune
-
-(defun gc-tuning ()
-  (list :nursery-size (sb-ext:bytes-consed-between-gcs)
-        :generations
-        (loop for g from 0 below +generations+
-              collect (list :generation g
-                            :bytes-consed-between-gcs (sb-ext:generation-bytes-consed-between-gcs g)
-                            :number-of-gcs-before-promotion
-                            (sb-ext:generation-number-of-gcs-before-promotion g)
-                            :minimum-age-before-gc
-                            (coerce (sb-ext:generation-minimum-age-before-gc g) 'double-float)))))
-
-(defun check-size (v what limit)
-  (unless (and (integerp v) (<= 1 v limit))
-    (fail "BAD-ARGUMENT" "~a ~a is invalid: must be a positive integer <= ~d (the dynamic space size)"
-          what (show-arg v) limit))
-  v)
-
-(defun parse-tune-entry (e limit)
-  "Validate one :generations entry; return (gen bytes promotion age), absent values NIL."
-  (unless (and (listp e) (evenp (length e)))
-    (fail "BAD-ARGUMENT" ":generations entry ~a must be a plist (:generation G ...)" (show-arg e)))
-  (check-plist e '(:generation :bytes-consed-between-gcs :number-of-gcs-before-promotion
-                   :minimum-age-before-gc)
-               :gc-tune)
-  (let ((g (getf e :generation :absent)))
-    (cond ((eq g :absent)
-           (fail "BAD-ARGUMENT" ":generations entry ~a lacks :generation" (show-arg e)))
-          ((eql g (1- +generations+))
-           (fail "BAD-ARGUMENT" ":generation ~d is the pseudo-static generation and cannot be tuned"
-                 g))
-          ((not (and (integerp g) (<= 0 g (- +generations+ 2))))
-           (fail "BAD-ARGUMENT" ":generation ~a is invalid: must be an integer in 0..~d"
-                 (show-arg g) (- +generations+ 2))))
-    (let ((bytes (getf e :bytes-consed-between-gcs))
-          (promo (getf e :number-of-gcs-before-promotion))
-          (age (getf e :minimum-age-before-gc)))
-      (when bytes
-        (check-size bytes (format nil ":bytes-consed-between-gcs (generation ~d)" g) limit))
-      (when (and promo (not (and (integerp promo) (<= 0 promo 1000))))
-        (fail "BAD-ARGUMENT"
-              ":number-of-gcs-before-promotion (generation ~d) ~a is invalid: must be an integer in 0..1000"
-              g (show-arg promo)))
-      (when (and age (not (and (realp age) (<= 0 age 1))))
-        (fail "BAD-ARGUMENT"
-              ":minimum-age-before-gc (generation ~d) ~a is invalid: must be a number in 0..1"
-              g (show-arg age)))
-      (list g bytes promo age))))
-
-(defun apply-tuning (nursery entries)
-  (when nursery (setf (sb-ext:bytes-consed-between-gcs) nursery))
-  (loop for (g bytes promo age) in entries
-        do (when bytes (setf (sb-ext:generation-bytes-consed-between-gcs g) bytes))
-           (when promo (setf (sb-ext:generation-number-of-gcs-before-promotion g) promo))
-           (when age (setf (sb-ext:generation-minimum-age-before-gc g)
-                           (coerce age 'double-float)))))
-
-(defun op-gc-tune (args)
-  (check-plist args '(:nursery-size :generations) :gc-tune)
-  (let* ((limit (sb-ext:dynamic-space-size))
-         (nursery (let ((v (getf args :nursery-size :absent)))
-                    (if (eq v :absent) nil (check-size v ":nursery-size" limit))))
-         (gens (getf args :generations)))
-    (unless (listp gens)
-      (fail "BAD-ARGUMENT" ":generations must be a list of plists, got ~a" (show-arg gens)))
-    (let ((entries (mapcar (lambda (e) (parse-tune-entry e limit)) gens)))
-      (loop for (e . rest) on entries
-            do (when (find (first e) rest :key #'first)
-                 (fail "BAD-ARGUMENT" ":generation ~d appears more than once in :generations"
-                       (first e))))
-      (let ((before (gc-tuning)))
-        ;; everything is valid: apply; restore the old values should a setter refuse
-        (handler-case (apply-tuning nursery entries)
-          (serious-condition (c)
-            (ignore-errors
-             (apply-tuning (getf before :nursery-size)
-                           (loop for p in (getf before :generations)
-                                 for g = (getf p :generation)
-                                 when (< g (1- +generations+))
-                                   collect (list g (getf p :bytes-consed-between-gcs)
-                                                 (getf p :number-of-gcs-before-promotion)
-                                                 (getf p :minimum-age-before-gc)))))
-            (error c)))
-        (list :before before :after (gc-tuning))))))
-
-;;; --- :kill-thread
-
-(defun op-kill-thread (args)
-  (check-plist args '(:tid :timeout-ms) :kill-thread)
-  (let* ((tid (int-arg args :tid :kill-thread :required t))
-         (timeout-ms (int-arg args :timeout-ms :kill-thread :default 2000 :max 60000))
-         (thread (find-thread-by-tid tid)))
-    (unless thread
-      (fail "UNKNOWN-THREAD" "no Lisp thread with tid ~d" tid))
-    (let ((name (object-name-string (sb-thread:thread-name thread))))
-      (cond ((main-thread-p thread)
-             (fail "REFUSED" "thread ~d (~s) is the main thread; it is never killed" tid name))
-            ((agent-thread-p thread)
-             (fail "REFUSED" "thread ~d (~s) is one of the sbmon agent's own threads" tid name))
-            ((thread-daemon-p thread)
-             (fail "REFUSED" "thread ~d (~s) is an SBCL system thread" tid name)))
-      (let ((t0 (mono-ns)))
-        (when (sb-thread:thread-alive-p thread)
-          (handler-case (sb-thread:terminate-thread thread)
-            ;; it ended on its own meanwhile
-            (sb-thread:interrupt-thread-error () nil)))
-        (sb-thread:join-thread thread :default nil :timeout (/ timeout-ms 1000d0))
-        (list :tid tid :name name
-              :ended (not (sb-thread:thread-alive-p thread))
-              :waited-seconds (seconds-since t0))))))
-
-;;; --- bounded output stream (gray stream; keeps at most LIMIT characters)
-
-(defclass bounded-output-stream (sb-gray:fundamental-character-output-stream)
-  ((buffer :initform (make-array 0 :element-type 'character :adjustable t :fill-pointer 0)
-           :reader bounded-buffer)
-   (limit :initarg :limit :reader bounded-limit)
-   (truncated :initform nil :accessor bounded-truncated)
-   (column :initform 0 :accessor bounded-column)))
-
-(defun make-bounded-output-stream (limit)
-  (make-instance 'bounded-output-stream :limit limit))
-
-(defun bounded-room (s n)
-  "Make room for up to N more characters; return how many fit."
-  (let* ((buf (bounded-buffer s))
-         (fp (fill-pointer buf))
-         (fit (max 0 (min n (- (bounded-limit s) fp)))))
-    (when (< fit n) (setf (bounded-truncated s) t))
-    (when (> (+ fp fit) (array-dimension buf 0))
-      (adjust-array buf (min (bounded-limit s)
-                             (max (+ fp fit) (* 2 (array-dimension buf 0)) 256))))
-    fit))
-
-(defmethod sb-gray:stream-write-char ((s bounded-output-stream) char)
-  (when (= 1 (bounded-room s 1))
-    (vector-push char (bounded-buffer s)))
-  (setf (bounded-column s) (if (char= char #\Newline) 0 (1+ (bounded-column s))))
-  char)
-
-(defmethod sb-gray:stream-write-string ((s bounded-output-stream) string &optional (start 0) end)
-  (let* ((end (or end (length string)))
-         (n (max 0 (- end start)))
-         (fit (bounded-room s n)))
-    (when (plusp fit)
-      (let* ((buf (bounded-buffer s))
-             (fp (fill-pointer buf)))
-        (setf (fill-pointer buf) (+ fp fit))
-        (replace buf string :start1 fp :start2 start :end2 (+ start fit))))
-    (let ((nl (position #\Newline string :start start :end end :from-end t)))
-      (setf (bounded-column s) (if nl (- end nl 1) (+ (bounded-column s) n))))
-    string))
-
-(defmethod sb-gray:stream-line-column ((s bounded-output-stream))
-  (bounded-column s))
-
-(defmethod sb-gray:stream-start-line-p ((s bounded-output-stream))
-  (zerop (bounded-column s)))
-
-(defun bounded-text (s)
-  (coerce (bounded-buffer s) 'simple-string))
-
-(defmacro with-captured-io ((out) &body body)
-  "Run BODY with the standard output streams going to OUT and an empty input."
-  (let ((in (gensym "IN")) (io (gensym "IO")))
-    `(let* ((,in (make-string-input-stream ""))
-            (,io (make-two-way-stream ,in ,out))
-            (*standard-output* ,out) (*error-output* ,out) (*trace-output* ,out)
-            (*standard-input* ,in) (*terminal-io* ,io) (*query-io* ,io) (*debug-io* ,io))
-       ,@body)))
-
-;;; --- condition capture (type, message, bounded backtrace) without the debugger
-
-(defun frame-starts-with-p (frame prefixes)
-  (some (lambda (p) (and (>= (length frame) (length p)) (string= p frame :end2 (length p))))
-        prefixes))
-
-(defun agent-frame-p (frame)
-  (or (frame-starts-with-p frame '("(SBMON-AGENT::"))
-      (let ((head (subseq frame 0 (min (length frame) 100))))
-        (and (char= (char head 0) #\() (> (length head) 1) (char= (char head 1) #\()
-             (search ":IN SBMON-AGENT::" head)))))
-
-(defun printed-frames-for-condition ()
-  "Printed frames of the current thread from where the condition was signalled (the frames
-of the hook and of the condition system above it dropped), ending before the first frame
-of the agent's own code; at most +EVAL-FRAMES+."
-  (let* ((raw (handler-case
-                  (let ((*print-pretty* nil))
-                    (mapcar #'print-frame
-                            (list-frames :count (+ +eval-frames+ 40)
-                                                     :from :current-frame)))
-                (serious-condition () nil)))
-         (last-system (let ((last nil))
-                        (loop for f in raw
-                              for i from 0 below 10
-                              when (frame-starts-with-p f '("(INVOKE-DEBUGGER " "(SB-DEBUG::RUN-HOOK "
-                                                           "(SB-KERNEL::%SIGNAL " "(SIGNAL "))
-                                do (setf last i))
-                        last))
-         (top (if last-system (nthcdr (1+ last-system) raw) raw))
-         (end (position-if #'agent-frame-p top)))
-    (subseq top 0 (min +eval-frames+ (or end (length top))))))
-
-(defun condition-failure (c)
-  "(type message frames) for condition C, computed where it was signalled."
-  (list (condition-type-name c)
-        (condition-message c)
-        (printed-frames-for-condition)))
-
-;;; --- :eval
-
-(defun print-value (v)
-  (handler-case
-      (let ((*print-length* 100) (*print-level* 10) (*print-readably* nil)
-            (out (make-bounded-output-stream (1+ +value-chars+))))
-        (prin1 v out)
-        (let ((text (bounded-text out)))
-          (if (> (length text) +value-chars+)
-              (concatenate 'string (subseq text 0 (- +value-chars+ 3)) "...")
-              text)))
-    (serious-condition (c)
-      (format nil "#<error printing a value: ~a>" (condition-message c)))))
-
-(defun %eval-forms (code state)
-  "Read and evaluate the forms of CODE one after another; return the printed values of the
-last one.  STATE is a vector whose slot 0 counts evaluated forms."
-  (let ((eof '#:eof) (values '()))
-    (with-input-from-string (in code)
-      (loop
-        (let ((form (read in nil eof)))
-          (when (eq form eof) (return))
-          (setf values (multiple-value-list (eval form)))
-          (incf (svref state 0)))))
-    (mapcar #'print-value values)))
-
-(defun eval-in-thread (code package out)
-  "Body of an eval thread.  Returns (:ok printed-values forms seconds) or
-(:failed type message frames forms seconds).  No handler is established around the user's
-code (a handler would see conditions the code signals on purpose): a condition that would
-enter the debugger reaches the debugger hooks, which record it and unwind."
-  (let ((state (vector 0)) (t0 (mono-ns)))
-    (flet ((hook (c hook)
-             (declare (ignore hook))
-             (throw 'sbmon-eval-failed
-               (list* :failed (append (condition-failure c)
-                                      (list (svref state 0) (seconds-since t0)))))))
-      (catch 'sbmon-eval-failed
-        (let ((*debugger-hook* #'hook)
-              (sb-ext:*invoke-debugger-hook* #'hook))
-          (with-standard-io-syntax
-            (let ((*package* package) (*read-eval* nil) (*print-readably* nil)
-                  ;; with-standard-io-syntax rebinds neither hook, but be explicit
-                  (*debugger-hook* #'hook)
-                  (sb-ext:*invoke-debugger-hook* #'hook))
-              (with-captured-io (out)
-                (let ((printed (%eval-forms code state)))
-                  (list :ok printed (svref state 0) (seconds-since t0)))))))))))
-
-(defun op-eval (args)
-  (check-plist args '(:code :package :timeout-s :max-output) :eval)
-  (let* ((code (string-arg args :code :eval :required t))
-         (package-name (string-arg args :package :eval :default "CL-USER" :max 200))
-         (timeout (real-arg args :timeout-s :eval :default 10 :min 0.1d0 :max 300))
-         (max-output (int-arg args :max-output :eval :default 65536 :min 0 :max +eval-max-output+))
-         (package (or (find-package package-name) (find-package (string-upcase package-name))
-                      (fail "BAD-ARGUMENT" "no package named ~s" package-name)))
-         (out (make-bounded-output-stream max-output))
-         (box (vector nil))
-         (n (sb-thread:with-mutex (*state-lock*) (incf *eval-counter*)))
-         (thread nil))
-    (unwind-protect
-         (progn
-           ;; not under CALL-QUIETLY: EVAL-IN-THREAD sets up the evaluation's own streams
-           ;; and debugger hooks
-           (setf thread (spawn (format nil "sbmon-agent eval ~d" n)
-                               (lambda ()
-                                 (setf (svref box 0) (eval-in-thread code package out)))
-                               :quietly nil))
-           (register-control-thread thread)
-           (sb-thread:join-thread thread :default nil :timeout timeout)
-           (let ((result (svref box 0))
-                 (output (list :output (bounded-text out)
-                               :output-truncated (bounded-truncated out))))
-             (cond
-               ((eq (first result) :ok)
-                (destructuring-bind (printed forms seconds) (rest result)
-                  (list* :values printed
-                         (append output (list :forms forms :seconds seconds)))))
-               ((eq (first result) :failed)
-                (destructuring-bind (type message frames forms seconds) (rest result)
-                  (declare (ignore seconds))
-                  (fail-with type (list* :backtrace frames :forms forms output) "~a" message)))
-               ((sb-thread:thread-alive-p thread)
-                (ignore-errors (sb-thread:terminate-thread thread))
-                (sb-thread:join-thread thread :default nil :timeout 2)
-                (let ((stopped (not (sb-thread:thread-alive-p thread))))
-                  (fail-with "TIMEOUT" output
-                             "evaluation exceeded ~a s and ~:[could not be stopped within 2 s (thread ~s still running)~;was stopped~*~]"
-                             (number-text timeout) stopped (sb-thread:thread-name thread))))
-               ((exit-in-progress-p)
-                (fail-with "IMAGE-EXITING" output
-                           "the image is exiting (the evaluation called sb-ext:exit or another thread did)"))
-               (t
-                (fail-with "ABORTED" output
-                           "the evaluation thread ended without a result (it was terminated or called abort-thread)")))))
-      (when thread
-        (unregister-control-thread thread)
-        ;; the worker was unwound (agent stopping): don't leave the evaluation behind
-        (when (and (sb-thread:thread-alive-p thread) (null (svref box 0)))
-          (ignore-errors (sb-thread:terminate-thread thread)))))))
-
-;;; --- :profile
-
-(defun sprof-call (name &rest args)
-  "Call sb-sprof's function NAME (some of those used are internal to sb-sprof)."
-  (apply (or (contrib-function "SB-SPROF" name)
-             (fail "UNAVAILABLE" "sb-sprof has no function ~a on this SBCL" name))
-         args))
-
-(defun ensure-module (module package)
-  (unless (find-package package)
-    (handler-case (require module)
-      (serious-condition (c)
-        (fail "UNAVAILABLE" "cannot load ~(~a~): ~a" module (condition-message c))))
-    (unless (find-package package)
-      (fail "UNAVAILABLE" "loading ~(~a~) did not define package ~a" module package))))
-
-(defun profile-name (name)
-  (if (stringp name)
-      (one-line name +frame-chars+)
-      (one-line (safe-string (lambda (s) (let ((*print-length* 10) (*print-level* 4)) (prin1 name s)))
-                             (* 2 +frame-chars+))
-                +frame-chars+)))
-
-(defconstant +profile-max-stacks+ 1000
-  "Distinct stacks a :profile reply carries, most samples first; the rest are summed into
-one \"[other stacks]\" stack, so the stacks' counts always add up to the samples.")
-(defconstant +profile-max-depth+ 128
-  "Frames kept of one sample's stack, leaf first; a deeper stack starts with \"[truncated]\".")
-
-(defun frame-base-name (name)
-  "The global function a frame's function belongs to: FOO for FOO, (FLET X :IN FOO) and
-(LAMBDA () :IN FOO)."
-  (loop for in = (and (consp name) (member :in name))
-        while (and in (cdr in))
-        do (setf name (second in)))
-  name)
-
-(defun runtime-frame-p (info name)
-  "True of frames that say how a sample was taken rather than what ran: unknown and foreign
-frames, allocation and thread trampolines, SB-THREAD::RUN, and sb-sprof's own."
-  (or (null info)
-      (stringp info)
-      (let ((base (frame-base-name name)))
-        (and (symbolp base)
-             (let ((package (symbol-package base)))
-               (or (search "-TRAMP" (symbol-name base))
-                   (and package (string= (package-name package) "SB-SPROF"))
-                   (and package (string= (package-name package) "SB-THREAD")
-                        (string= (symbol-name base) "RUN"))))))))
-
-(defun profile-stacks (keep-runtime)
-  "Aggregate sb-sprof's traces into (values FRAMES STACKS SAMPLES PER-THREAD): FRAMES a
-vector of frame names, STACKS a hash table from a key string (one character per frame
-index, root first) to its sample count, SAMPLES the number of traces, PER-THREAD an alist
-of (thread . samples)."
-  (let ((names (make-hash-table :test 'equal)) ; frame name -> index
-        (frames (make-array 64 :adjustable t :fill-pointer 0))
-        (infos (make-hash-table :test 'eq))    ; debug info -> index, or :runtime
-        (stacks (make-hash-table :test 'equal))
-        (per-thread '())
-        (samples 0)
-        ;; the last +profile-max-depth+ frames of the sample, a ring (sb-sprof goes root first)
-        (path (make-array +profile-max-depth+))
-        (depth 0))
-    (labels ((intern-name (name)
-               (or (gethash name names)
-                   (setf (gethash name names) (vector-push-extend name frames))))
-             (frame-index (info)
-               (multiple-value-bind (index found) (gethash info infos)
-                 (if found
-                     index
-                     (setf (gethash info infos)
-                           (let ((name (if (typep info 'sb-di:debug-fun)
-                                           (sb-di:debug-fun-name info)
-                                           info)))
-                             (if (and (not keep-runtime) (runtime-frame-p info name))
-                                 :runtime
-                                 (intern-name (if (null info)
-                                                  "[unknown]"
-                                                  (profile-name name))))))))))
-      (sprof-call "MAP-TRACES"
-                  (lambda (thread trace)
-                    (incf samples)
-                    (let ((entry (assoc thread per-thread :test #'eq)))
-                      (if entry (incf (cdr entry)) (push (cons thread 1) per-thread)))
-                    (setf depth 0)
-                    (sprof-call "MAP-TRACE-PC-LOCS"
-                                (lambda (info pc)
-                                  (declare (ignore pc))
-                                  (let ((index (frame-index info)))
-                                    (unless (eq index :runtime)
-                                      (setf (svref path (mod depth +profile-max-depth+)) index)
-                                      (incf depth))))
-                                trace)
-                    (let* ((truncated (> depth +profile-max-depth+))
-                           (kept (min depth +profile-max-depth+))
-                           (first (if truncated (mod depth +profile-max-depth+) 0))
-                           (key (make-string (+ kept (if truncated 1 0)))))
-                      (when truncated
-                        (setf (char key 0) (code-char (intern-name "[truncated]"))))
-                      (loop for k below kept
-                            for j from (if truncated 1 0)
-                            do (setf (char key j)
-                                     (code-char (svref path (mod (+ first k) +profile-max-depth+)))))
-                      (incf (gethash key stacks 0))))
-                  (symbol-value (contrib-variable "SB-SPROF" "*SAMPLES*"))))
-    (values frames stacks samples per-thread)))
-
-(defun profile-result (mode seconds max-rows keep-runtime)
-  (multiple-value-bind (frames stacks nsamples per-thread) (profile-stacks keep-runtime)
-    (let* ((nframes (length frames))
-           (self (make-array nframes :initial-element 0))
-           (cum (make-array nframes :initial-element 0))
-           (seen (make-array nframes :initial-element -1))
-           (sorted '())
-           (pct (lambda (k) (if (plusp nsamples) (/ (* 100d0 k) nsamples) 0d0))))
-      ;; self: the leaf of each stack; cumulative: each function once per stack, so a
-      ;; recursive function never counts more than the samples it is on
-      (let ((serial 0))
-        (maphash (lambda (key count)
-                   (push (cons key count) sorted)
-                   (incf serial)
-                   (when (plusp (length key))
-                     (incf (aref self (char-code (char key (1- (length key))))) count))
-                   (loop for c across key
-                         for i = (char-code c)
-                         unless (= (aref seen i) serial)
-                           do (setf (aref seen i) serial)
-                              (incf (aref cum i) count)))
-                 stacks))
-      (setf sorted (sort sorted #'> :key #'cdr))
-      (let* ((kept (subseq sorted 0 (min +profile-max-stacks+ (length sorted))))
-             (other (reduce #'+ (nthcdr (length kept) sorted) :key #'cdr))
-             (order (sort (loop for i below nframes collect i)
-                          (lambda (a b)
-                            (or (> (aref self a) (aref self b))
-                                (and (= (aref self a) (aref self b))
-                                     (> (aref cum a) (aref cum b))))))))
-        (list :mode mode
-              :seconds (coerce seconds 'double-float)
-              :samples nsamples
-              :rows (loop for i in order
-                          for n from 0 below max-rows
-                          collect (list :function (aref frames i)
-                                        :samples (aref self i)
-                                        :self-percent (funcall pct (aref self i))
-                                        :cumulative-percent (funcall pct (aref cum i))))
-              :threads (mapcar (lambda (e) (object-name-string (sb-thread:thread-name (car e))))
-                               per-thread)
-              :thread-samples (mapcar (lambda (e)
-                                        (list :thread (object-name-string
-                                                       (sb-thread:thread-name (car e)))
-                                              :samples (cdr e)))
-                                      per-thread)
-              :frames (coerce frames 'list)
-              :stacks (append
-                       (loop for (key . count) in kept
-                             collect (list :samples count
-                                           :frames (map 'list #'char-code key)))
-                       (when (plusp other)
-                         (list (list :samples other :other t :frames '()))))
-              :stacks-dropped (- (length sorted) (length kept))
-              :max-stacks +profile-max-stacks+
-              :max-depth +profile-max-depth+
-              :runtime-frames (if keep-runtime :kept :folded))))))
-
-(defun op-profile (args)
-  (check-plist args '(:seconds :mode :max-rows :keep-runtime-frames) :profile)
-  (let ((seconds (real-arg args :seconds :profile :default 5 :min 0.1d0 :max 60))
-        (mode (getf args :mode :cpu))
-        (max-rows (int-arg args :max-rows :profile :default 20 :max 200))
-        (keep-runtime (bool-arg args :keep-runtime-frames :profile))
-        (self sb-thread:*current-thread*))
-    (unless (member mode '(:cpu :alloc :time))
-      (fail "BAD-ARGUMENT" ":mode must be :cpu, :alloc or :time for :profile, got ~a" (show-arg mode)))
-    (unless (null (sb-ext:compare-and-swap (svref **profile-busy** 0) nil self))
-      (fail "BUSY" "a profile is already running in this image"))
-    (unwind-protect
-         (progn
-           (register-control-thread self)
-           (ensure-module :sb-sprof "SB-SPROF")
-           (let ((profiling (or (contrib-variable "SB-SPROF" "*PROFILING*")
-                                (fail "UNAVAILABLE" "sb-sprof has no *PROFILING* on this SBCL"))))
-             (when (symbol-value profiling)
-               (fail "BUSY" "sb-sprof is already profiling in this image (started outside sbmon)")))
-           (unless (contrib-variable "SB-SPROF" "*SAMPLES*")
-             (fail "UNAVAILABLE" "sb-sprof has no *SAMPLES* on this SBCL"))
-           (sprof-call "RESET")
-           (unwind-protect
-                (progn
-                  (sprof-call "START-PROFILING" :mode mode :threads :all)
-                  (sleep seconds))
-             (sprof-call "STOP-PROFILING"))
-           (unwind-protect
-                ;; REPORT turns the raw samples into the traces MAP-TRACES walks
-                (if (sprof-call "REPORT" :type nil :stream (make-broadcast-stream))
-                    (profile-result mode seconds max-rows keep-runtime)
-                    (list :mode mode :seconds (coerce seconds 'double-float)
-                          :samples 0 :rows nil :threads nil :thread-samples nil
-                          :frames nil :stacks nil :stacks-dropped 0
-                          :max-stacks +profile-max-stacks+ :max-depth +profile-max-depth+
-                          :runtime-frames (if keep-runtime :kept :folded)))
-             (ignore-errors (sprof-call "RESET"))))
-      (unregister-control-thread self)
-      (setf (svref **profile-busy** 0) nil))))
-
-;;; --- :reload-system
-
-(defun asdf-call (name &rest args)
-  (apply (or (contrib-function "ASDF" name) (fail "UNAVAILABLE" "ASDF has no function ~a" name))
-         args))
-
-(defun %load-system (name force)
-  (if force
-      (asdf-call "LOAD-SYSTEM" name :force t)
-      (asdf-call "LOAD-SYSTEM" name)))
-
-(defun op-reload-system (args)
-  (check-plist args '(:system :force) :reload-system)
-  (let ((name (string-arg args :system :reload-system :required t :max 200))
-        (force (bool-arg args :force :reload-system)))
-    (when (zerop (length name))
-      (fail "BAD-ARGUMENT" ":system must not be empty"))
-    (ensure-module :asdf "ASDF")
-    (unless (asdf-call "FIND-SYSTEM" name nil)
-      (fail "MISSING-SYSTEM" "ASDF cannot find a system named ~s" name))
-    (let* ((out (make-bounded-output-stream +reload-output+))
-           (warnings '()) (nwarnings 0)
-           (t0 (mono-ns))
-           (failure
-             (catch 'sbmon-reload-failed
-               (flet ((fail-hook (c &optional hook)
-                        (declare (ignore hook))
-                        (throw 'sbmon-reload-failed
-                          (condition-failure c))))
-                 (let ((*debugger-hook* #'fail-hook)
-                       (sb-ext:*invoke-debugger-hook* #'fail-hook))
-                   (with-captured-io (out)
-                     (handler-bind
-                         ((warning (lambda (w)
-                                     (when (< nwarnings +max-warnings+)
-                                       (push (safe-string (lambda (s) (princ w s)) +warning-chars+)
-                                             warnings))
-                                     (incf nwarnings)
-                                     (muffle-warning w)))
-                          (serious-condition #'fail-hook))
-                       (%load-system name force)))))
-               nil))
-           (output (list :output (bounded-text out) :output-truncated (bounded-truncated out)))
-           (warnings (reverse warnings)))
-      (when failure
-        (destructuring-bind (type message frames) failure
-          (fail-with type (list* :backtrace frames :warnings warnings output) "~a" message)))
-      (list* :system name :forced force :seconds (seconds-since t0)
-             :warnings warnings output))))
-
 ;;;; ------------------------------------------------------------------------
-;;;; Heap operations, loaded on first use: :heap-histogram :heap-retainers
+;;;; Parts loaded on first use: heap (:heap-histogram :heap-retainers) and control
+;;;; (:gc-run :gc-tune :kill-thread :profile :eval :reload-system)
 ;;;;
-;;;; They live in sbmon-agent-heap.lisp, which is not loaded with this file (SBCL scans
-;;;; loaded code on every nursery collection, so the resident agent stays small).  The
-;;;; contract: the file sbmon-agent-heap.lisp in the same directory as the loaded
-;;;; sbmon-agent.lisp.  The first call of either operation loads it, once, under a lock,
-;;;; compiled, with all output discarded; an agent loaded from a stream (no directory known)
-;;;; or a missing file makes the call fail with UNAVAILABLE naming the file.  Loading the
-;;;; part by hand after this file also works (it sets *HEAP-LOADED*).
+;;;; They live in sbmon-agent-heap.lisp and sbmon-agent-control.lisp, which are not loaded
+;;;; with this file: every class, condition, structure or generic function an image defines
+;;;; makes each of its nursery collections slower (README, "The agent's cost to its host"),
+;;;; so the resident agent carries only what the read operations need.  The contract: each
+;;;; part is a file in the same directory as the loaded sbmon-agent.lisp.  The first call of
+;;;; one of its operations loads it, once per image, under a lock (a second first call waits
+;;;; for the first), from its fasl beside it when there is one (LOAD-PART-FILE), with all
+;;;; output discarded and warnings muffled; an agent loaded from a stream (no directory
+;;;; known), a missing file or a failed load makes the call fail with UNAVAILABLE naming the
+;;;; file, and the next call tries again.  Loading a part by hand
+;;;; after this file also works (its last form records it in *PARTS-LOADED*).
 
 (defvar *agent-directory*
-  ;; the source's directory, also when this file was compiled to a fasl elsewhere (ASDF)
-  (let ((p (or #.(or *compile-file-truename* *load-truename*) *load-truename*)))
-    (and p (make-pathname :name nil :type nil :version nil :defaults p)))
-  "The directory this file was loaded from, or NIL (loaded from a stream).")
+  ;; The directory of the loaded file when the parts are there (the source, or the fasl that
+  ;; sbmon writes beside it); else the source's, for a fasl compiled elsewhere (ASDF's cache).
+  (flet ((directory-of (p) (and p (make-pathname :name nil :type nil :version nil :defaults p))))
+    (let ((loaded (directory-of *load-truename*))
+          (compiled (directory-of #.(or *compile-file-truename* *load-truename*))))
+      (if (and loaded (probe-file (merge-pathnames "sbmon-agent-heap.lisp" loaded)))
+          loaded
+          (or compiled loaded))))
+  "The directory the agent's parts are loaded from, or NIL (loaded from a stream).")
 
-(defparameter *heap-file-name* "sbmon-agent-heap.lisp")
+(defparameter *part-files*
+  '((:heap . "sbmon-agent-heap.lisp")
+    (:control . "sbmon-agent-control.lisp"))
+  "Each part loaded on first use, and its file beside sbmon-agent.lisp.")
 
-(defvar *heap-loaded* nil "True once sbmon-agent-heap.lisp is loaded.")
-(defvar *heap-load-lock* (sb-thread:make-mutex :name "sbmon-agent heap part"))
+(defvar *parts-loaded* '()
+  "The parts loaded so far (keys of *PART-FILES*); the :runtime operation reports them.")
+(defvar *part-load-lock* (sb-thread:make-mutex :name "sbmon-agent parts"))
 
-;; The argument keywords of the heap operations, interned here: the payload reader only knows
-;; keywords that exist, and these must be known before the part that uses them is loaded.
-(defparameter *heap-argument-keys*
-  '(:top :since :generation :max-seconds :max-heap-bytes :type :max-paths :max-depth))
+;; The argument keywords of the parts' operations, interned here: the payload reader only
+;; knows keywords that exist, and these must be known before the part that uses them is loaded.
+(defparameter *part-argument-keys*
+  '(:top :since :generation :max-seconds :max-heap-bytes :type :max-paths :max-depth
+    :full :nursery-size :generations :bytes-consed-between-gcs
+    :number-of-gcs-before-promotion :minimum-age-before-gc :tid :timeout-ms :code :package
+    :timeout-s :max-output :seconds :mode :max-rows :keep-runtime-frames :cpu :alloc :time
+    :system :force))
 
-(defun heap-part-path ()
-  (and *agent-directory* (merge-pathnames *heap-file-name* *agent-directory*)))
+(defun part-loaded-p (part)
+  (and (member part *parts-loaded*) t))
 
-(defun ensure-heap-part ()
-  "Load sbmon-agent-heap.lisp unless it is loaded; UNAVAILABLE when it cannot be."
-  (sb-thread:with-mutex (*heap-load-lock*)
-    (unless *heap-loaded*
-      (let ((path (heap-part-path)))
-        (unless path
-          (fail "UNAVAILABLE" "the heap operations live in ~a, beside sbmon-agent.lisp, but this ~
-                               agent was loaded from a stream and knows no directory: load that ~
-                               file after the agent" *heap-file-name*))
-        (unless (probe-file path)
-          (fail "UNAVAILABLE" "the heap operations need ~a, which is missing (it ships beside ~
-                               sbmon-agent.lisp)" (namestring path)))
-        (handler-case
-            (let* ((sink (make-broadcast-stream))
-                   (*standard-output* sink) (*error-output* sink) (*trace-output* sink)
-                   (*package* (find-package "SBMON-AGENT"))
-                   (*readtable* (copy-readtable nil))
-                   (*read-eval* t)
-                   (*load-verbose* nil) (*load-print* nil)
-                   (*compile-verbose* nil) (*compile-print* nil)
-                   (sb-ext:*evaluator-mode* :compile))
-              (handler-bind ((warning #'muffle-warning))
-                (load path)))
-          (serious-condition (c)
-            (fail "UNAVAILABLE" "loading ~a failed: ~a" (namestring path) (condition-message c))))
-        (unless *heap-loaded*
-          (fail "UNAVAILABLE" "~a loaded but did not define the heap operations"
-                (namestring path)))))))
+(defun note-part-loaded (part)
+  "Record PART as loaded: the last form of each part's file."
+  (sb-thread:with-mutex (*state-lock*)
+    (pushnew part *parts-loaded*)))
 
-(defun heap-call (name args)
-  (ensure-heap-part)
+(defun part-path (file)
+  (and *agent-directory* (merge-pathnames file *agent-directory*)))
+
+(defun load-part-file (path)
+  "Load the fasl beside PATH (sbmon writes it, compiled in an SBCL process of its own) when
+there is one and this SBCL loads it, else PATH itself.  Compiling costs the image that
+compiles: the compiler's caches and interned types make each of its later nursery collections
+slower, so the agent does not compile its parts in its host when it need not."
+  (let ((fasl (make-pathname :type "fasl" :defaults path)))
+    (unless (and (probe-file fasl) (ignore-errors (load fasl) t))
+      (load path))))
+
+(defun ensure-part (part)
+  "Load PART's file unless it is loaded; UNAVAILABLE when it cannot be."
+  (unless (part-loaded-p part)
+    (sb-thread:with-mutex (*part-load-lock*)
+      (unless (part-loaded-p part)
+        (let* ((file (cdr (assoc part *part-files*)))
+               (path (part-path file)))
+          (unless path
+            (fail "UNAVAILABLE" "these operations live in ~a, beside sbmon-agent.lisp, but this ~
+                                 agent was loaded from a stream and knows no directory: load ~
+                                 that file after the agent" file))
+          (unless (probe-file path)
+            (fail "UNAVAILABLE" "these operations need ~a, which is missing (it ships beside ~
+                                 sbmon-agent.lisp)" (namestring path)))
+          (handler-case
+              (let* ((sink (make-broadcast-stream))
+                     (*standard-output* sink) (*error-output* sink) (*trace-output* sink)
+                     (*package* (find-package "SBMON-AGENT"))
+                     (*readtable* (copy-readtable nil))
+                     (*read-eval* t)
+                     (*load-verbose* nil) (*load-print* nil)
+                     (*compile-verbose* nil) (*compile-print* nil)
+                     (sb-ext:*evaluator-mode* :compile))
+                (handler-bind ((warning #'muffle-warning))
+                  (load-part-file path)))
+            (serious-condition (c)
+              (fail "UNAVAILABLE" "loading ~a failed: ~a" (namestring path)
+                    (condition-message c))))
+          (unless (part-loaded-p part)
+            (fail "UNAVAILABLE" "~a loaded but did not define its operations"
+                  (namestring path))))))))
+
+(defun part-call (part name args)
+  "Call the operation function NAME of PART (a string: the symbol need not exist before the
+part is loaded) with ARGS, loading the part first."
+  (ensure-part part)
   (funcall (find-symbol name "SBMON-AGENT") args))
 
-(defun op-heap-histogram* (args) (heap-call "OP-HEAP-HISTOGRAM" args))
-(defun op-heap-retainers* (args) (heap-call "OP-HEAP-RETAINERS" args))
+(defmacro define-part-operations (part &rest names)
+  "Define NAME* for each NAME of PART: a resident stub that loads the part and calls NAME."
+  `(progn
+     ,@(loop for name in names
+             collect `(defun ,(intern (format nil "~a*" name)) (args)
+                        (part-call ,part ,(symbol-name name) args)))))
+
+(define-part-operations :heap op-heap-histogram op-heap-retainers)
+(define-part-operations :control op-gc-run op-gc-tune op-kill-thread op-profile op-eval
+  op-reload-system)
 
 ;;;; ------------------------------------------------------------------------
 ;;;; Dispatch
@@ -2339,17 +1923,19 @@ of (thread . samples)."
     (:backtrace op-backtrace t nil :read)
     (:backtraces op-backtraces t nil :read)
     (:subscribe op-subscribe nil t :read)
-    ;; loaded on first use (section "Heap operations"); they walk the heap
+    ;; loaded on first use (section "Parts loaded on first use"); they walk the heap
     (:heap-histogram op-heap-histogram* t nil :read)
     (:heap-retainers op-heap-retainers* t nil :read)
-    (:gc-run op-gc-run t nil :control)
-    (:gc-tune op-gc-tune nil nil :control)
-    (:kill-thread op-kill-thread t nil :control)
-    (:profile op-profile t nil :control)
+    ;; loaded on first use (section "Parts loaded on first use"); :gc-tune stays a fast
+    ;; operation: its first call loads the part on the connection's thread
+    (:gc-run op-gc-run* t nil :control)
+    (:gc-tune op-gc-tune* nil nil :control)
+    (:kill-thread op-kill-thread* t nil :control)
+    (:profile op-profile* t nil :control)
     ;; loading a system runs its code: as powerful as :eval, and in the same class as
     ;; sbmon's code_reload_system tool
-    (:eval op-eval t nil :eval)
-    (:reload-system op-reload-system t nil :eval)))
+    (:eval op-eval* t nil :eval)
+    (:reload-system op-reload-system* t nil :eval)))
 
 (defparameter *operation-classes* '(:read :control :eval)
   "The classes of operations, in the order START's :allow lists them.")
@@ -2396,7 +1982,7 @@ are measured, and the flags of *INTERNAL-CAPABILITIES* whose internals are prese
       (serious-condition (c)
         (list* :error :type (condition-type-name c) :message (condition-message c)
                ;; extra reply fields (:backtrace ...) carried by some agent errors
-               (and (typep c 'agent-error) (agent-error-extra c)))))))
+               (and (agent-condition-p c) (agent-error-extra c)))))))
 
 (defun unknown-operation-error (op)
   (list :error :type "UNKNOWN-OPERATION"
@@ -2509,11 +2095,9 @@ starting with '.' or '-' (it becomes part of a file name and of Prometheus label
   name)
 
 (defun socket-live-p (path)
-  (let ((s (make-instance 'sb-bsd-sockets:local-socket :type :stream)))
-    (unwind-protect
-         (handler-case (progn (sb-bsd-sockets:socket-connect s path) t)
-           (serious-condition () nil))
-      (ignore-errors (sb-bsd-sockets:socket-close s)))))
+  (let ((fd (os-socket +af-unix+)))
+    (unwind-protect (and (os-connect fd (unix-address path)) t)
+      (os-close fd))))
 
 (defun open-unix-listener (path)
   (case (file-kind path)
@@ -2523,28 +2107,21 @@ starting with '.' or '-' (it becomes part of a file name and of Prometheus label
        (error "another process is listening on ~a" path))
      (os-unlink path))
     (t (error "~a exists and is not a socket" path)))
-  (let ((s (make-instance 'sb-bsd-sockets:local-socket :type :stream)))
-    (handler-case
-        (progn
-          (sb-bsd-sockets:socket-bind s path)
-          (chmod path #o600)
-          (sb-bsd-sockets:socket-listen s 16)
-          s)
-      (serious-condition (c)
-        (ignore-errors (sb-bsd-sockets:socket-close s))
-        (error c)))))
+  ;; non-blocking: the listener polls, and a client gone between the poll and the accept
+  ;; must not block it
+  (let ((address (unix-address path))
+        (fd (os-socket +af-unix+ :nonblocking t)))
+    (os-bind fd address)
+    (chmod path #o600)
+    (os-listen fd)
+    fd))
 
 (defun open-tcp-listener (port)
-  (let ((s (make-instance 'sb-bsd-sockets:inet-socket :type :stream :protocol :tcp)))
-    (handler-case
-        (progn
-          (setf (sb-bsd-sockets:sockopt-reuse-address s) t)
-          (sb-bsd-sockets:socket-bind s #(127 0 0 1) port)
-          (sb-bsd-sockets:socket-listen s 16)
-          (values s (nth-value 1 (sb-bsd-sockets:socket-name s))))
-      (serious-condition (c)
-        (ignore-errors (sb-bsd-sockets:socket-close s))
-        (error c)))))
+  (let ((fd (os-socket +af-inet+ :nonblocking t)))
+    (reuse-address fd)
+    (os-bind fd (loopback-address port))
+    (os-listen fd)
+    (values fd (bound-port fd))))
 
 ;;;; ------------------------------------------------------------------------
 ;;;; Connections
@@ -2612,12 +2189,12 @@ it does SB-SYS:WITH-DEADLINE) and a peer sending its hello a byte at a time is c
       (fill-from-socket header)
       (let ((len (hex-header-length header)))
         (when (> len +max-in-frame+)
-          (error 'frame-error
-                 :text (format nil "frame too large: ~d bytes (limit ~d)" len +max-in-frame+)))
+          (frame-error
+                 (format nil "frame too large: ~d bytes (limit ~d)" len +max-in-frame+)))
         (let ((payload (make-array len :element-type '(unsigned-byte 8))))
           (fill-from-socket payload)
           (handler-case (sb-ext:octets-to-string payload :external-format :utf-8)
-            (error () (error 'malformed :text "payload is not valid UTF-8"))))))))
+            (error () (malformed "payload is not valid UTF-8"))))))))
 
 (defun handshake (conn)
   "Read the hello within the timeout.  Returns T if the welcome was sent."
@@ -2660,9 +2237,11 @@ it does SB-SYS:WITH-DEADLINE) and a peer sending its hello a byte at a time is c
                  (unless (and payload (conn-alive conn)) (return))
                  (unless (handle-message conn (parse-payload payload))
                    (return)))))
-         (frame-error (c) (send-bye conn (frame-error-text c)))
-         (malformed (c) (send-bye conn (format nil "malformed message: ~a" (malformed-text c))))
-         (serious-condition () nil))
+         (serious-condition (c)
+           (cond ((agent-condition-p c :frame-error) (send-bye conn (agent-error-text c)))
+                 ((agent-condition-p c :malformed)
+                  (send-bye conn (format nil "malformed message: ~a" (agent-error-text c))))
+                 (t nil))))
     (close-connection conn)))
 
 (defun conn-shutdown (conn)
@@ -2682,19 +2261,16 @@ belong to another file by then)."
   (when (sb-thread:with-mutex ((conn-lock conn))
           (unless (conn-closed conn)
             (setf (conn-closed conn) t)))
-    (ignore-errors (close (conn-stream conn) :abort t))
-    (ignore-errors (sb-bsd-sockets:socket-close (conn-socket conn))))
+    ;; closing the stream closes the descriptor
+    (ignore-errors (close (conn-stream conn) :abort t)))
   (sb-thread:with-mutex (*state-lock*)
     (setf *connections* (remove conn *connections*))))
 
-(defun accept-connection (client)
-  (setf (sb-bsd-sockets:non-blocking-mode client) nil)
-  (let* ((fd (sb-bsd-sockets:socket-file-descriptor client))
-         (conn (%make-conn :socket client :fd fd :tcp *tcp-mode*
-                           :stream (sb-bsd-sockets:socket-make-stream
-                                    client :input t :output nil
-                                           :element-type '(unsigned-byte 8)
-                                           :buffering :full))))
+(defun accept-connection (fd)
+  "Take the connection on descriptor FD (which the connection then owns)."
+  (let* ((stream (handler-case (fd-input-stream fd (format nil "sbmon-agent connection ~d" fd))
+                   (serious-condition (c) (os-close fd) (error c))))
+         (conn (%make-conn :fd fd :tcp *tcp-mode* :stream stream)))
     (let ((full nil))
       (sb-thread:with-mutex (*state-lock*)
         (if (>= (length *connections*) +max-connections+)
@@ -2731,28 +2307,24 @@ old one is closed.  A path that another file now occupies is left alone."
                                      (open-unix-listener path))
                             (serious-condition () nil)))))
             (cond (new
-                   (ignore-errors (sb-bsd-sockets:socket-close listener))
+                   (os-close listener)
                    (setf *listener* new))
                   (t listener)))))))
 
-(defun listener-loop (socket)
-  (let ((fd (sb-bsd-sockets:socket-file-descriptor socket))
-        (next-check (+ (mono-ns) +socket-check-ns+)))
+(defun listener-loop (fd)
+  (let ((next-check (+ (mono-ns) +socket-check-ns+)))
     (loop while (and *running* (not *exiting*))
           do (handler-case
                  (progn
                    (when (wait-fd fd 1 200)
-                     (let ((client (sb-bsd-sockets:socket-accept socket)))
+                     (let ((client (os-accept fd)))
                        (when client
                          (if (and *running* (not *exiting*))
                              (accept-connection client)
-                             (ignore-errors (sb-bsd-sockets:socket-close client))))))
+                             (os-close client)))))
                    (when (>= (mono-ns) next-check)
                      (setf next-check (+ (mono-ns) +socket-check-ns+))
-                     (let ((renewed (renew-listener-if-deleted socket)))
-                       (unless (eq renewed socket)
-                         (setf socket renewed
-                               fd (sb-bsd-sockets:socket-file-descriptor renewed))))))
+                     (setf fd (renew-listener-if-deleted fd))))
                (serious-condition () (sleep 0.05))))))
 
 ;;;; ------------------------------------------------------------------------
@@ -2875,7 +2447,7 @@ its socket file, its exit hook and the GC wrappers.  Returns T if the agent was 
       (unless (eq th sb-thread:*current-thread*)
         (ignore-errors (sb-thread:terminate-thread th))))
     (finish-thread listener-thread)
-    (ignore-errors (sb-bsd-sockets:socket-close listener))
+    (ignore-errors (os-close listener))
     (when path (ignore-errors (when (eq (file-kind path) :socket) (os-unlink path))))
     (dolist (c conns)
       (conn-shutdown c)

@@ -366,7 +366,7 @@ fn install_form(path: &Path, start: &str) -> String {
             (handler-bind ((warning (lambda (w)
                                       (push (princ-to-string w) warnings)
                                       (muffle-warning w))))
-              (load {{PATH}})))
+              {{LOAD}}))
           (result :ok {{START}} :replaced replaced))
       (serious-condition (c) (result :error (princ-to-string c))))))"#;
     let start = start.replacen(
@@ -378,10 +378,7 @@ fn install_form(path: &Path, start: &str) -> String {
         "{{VERSION}}",
         &Sexp::string(launch::agent_version()).to_string(),
     )
-    .replace(
-        "{{PATH}}",
-        &Sexp::string(path.to_string_lossy()).to_string(),
-    )
+    .replace("{{LOAD}}", &launch::load_form(path))
     .replace("{{START}}", &start)
 }
 
@@ -603,7 +600,12 @@ mod tests {
         );
         // Swank reads the whole form before the agent's package exists.
         assert!(!form.contains("sbmon-agent:"), "{form}");
-        assert!(form.contains("(load \"/x/sbmon-agent.lisp\")"));
+        // the fasl sbmon wrote beside the source, else the source
+        assert!(form.contains("\"/x/sbmon-agent.lisp\""), "{form}");
+        assert!(
+            form.contains("(load fasl)") && form.contains("(load source)"),
+            "{form}"
+        );
         assert!(form.contains(&format!("\"{}\"", launch::agent_version())));
     }
 

@@ -15,12 +15,17 @@ pub const AGENT_SOURCE: &str = include_str!("../lisp/sbmon-agent.lisp");
 /// The agent's heap part, which it loads on first use from the directory it was loaded from
 /// (docs/protocol.md, "Heap operations").
 pub const AGENT_HEAP_SOURCE: &str = include_str!("../lisp/sbmon-agent-heap.lisp");
+/// The agent's control and eval part (gc_run, gc_tune, kill_thread, profile, eval,
+/// reload_system), loaded the same way on the first of those calls: an image never asked
+/// for them carries none of their code or classes.
+pub const AGENT_CONTROL_SOURCE: &str = include_str!("../lisp/sbmon-agent-control.lisp");
 /// Every file of the agent, as (file name, source): what `launch` and `attach` write to the
 /// directory the image loads the agent from. The agent loads any further part it needs from
 /// the directory its own file was loaded from, so a part is one more entry here.
 pub const AGENT_FILES: &[(&str, &str)] = &[
     ("sbmon-agent.lisp", AGENT_SOURCE),
     ("sbmon-agent-heap.lisp", AGENT_HEAP_SOURCE),
+    ("sbmon-agent-control.lisp", AGENT_CONTROL_SOURCE),
 ];
 /// The file the image loads (the others are loaded by it when needed).
 pub const AGENT_MAIN: &str = "sbmon-agent.lisp";
@@ -35,16 +40,122 @@ pub fn agent_version() -> &'static str {
         .unwrap_or("unknown")
 }
 
-/// Write the agent's files into `dir` (which must exist); returns the path of the file to
-/// load. Each file is written whole under a temporary name and renamed into place, so an
-/// image loading it at the same moment never reads half of one.
+/// Write the agent's files into `dir` (which must exist), and beside each its fasl, compiled
+/// by the `sbcl` on the PATH; returns the path of the file to load. See
+/// [`write_agent_files_for`].
 pub fn write_agent_files(dir: &Path) -> std::io::Result<PathBuf> {
-    for (name, source) in AGENT_FILES {
+    write_agent_files_for(dir, Path::new("sbcl"))
+}
+
+/// Write the agent's files into `dir` (which must exist) and, beside each, its fasl compiled
+/// by `sbcl` in a process of its own (once per `sbcl` per process; none when that fails);
+/// returns the path of the file to load. Each file is written whole under a temporary name
+/// and renamed into place, so an image loading it at the same moment never reads half of one.
+///
+/// The fasls exist because compiling costs the image that does it: the compiler's caches and
+/// interned types, kept in tables SBCL scans, make each of that image's later nursery
+/// collections slower, by as much as the rest of the agent together (README, "The agent's
+/// cost to its host"). An image whose SBCL cannot load a fasl (another version) loads the
+/// source instead ([`load_form`], and the agent's parts likewise).
+pub fn write_agent_files_for(dir: &Path, sbcl: &Path) -> std::io::Result<PathBuf> {
+    let write = |name: &str, bytes: &[u8]| -> std::io::Result<()> {
         let partial = dir.join(format!(".{name}.{}", std::process::id()));
-        std::fs::write(&partial, source)?;
-        std::fs::rename(&partial, dir.join(name))?;
+        std::fs::write(&partial, bytes)?;
+        std::fs::rename(&partial, dir.join(name))
+    };
+    for (name, source) in AGENT_FILES {
+        write(name, source.as_bytes())?;
+    }
+    if let Some(fasls) = compiled_agent(sbcl) {
+        for (name, bytes) in fasls.iter() {
+            write(name, bytes)?;
+        }
     }
     Ok(dir.join(AGENT_MAIN))
+}
+
+/// The file name of the fasl of agent file `name`.
+fn fasl_name(name: &str) -> String {
+    format!("{}.fasl", name.trim_end_matches(".lisp"))
+}
+
+type Fasls = Vec<(String, Vec<u8>)>;
+
+/// The agent's files compiled by `sbcl`, (fasl name, bytes), made once per process; `None`
+/// when `sbcl` could not compile them (then images load the sources).
+fn compiled_agent(sbcl: &Path) -> Option<std::sync::Arc<Fasls>> {
+    use std::collections::HashMap;
+    use std::sync::{Arc, Mutex, OnceLock};
+    static CACHE: OnceLock<Mutex<HashMap<PathBuf, Option<Arc<Fasls>>>>> = OnceLock::new();
+    let cache = CACHE.get_or_init(|| Mutex::new(HashMap::new()));
+    let mut cache = cache.lock().unwrap_or_else(|e| e.into_inner());
+    cache
+        .entry(sbcl.to_path_buf())
+        .or_insert_with(|| compile_agent(sbcl).map(Arc::new))
+        .clone()
+}
+
+fn compile_agent(sbcl: &Path) -> Option<Fasls> {
+    let dir = tempfile::Builder::new()
+        .prefix("sbmon-compile-")
+        .tempdir()
+        .ok()?;
+    for (name, source) in AGENT_FILES {
+        std::fs::write(dir.path().join(name), source).ok()?;
+    }
+    // The parts are compiled in an image that has loaded the agent: they use its macros.
+    let mut form = String::from("(progn");
+    for (i, (name, _)) in AGENT_FILES.iter().enumerate() {
+        let source = dir.path().join(name);
+        let fasl = dir.path().join(fasl_name(name));
+        form += &format!(
+            " (multiple-value-bind (out warnings-p failure-p) (compile-file {} :output-file {}) (declare (ignore warnings-p)) (unless (and out (not failure-p)) (sb-ext:exit :code 1 :abort t)) {})",
+            Sexp::string(source.to_string_lossy()),
+            Sexp::string(fasl.to_string_lossy()),
+            if i == 0 { "(load out)" } else { "" }
+        );
+    }
+    form += ")";
+    let status = Command::new(sbcl)
+        .args(["--noinform", "--end-runtime-options"])
+        .args(["--no-sysinit", "--no-userinit", "--non-interactive"])
+        .args(["--eval", &form])
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .status()
+        .ok()?;
+    if !status.success() {
+        tracing::debug!(
+            "{} could not compile the agent; images load its source",
+            sbcl.display()
+        );
+        return None;
+    }
+    AGENT_FILES
+        .iter()
+        .map(|(name, _)| {
+            let fasl = fasl_name(name);
+            std::fs::read(dir.path().join(&fasl))
+                .ok()
+                .map(|b| (fasl, b))
+        })
+        .collect()
+}
+
+/// The form that loads the agent file at `path` into an image: its fasl beside it when there
+/// is one and this SBCL loads it, else the source. A fasl SBCL refuses (another version's) is
+/// refused before it defines anything.
+pub fn load_form(path: &Path) -> String {
+    const FORM: &str = r#"(let* ((source {{PATH}})
+       (fasl (make-pathname :type "fasl" :defaults source)))
+  (unless (and (probe-file fasl)
+               (ignore-errors (load fasl) t))
+    (load source)))"#;
+    FORM.replace(
+        "{{PATH}}",
+        &Sexp::string(path.to_string_lossy()).to_string(),
+    )
 }
 
 /// The demo workload, as shipped in `examples/workload.lisp`.
@@ -170,7 +281,8 @@ impl Sbcl {
             .prefix("sbmon-launch-")
             .tempdir()
             .map_err(LaunchError::Scratch)?;
-        let agent_path = write_agent_files(scratch.path()).map_err(LaunchError::Scratch)?;
+        let agent_path =
+            write_agent_files_for(scratch.path(), &options.sbcl).map_err(LaunchError::Scratch)?;
         let log =
             std::fs::File::create(scratch.path().join("sbcl.log")).map_err(LaunchError::Scratch)?;
         let log_err = log.try_clone().map_err(LaunchError::Scratch)?;
@@ -181,8 +293,8 @@ impl Sbcl {
             .args(&options.runtime_args)
             .args(["--noinform", "--end-runtime-options"])
             .args(["--no-sysinit", "--no-userinit", "--disable-debugger"])
-            .arg("--load")
-            .arg(&agent_path);
+            .arg("--eval")
+            .arg(load_form(&agent_path));
         let forms = options
             .before_start
             .iter()

@@ -605,6 +605,24 @@ fn loading_the_agent_file_warns_nothing() {
         .expect("run sbcl");
     let text = String::from_utf8_lossy(&out.stdout);
     assert!(text.contains("RESULT NIL NIL"), "{text}");
+    // The parts loaded on first use, compiled into an image that has loaded the agent: no
+    // warning either.
+    for part in ["sbmon-agent-heap.lisp", "sbmon-agent-control.lisp"] {
+        let source = format!("{}/lisp/{part}", env!("CARGO_MANIFEST_DIR"));
+        let form = format!(
+            "(multiple-value-bind (fasl warnings failure) (compile-file {} :output-file {}) \
+               (declare (ignore fasl)) (format t \"~&RESULT ~s ~s~%\" warnings failure))",
+            Sexp::string(&source),
+            Sexp::string(fasl.path().join("part.fasl").to_string_lossy())
+        );
+        let out = std::process::Command::new("sbcl")
+            .args(["--non-interactive", "--no-sysinit", "--no-userinit"])
+            .args(["--load", agent, "--eval", &form])
+            .output()
+            .expect("run sbcl");
+        let text = String::from_utf8_lossy(&out.stdout);
+        assert!(text.contains("RESULT NIL NIL"), "{part}: {text}");
+    }
 }
 
 /// Send `(:call ID OP ARGS)` on a raw connection and return the outcome, `(:ok VALUE)` or
@@ -1217,4 +1235,145 @@ async fn a_missing_sbcl_internal_clears_its_capability() {
     assert_eq!(waiter.waiting_for, None);
     let memory = client.memory().await.unwrap();
     assert!(memory.heap_used > 0 && memory.heap_used < memory.heap_limit);
+}
+
+/// A thread of the image's own, started before the agent, that evaluates the form the test
+/// writes to `<dir>/ask.sexp` and writes what it printed to `<dir>/answer.sexp`: a look inside
+/// the image that does not go through the agent (whose `:eval` would load the part under test).
+fn side_channel(dir: &std::path::Path) -> String {
+    format!(
+        r#"(sb-thread:make-thread
+             (lambda ()
+               (loop
+                 (if (probe-file {ask})
+                     (let ((form (with-open-file (in {ask}) (read in))))
+                       (delete-file {ask})
+                       (with-open-file (out {tmp} :direction :output :if-exists :supersede)
+                         (let ((*print-case* :downcase) (*package* (find-package "CL-USER")))
+                           (prin1 (handler-case (eval form) (error (c) (list :failed (princ-to-string c))))
+                                  out)))
+                       (rename-file {tmp} {answer}))
+                     (sleep 0.02))))
+             :name "side channel")"#,
+        ask = Sexp::string(dir.join("ask.sexp").to_string_lossy()),
+        tmp = Sexp::string(dir.join("answer.part").to_string_lossy()),
+        answer = Sexp::string(dir.join("answer.sexp").to_string_lossy()),
+    )
+}
+
+/// Evaluate `form` through the side channel and read back what it printed.
+async fn ask(dir: &std::path::Path, form: &str) -> Sexp {
+    let answer = dir.join("answer.sexp");
+    let _ = std::fs::remove_file(&answer);
+    std::fs::write(dir.join("ask.part"), form).unwrap();
+    std::fs::rename(dir.join("ask.part"), dir.join("ask.sexp")).unwrap();
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while !answer.exists() {
+        assert!(Instant::now() < deadline, "no answer to {form}");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    Sexp::parse(&std::fs::read_to_string(&answer).unwrap()).unwrap()
+}
+
+/// What the image holds of the agent's parts: the parts loaded, whether the control and heap
+/// parts' operation functions exist, whether sb-bsd-sockets is loaded, and the classes whose
+/// name is in the agent's package (none: every class costs each nursery collection).
+const PARTS_FORM: &str = r#"(let ((p (find-package "SBMON-AGENT")))
+  (flet ((defined (name) (let ((s (find-symbol name p))) (and s (fboundp s) t))))
+    (list :parts (symbol-value (find-symbol "*PARTS-LOADED*" p))
+          :control (defined "OP-EVAL")
+          :heap (defined "OP-HEAP-HISTOGRAM")
+          :sockets (and (find-package "SB-BSD-SOCKETS") t)
+          :classes (let ((out '()))
+                     (do-symbols (s p out)
+                       (when (and (eq (symbol-package s) p) (find-class s nil))
+                         (push (symbol-name s) out)))))))"#;
+
+#[tokio::test]
+async fn parts_load_on_first_use_once_and_only_then() {
+    let dir = tempfile::tempdir().unwrap();
+    let image = Image::start(Setup {
+        forms: vec![side_channel(dir.path())],
+        allow: ALL,
+        ..Setup::default()
+    })
+    .await;
+    let client = image.client();
+
+    // A started agent that has only answered reads carries neither part, no contrib and no
+    // class of its own.
+    client.threads().await.unwrap();
+    client.memory().await.unwrap();
+    let before = ask(dir.path(), PARTS_FORM).await;
+    for key in ["parts", "control", "heap", "sockets", "classes"] {
+        assert_eq!(before.get(key), Some(&Sexp::Nil), "{key}: {before}");
+    }
+
+    // A part whose file is missing: a clear error naming it, the agent unharmed, and the next
+    // call (the file back) loads it.
+    let control_file = r#"(merge-pathnames "sbmon-agent-control.lisp" (symbol-value (find-symbol "*AGENT-DIRECTORY*" "SBMON-AGENT")))"#;
+    let moved = ask(
+        dir.path(),
+        &format!("(progn (rename-file {control_file} \"sbmon-agent-control.away\") t)"),
+    )
+    .await;
+    assert_eq!(moved, Sexp::T, "{moved}");
+    let err = client
+        .call_raw("gc-run", Sexp::List(vec![]), None)
+        .await
+        .unwrap_err();
+    let text = err.to_string();
+    assert!(
+        text.contains("UNAVAILABLE") && text.contains("sbmon-agent-control.lisp"),
+        "{text}"
+    );
+    client.memory().await.unwrap();
+    let back = ask(
+        dir.path(),
+        &format!(
+            "(progn (rename-file (merge-pathnames \"sbmon-agent-control.away\" {control_file}) {control_file}) t)"
+        ),
+    )
+    .await;
+    assert_eq!(back, Sexp::T, "{back}");
+
+    // Several first uses at once, on separate connections: each is answered, and each part is
+    // loaded once.
+    let clients: Vec<AgentClient> = (0..3).map(|_| image.client()).collect();
+    let gc_runs = clients
+        .iter()
+        .map(|c| c.call_raw("gc-run", Sexp::List(vec![]), Some(Duration::from_secs(60))));
+    let histogram = client.call_raw(
+        "heap-histogram",
+        Sexp::plist([("top", Sexp::Int(3))]),
+        Some(Duration::from_secs(60)),
+    );
+    let (runs, histogram) = tokio::join!(futures::future::join_all(gc_runs), histogram);
+    for run in runs {
+        let run = run.expect("gc-run after its part loaded");
+        assert!(run.get("gc-count-after").is_some(), "{run}");
+    }
+    histogram.expect("heap-histogram after its part loaded");
+
+    let after = ask(dir.path(), PARTS_FORM).await;
+    assert_eq!(after.get("control"), Some(&Sexp::T), "{after}");
+    assert_eq!(after.get("heap"), Some(&Sexp::T), "{after}");
+    let parts = after.get("parts").and_then(Sexp::as_list).unwrap();
+    assert_eq!(parts.len(), 2, "each part once: {after}");
+    assert!(parts.contains(&Sexp::keyword("control")) && parts.contains(&Sexp::keyword("heap")));
+    // The classes are the parts' own (the control part's output stream, the heap part's
+    // records), none of the resident agent's.
+    let mut classes: Vec<&str> = after
+        .get("classes")
+        .and_then(Sexp::as_list)
+        .unwrap()
+        .iter()
+        .filter_map(Sexp::as_str)
+        .collect();
+    classes.sort();
+    assert_eq!(
+        classes,
+        ["BOUNDED-OUTPUT-STREAM", "HEAP-SNAPSHOT", "WALK"],
+        "{after}"
+    );
 }

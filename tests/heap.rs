@@ -42,6 +42,9 @@ fn arranged(dir: &Path) -> Vec<String> {
                                   (sb-ext:primitive-object-size (sbmon-test::make-grow-item))))",
             sizes = file("sizes")
         ),
+        // The two measured items are garbage, which a heap walk counts until a collection:
+        // collect now, so that none is counted as existing before the test grows the heap.
+        "(sb-ext:gc :full t)".into(),
         format!(
             "(sb-thread:make-thread
                (lambda ()
