@@ -20,7 +20,7 @@ use chromiumoxide::cdp::js_protocol::runtime::{
     ConsoleApiCalledType, EventConsoleApiCalled, EventExceptionThrown,
 };
 use chromiumoxide::page::ScreenshotParams;
-use common::{Image, Sbmon, Setup, sleeper};
+use common::{Image, Sbmon, Setup, lock_order_deadlock, sleeper};
 use futures::StreamExt;
 use sbmon::wire::Sexp;
 use serde_json::{Value, json};
@@ -192,6 +192,16 @@ struct Tab {
 impl Tab {
     async fn open(&self, url: &str) {
         self.page.goto(url).await.expect("the page loads");
+    }
+
+    async fn click(&self, selector: &str) {
+        self.page
+            .find_element(selector)
+            .await
+            .unwrap_or_else(|e| panic!("{selector}: {e}"))
+            .click()
+            .await
+            .unwrap_or_else(|e| panic!("click {selector}: {e}"));
     }
 
     async fn eval(&self, js: &str) -> Value {
@@ -529,32 +539,6 @@ fn test_thread(name: &str, body: &str) -> String {
     )
 }
 
-/// t-ab takes lock-a then lock-b, t-ba the reverse: a lock-order deadlock.
-fn deadlock() -> String {
-    format!(
-        r#"(let ((a (sb-thread:make-mutex :name "lock-a"))
-                 (b (sb-thread:make-mutex :name "lock-b"))
-                 (held (sb-thread:make-semaphore))
-                 (go (sb-thread:make-semaphore)))
-             (declare (ignorable a b))
-             {ab}
-             {ba}
-             (sb-thread:wait-on-semaphore held :n 2)
-             (sb-thread:signal-semaphore go 2)
-             (sleep 0.5))"#,
-        ab = test_thread(
-            "t-ab",
-            "(sb-thread:with-mutex (a) (sb-thread:signal-semaphore held) \
-             (sb-thread:wait-on-semaphore go) (sb-thread:with-mutex (b) nil))"
-        ),
-        ba = test_thread(
-            "t-ba",
-            "(sb-thread:with-mutex (b) (sb-thread:signal-semaphore held) \
-             (sb-thread:wait-on-semaphore go) (sb-thread:with-mutex (a) nil))"
-        ),
-    )
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_target_page_charts_samples_and_pauses_and_lists_threads() {
     let image = Image::start(Setup {
@@ -562,7 +546,7 @@ async fn the_target_page_charts_samples_and_pauses_and_lists_threads() {
         forms: vec![
             sleeper("console-sleeper-1"),
             sleeper("console-sleeper-2"),
-            deadlock(),
+            lock_order_deadlock(test_thread),
         ],
         allow: sbmon::tools::Allow {
             control: true,
@@ -666,13 +650,8 @@ async fn the_target_page_charts_samples_and_pauses_and_lists_threads() {
     assert_eq!(sleeper_row, false, "a sleeping thread is not stuck");
 
     // A click on a thread shows its backtrace.
-    tab.page
-        .find_element("#threads tr[data-name=\"console-sleeper-1\"]")
-        .await
-        .unwrap()
-        .click()
-        .await
-        .unwrap();
+    tab.click("#threads tr[data-name=\"console-sleeper-1\"]")
+        .await;
     tab.until(
         "the backtrace",
         Duration::from_secs(10),
@@ -681,13 +660,7 @@ async fn the_target_page_charts_samples_and_pauses_and_lists_threads() {
     .await;
 
     // Two heap histograms: the second shows its changes against the first.
-    tab.page
-        .find_element("#histogram-run")
-        .await
-        .unwrap()
-        .click()
-        .await
-        .unwrap();
+    tab.click("#histogram-run").await;
     tab.until(
         "the first histogram",
         Duration::from_secs(30),
@@ -708,13 +681,7 @@ async fn the_target_page_charts_samples_and_pauses_and_lists_threads() {
         "!document.querySelector('#histogram-run').disabled",
     )
     .await;
-    tab.page
-        .find_element("#histogram-run")
-        .await
-        .unwrap()
-        .click()
-        .await
-        .unwrap();
+    tab.click("#histogram-run").await;
     tab.until(
         "the diff",
         Duration::from_secs(30),
@@ -727,13 +694,7 @@ async fn the_target_page_charts_samples_and_pauses_and_lists_threads() {
         tab.eval("document.querySelector('#profile').hidden").await,
         false
     );
-    tab.page
-        .find_element("#profile-run")
-        .await
-        .unwrap()
-        .click()
-        .await
-        .unwrap();
+    tab.click("#profile-run").await;
     tab.until(
         "the flame graph",
         Duration::from_secs(20),

@@ -9,7 +9,7 @@ mod common;
 use std::path::Path;
 use std::time::{Duration, Instant};
 
-use common::{Image, Sbmon, Setup, proc_cpu_seconds};
+use common::{Image, Sbmon, Setup, lock_order_deadlock, proc_cpu_seconds};
 use sbmon::config::Config;
 use sbmon::wire::Sexp;
 use serde_json::{Value, json};
@@ -92,28 +92,7 @@ async fn a_lock_order_deadlock_is_one_cycle_and_critical() {
     // t-ab takes lock-a then lock-b, t-ba lock-b then lock-a; each takes its first before
     // either tries its second. SBCL sees the cycle close and signals THREAD-DEADLOCK in the
     // second thread to wait, which then sits in the debugger holding its first lock.
-    let deadlock = format!(
-        r#"(let ((a (sb-thread:make-mutex :name "lock-a"))
-                 (b (sb-thread:make-mutex :name "lock-b"))
-                 (held (sb-thread:make-semaphore))
-                 (go (sb-thread:make-semaphore)))
-             (declare (ignorable a b))
-             {ab}
-             {ba}
-             (sb-thread:wait-on-semaphore held :n 2)
-             (sb-thread:signal-semaphore go 2)
-             (sleep 0.5))"#,
-        ab = test_thread(
-            "t-ab",
-            "(sb-thread:with-mutex (a) (sb-thread:signal-semaphore held) \
-             (sb-thread:wait-on-semaphore go) (sb-thread:with-mutex (b) nil))"
-        ),
-        ba = test_thread(
-            "t-ba",
-            "(sb-thread:with-mutex (b) (sb-thread:signal-semaphore held) \
-             (sb-thread:wait-on-semaphore go) (sb-thread:with-mutex (a) nil))"
-        ),
-    );
+    let deadlock = lock_order_deadlock(test_thread);
     let image = Image::start(Setup {
         forms: vec![note_tid_fn(tids.path()), deadlock],
         ..Setup::default()

@@ -255,6 +255,34 @@ pub fn held_mutex(mutex: &str, holder: &str, waiter: &str) -> String {
     )
 }
 
+/// A lock-order deadlock: t-ab takes lock-a then lock-b, t-ba lock-b then lock-a, each taking
+/// its first before either tries its second. `thread(name, body)` makes each thread, so a test
+/// can wrap its threads as it needs (SBCL's own debugger, a tid it notes).
+pub fn lock_order_deadlock(thread: fn(&str, &str) -> String) -> String {
+    format!(
+        r#"(let ((a (sb-thread:make-mutex :name "lock-a"))
+                 (b (sb-thread:make-mutex :name "lock-b"))
+                 (held (sb-thread:make-semaphore))
+                 (go (sb-thread:make-semaphore)))
+             (declare (ignorable a b))
+             {ab}
+             {ba}
+             (sb-thread:wait-on-semaphore held :n 2)
+             (sb-thread:signal-semaphore go 2)
+             (sleep 0.5))"#,
+        ab = thread(
+            "t-ab",
+            "(sb-thread:with-mutex (a) (sb-thread:signal-semaphore held) \
+             (sb-thread:wait-on-semaphore go) (sb-thread:with-mutex (b) nil))"
+        ),
+        ba = thread(
+            "t-ba",
+            "(sb-thread:with-mutex (b) (sb-thread:signal-semaphore held) \
+             (sb-thread:wait-on-semaphore go) (sb-thread:with-mutex (a) nil))"
+        ),
+    )
+}
+
 /// A thread that never answers interrupts: it sleeps with interrupts disabled.
 pub fn deaf_thread(name: &str) -> String {
     format!(
