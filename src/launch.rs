@@ -266,6 +266,35 @@ pub fn start_form(options: &LaunchOptions) -> String {
     form
 }
 
+/// Scratch directories are `sbmon-launch-PID-XXXXXX`, PID being the sbmon that made them.
+const SCRATCH_PREFIX: &str = "sbmon-launch-";
+
+/// Remove the scratch directories in `tmp` that an sbmon no longer running left behind: one
+/// that was SIGKILLed never dropped its own. Only this user's, and only where the PID in the
+/// name is gone; a directory whose name has no PID (an older sbmon's) is left alone.
+fn prune_scratch(tmp: &Path) {
+    use std::os::unix::fs::MetadataExt;
+    let Ok(entries) = std::fs::read_dir(tmp) else {
+        return;
+    };
+    let uid = unsafe { libc::geteuid() };
+    for entry in entries.flatten() {
+        let name = entry.file_name();
+        let Some(pid) = name
+            .to_str()
+            .and_then(|n| n.strip_prefix(SCRATCH_PREFIX))
+            .and_then(|rest| rest.split_once('-'))
+            .and_then(|(pid, _)| pid.parse::<u32>().ok())
+        else {
+            continue;
+        };
+        let owned = entry.metadata().is_ok_and(|m| m.is_dir() && m.uid() == uid);
+        if owned && !Path::new(&format!("/proc/{pid}")).exists() {
+            let _ = std::fs::remove_dir_all(entry.path());
+        }
+    }
+}
+
 /// A running SBCL that this process started; stopped when dropped.
 pub struct Sbcl {
     child: Child,
@@ -277,9 +306,11 @@ pub struct Sbcl {
 impl Sbcl {
     /// Start SBCL; call `wait_ready` before using its agent.
     pub fn spawn(options: &LaunchOptions) -> Result<Sbcl, LaunchError> {
+        let tmp = std::env::temp_dir();
+        prune_scratch(&tmp);
         let scratch = tempfile::Builder::new()
-            .prefix("sbmon-launch-")
-            .tempdir()
+            .prefix(&format!("{SCRATCH_PREFIX}{}-", std::process::id()))
+            .tempdir_in(&tmp)
             .map_err(LaunchError::Scratch)?;
         let agent_path =
             write_agent_files_for(scratch.path(), &options.sbcl).map_err(LaunchError::Scratch)?;
@@ -433,5 +464,32 @@ impl Sbcl {
 impl Drop for Sbcl {
     fn drop(&mut self) {
         self.stop();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn prune_removes_only_a_gone_sbmons_scratch() {
+        let tmp = tempfile::tempdir().unwrap();
+        // A pid that has just exited, and so is gone.
+        let mut done = Command::new("true").spawn().unwrap();
+        let gone = done.id();
+        done.wait().unwrap();
+        let dead = tmp.path().join(format!("{SCRATCH_PREFIX}{gone}-abc"));
+        let live = tmp
+            .path()
+            .join(format!("{SCRATCH_PREFIX}{}-abc", std::process::id()));
+        let old_style = tmp.path().join(format!("{SCRATCH_PREFIX}Xy12Ab"));
+        for dir in [&dead, &live, &old_style] {
+            std::fs::create_dir(dir).unwrap();
+            std::fs::write(dir.join("sbcl.log"), "").unwrap();
+        }
+        prune_scratch(tmp.path());
+        assert!(!dead.exists(), "a gone sbmon's scratch is removed");
+        assert!(live.exists(), "a running sbmon's scratch stays");
+        assert!(old_style.exists(), "a name without a pid is left alone");
     }
 }

@@ -298,7 +298,16 @@ pub struct Sbmon {
 }
 
 impl Drop for Sbmon {
+    /// SIGTERM first, so that `sbmon launch` stops its SBCL and removes its scratch directory
+    /// as a user's Ctrl-C would; SIGKILL only if it has not ended within 5 s.
     fn drop(&mut self) {
+        if let Ok(None) = self.child.try_wait() {
+            unsafe { libc::kill(self.child.id() as i32, libc::SIGTERM) };
+            let deadline = Instant::now() + Duration::from_secs(5);
+            while Instant::now() < deadline && matches!(self.child.try_wait(), Ok(None)) {
+                std::thread::sleep(Duration::from_millis(10));
+            }
+        }
         let _ = self.child.kill();
         let _ = self.child.wait();
     }
