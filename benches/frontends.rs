@@ -65,6 +65,33 @@ where
     (sequential, start.elapsed(), rounds * IN_FLIGHT)
 }
 
+/// `memory_stats` through an MCP client (whatever its transport), timed as the other paths
+/// are; the client is closed after. Returns the p50 that `report` gives.
+async fn time_mcp(
+    client: rmcp::service::RunningService<rmcp::RoleClient, ()>,
+    iterations: usize,
+    label: &str,
+    metric: &str,
+) -> f64 {
+    let client = Arc::new(client);
+    let (samples, concurrent, calls) = time_calls(iterations, || {
+        let client = client.clone();
+        async move {
+            let result = client
+                .call_tool(CallToolRequestParams::new("memory_stats"))
+                .await
+                .unwrap();
+            assert!(result.structured_content.is_some());
+        }
+    })
+    .await;
+    let p50 = report(label, metric, samples, concurrent, calls);
+    if let Ok(client) = Arc::try_unwrap(client) {
+        let _ = client.cancel().await;
+    }
+    p50
+}
+
 #[tokio::main]
 async fn main() {
     let iterations = support::iterations(3000);
@@ -144,63 +171,21 @@ async fn main() {
 
     // MCP over Streamable HTTP with the rmcp client, against the same server.
     let mcp_url = format!("{}/mcp", server.base);
-    let client = Arc::new(
+    let client =
         ().serve(StreamableHttpClientTransport::from_uri(mcp_url.as_str()))
             .await
-            .expect("MCP initialize over HTTP"),
-    );
-    let (samples, concurrent, calls) = time_calls(iterations, || {
-        let client = client.clone();
-        async move {
-            let result = client
-                .call_tool(CallToolRequestParams::new("memory_stats"))
-                .await
-                .unwrap();
-            assert!(result.structured_content.is_some());
-        }
-    })
-    .await;
-    let mcp_http = report(
-        "MCP HTTP tools/call",
-        "mcp_http",
-        samples,
-        concurrent,
-        calls,
-    );
-    if let Ok(client) = Arc::try_unwrap(client) {
-        let _ = client.cancel().await;
-    }
+            .expect("MCP initialize over HTTP");
+    let mcp_http = time_mcp(client, iterations, "MCP HTTP tools/call", "mcp_http").await;
     drop(server);
 
     // MCP over stdio with the rmcp client, through a child `sbmon serve --stdio`.
     let mut cmd = tokio::process::Command::new(env!("CARGO_BIN_EXE_sbmon"));
     cmd.args(["serve", "--stdio", "--target", &target]);
-    let client = Arc::new(
+    let client =
         ().serve(TokioChildProcess::new(cmd).expect("spawn sbmon serve --stdio"))
             .await
-            .expect("MCP initialize"),
-    );
-    let (samples, concurrent, calls) = time_calls(iterations, || {
-        let client = client.clone();
-        async move {
-            let result = client
-                .call_tool(CallToolRequestParams::new("memory_stats"))
-                .await
-                .unwrap();
-            assert!(result.structured_content.is_some());
-        }
-    })
-    .await;
-    let mcp_stdio = report(
-        "MCP stdio tools/call",
-        "mcp_stdio",
-        samples,
-        concurrent,
-        calls,
-    );
-    if let Ok(client) = Arc::try_unwrap(client) {
-        let _ = client.cancel().await;
-    }
+            .expect("MCP initialize");
+    let mcp_stdio = time_mcp(client, iterations, "MCP stdio tools/call", "mcp_stdio").await;
 
     for (metric, p50) in [
         ("rpc", rpc),
